@@ -1,0 +1,159 @@
+"""The run specification shared by the engine, its CLI, the worker and the API.
+
+Pure pydantic: importing this module never imports torch, so the API can validate
+job bodies with exactly the rules the engine enforces.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt")
+"""Method names; `core.methods.REGISTRY` must hold exactly these (a test checks)."""
+
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+NAMED_DATASETS: tuple[str, ...] = ("wikitext2", "c4")
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """Return (N, M) for an "N:M" pattern, None for "unstructured"; raise ValueError otherwise."""
+    if pattern == "unstructured":
+        return None
+    m = _NM.match(pattern)
+    if not m:
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 0 < n < mm:
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
+    return n, mm
+
+
+class PruneSpec(_Strict):
+    """What to prune and how. Validated once, here, for every entry point."""
+
+    method: Literal["wanda", "magnitude", "sparsegpt"] = "wanda"
+    sparsity: float | None = Field(
+        default=None,
+        description="Fraction of weights zeroed in each pruned layer, in [0, 1). "
+        "Defaults to 0.5 for unstructured and to 1 - N/M for N:M.",
+    )
+    pattern: str = Field(default="unstructured", description="'unstructured' or 'N:M' (keep N of every M).")
+    variant: bool = Field(default=False, description="Wanda's appendix variant (unstructured wanda only).")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="fnmatch patterns over qualified layer names (e.g. 'model.layers.0.*') to leave dense.",
+    )
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Calibration samples per forward pass.")
+    blocksize: int = Field(default=128, ge=1, le=8192, description="SparseGPT column block size.")
+    percdamp: float = Field(default=0.01, gt=0, lt=1, description="SparseGPT Hessian dampening fraction.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, v: str) -> str:
+        parse_pattern(v)
+        return v
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PruneSpec:
+        nm = parse_pattern(self.pattern)
+        if nm is None:
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", 0.5)
+        else:
+            n, m = nm
+            implied = 1.0 - n / m
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", implied)
+            elif abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity {self.sparsity} contradicts pattern {self.pattern} (which means {implied:g})"
+                )
+            if self.variant:
+                raise ValueError("variant=true is defined for unstructured sparsity only, not N:M")
+        if self.variant and self.method != "wanda":
+            raise ValueError("variant=true applies to method 'wanda' only")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) or None for unstructured."""
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """Sparsity as a float (never None after validation)."""
+        assert self.sparsity is not None
+        return self.sparsity
+
+
+class ModelSpec(_Strict):
+    """Where the model comes from and how it is loaded."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="Local Hugging Face directory, a .gguf file, or a hub id (when online).",
+    )
+    gguf_file: str | None = Field(default=None, max_length=512, description="GGUF file name inside `source`.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class CalibrationSpec(_Strict):
+    """Calibration text and how windows are drawn from it."""
+
+    source: str = Field(
+        default="wikitext2",
+        min_length=1,
+        max_length=1024,
+        description="Named dataset (wikitext2, c4), a text file, a folder of .txt files, or a .jsonl file.",
+    )
+    text_field: str = Field(default="text", max_length=128, description="Field holding the text in JSONL.")
+    nsamples: int = Field(default=128, ge=1, le=4096)
+    seqlen: int | None = Field(default=None, ge=8, le=131072, description="Default: min(2048, model context).")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class EvalSpec(_Strict):
+    """Perplexity evaluation over non-overlapping windows."""
+
+    enabled: bool = True
+    source: str = Field(default="wikitext2", min_length=1, max_length=1024)
+    text_field: str = Field(default="text", max_length=128)
+    seqlen: int | None = Field(default=None, ge=8, le=131072, description="Default: the calibration seqlen.")
+    max_windows: int | None = Field(default=None, ge=1, le=100000, description="Default: every full window.")
+    dense_baseline: bool = Field(default=True, description="Also measure the dense model's perplexity.")
+
+
+class OutputSpec(_Strict):
+    """Which artifacts to produce."""
+
+    model: bool = Field(default=True, description="Export the pruned Hugging Face directory.")
+    report: bool = True
+    max_shard_size: str = Field(default="2GB", pattern=r"^\d+(KB|MB|GB)$")
+
+
+class RunSpec(_Strict):
+    """A whole run: model, pruning, calibration, evaluation, outputs."""
+
+    model: ModelSpec
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvalSpec = Field(default_factory=EvalSpec)
+    outputs: OutputSpec = Field(default_factory=OutputSpec)
