@@ -1,0 +1,23 @@
+"""Pruning methods, keyed by the names in ``core.spec.METHODS``."""
+
+from __future__ import annotations
+
+from core.errors import InvalidInput
+from core.methods.base import Method
+from core.methods.magnitude import Magnitude
+from core.methods.sparsegpt import SparseGPT
+from core.methods.wanda import Wanda
+
+__all__ = ["REGISTRY", "Method", "get_method"]
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (Wanda(), Magnitude(), SparseGPT())}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; InvalidInput naming the supported ones otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise InvalidInput(
+            f"unknown pruning method {name!r}; supported: {', '.join(sorted(REGISTRY))}"
+        ) from None

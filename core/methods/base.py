@@ -1,0 +1,47 @@
+"""The pruning-method interface shared by every entry of ``core.methods.REGISTRY``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from torch import Tensor
+
+from core.errors import InvalidInput
+from core.spec import PruneSpec
+from core.stats import LayerStats
+
+__all__ = ["Method", "require_hessian", "require_xnorm"]
+
+
+class Method(ABC):
+    """A pruning method: turns a weight and its layer statistics into a mask (True = pruned).
+
+    ``needs`` names the statistics the engine must collect (subset of {"xnorm", "hessian"}).
+    ``prune`` receives the fp32 ``[out, in]`` weight; it may update it in place (SparseGPT),
+    and the caller zeroes ``weight[mask]`` afterwards in any case.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]]
+
+    @abstractmethod
+    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec) -> Tensor:
+        """Return the boolean mask of pruned entries of ``weight``."""
+
+    def __repr__(self) -> str:
+        return f"<Method {self.name} needs={sorted(self.needs)}>"
+
+
+def require_xnorm(stats: LayerStats, method: str) -> Tensor:
+    """``stats.xnorm_sq`` or a clear error when it was not collected."""
+    if stats.xnorm_sq is None:
+        raise InvalidInput(f"method {method!r} needs input norms (xnorm) but none were collected")
+    return stats.xnorm_sq
+
+
+def require_hessian(stats: LayerStats, method: str) -> Tensor:
+    """``stats.hessian`` or a clear error when it was not collected."""
+    if stats.hessian is None:
+        raise InvalidInput(f"method {method!r} needs the input Hessian but none was collected")
+    return stats.hessian

@@ -1,0 +1,24 @@
+"""Magnitude pruning: score = |W|, one threshold per matrix (the Wanda paper's baseline)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from core.masks import matrix_mask, nm_mask
+from core.methods.base import Method
+from core.spec import PruneSpec
+from core.stats import LayerStats
+
+
+class Magnitude(Method):
+    """Unstructured: lowest ``|W|`` over the whole matrix; N:M: lowest per group."""
+
+    name = "magnitude"
+    needs = frozenset()
+
+    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec) -> Tensor:
+        scores = weight.detach().float().abs()
+        nm = spec.nm
+        if nm is not None:
+            return nm_mask(scores, *nm)
+        return matrix_mask(scores, spec.target_sparsity)
