@@ -1,0 +1,349 @@
+"""Artifact store on S3-compatible object storage (AWS S3, MinIO, Ceph RGW, nanio), via boto3.
+
+Layout: every file of a job lives at `{key_prefix}{prefix}/{name}`; after all files are uploaded
+an index object `{key_prefix}{prefix}/.artifacts.json` (names, sizes, sha256) is written last.
+The index is the commit marker: `list()` reads it, so a half-finished upload is never visible,
+and a failed upload deletes every key it wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jobs.storage.base import ArtifactInfo, StorageError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = ".artifacts.json"
+"""The per-job index object, written after every artifact (never listed as an artifact)."""
+
+MIB = 1024 * 1024
+T = TypeVar("T")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)
+
+
+class _HashingReader(io.RawIOBase):
+    """A file wrapper that feeds sha256 with each byte the first time it is read.
+
+    Readers may seek back and re-read (retries, checksums); only bytes beyond the furthest
+    position read so far are hashed, so every byte is hashed exactly once, in order. If a
+    reader ever skips ahead, `complete` is False and the caller must hash the file separately.
+    """
+
+    def __init__(self, raw: io.BufferedReader, size: int) -> None:
+        super().__init__()
+        self._raw = raw
+        self._size = size
+        self._hash = hashlib.sha256()
+        self._high = 0
+        self._gap = False
+        self._lock = threading.Lock()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def read(self, size: int = -1) -> bytes:
+        with self._lock:
+            pos = self._raw.tell()
+            data = self._raw.read(size)
+            end = pos + len(data)
+            if end > self._high:
+                if pos > self._high:
+                    self._gap = True
+                else:
+                    self._hash.update(data[self._high - pos :])
+                self._high = end
+            return data
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    @property
+    def complete(self) -> bool:
+        return not self._gap and self._high == self._size
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(MIB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_part(value: str, what: str) -> str:
+    parts = value.split("/")
+    if not value or value.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in value:
+        raise StorageError(f"invalid artifact {what}: {value!r}")
+    return value
+
+
+class S3ArtifactStore:
+    """ArtifactStore on an S3 bucket: multipart uploads, sha256 index, presigned (SigV4) GET URLs."""
+
+    def __init__(
+        self,
+        bucket: str,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        key_prefix: str = "",
+        *,
+        public_endpoint_url: str | None = None,
+        multipart_threshold: int = 64 * MIB,
+        multipart_chunksize: int = 16 * MIB,
+        max_concurrency: int = 4,
+        max_attempts: int = 4,
+        backoff: float = 0.5,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        if not bucket:
+            raise StorageError("S3 bucket name is empty")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.bucket = bucket
+        self.key_prefix = key_prefix
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        # Retries are ours (exponential backoff, then StorageError), so botocore makes one attempt.
+        config = Config(
+            signature_version="s3v4",
+            region_name=region,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name=region
+        )
+        self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # SigV4 signs the Host header: URLs handed to clients must be signed for the public host.
+        self._presign_client = (
+            session.client("s3", endpoint_url=public_endpoint_url, config=config)
+            if public_endpoint_url and public_endpoint_url != endpoint_url
+            else self._client
+        )
+        self._transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            use_threads=max_concurrency > 1,
+        )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> S3ArtifactStore:
+        """Build from PRUNE_S3_* variables (BUCKET required; ENDPOINT, REGION, ACCESS_KEY, SECRET_KEY,
+        PREFIX, PUBLIC_ENDPOINT, MULTIPART_THRESHOLD_MB optional)."""
+        env = os.environ if env is None else env
+        bucket = env.get("PRUNE_S3_BUCKET", "")
+        if not bucket:
+            raise StorageError("PRUNE_S3_BUCKET is not set")
+        threshold_mb = int(env.get("PRUNE_S3_MULTIPART_THRESHOLD_MB", "64"))
+        return cls(
+            bucket,
+            endpoint_url=env.get("PRUNE_S3_ENDPOINT") or None,
+            region=env.get("PRUNE_S3_REGION") or "us-east-1",
+            access_key=env.get("PRUNE_S3_ACCESS_KEY") or None,
+            secret_key=env.get("PRUNE_S3_SECRET_KEY") or None,
+            key_prefix=env.get("PRUNE_S3_PREFIX", ""),
+            public_endpoint_url=env.get("PRUNE_S3_PUBLIC_ENDPOINT") or None,
+            multipart_threshold=threshold_mb * MIB,
+            multipart_chunksize=max(5 * MIB, min(threshold_mb * MIB, 64 * MIB)),
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _base(self, prefix: str) -> str:
+        return f"{self.key_prefix}{_check_part(prefix.strip('/'), 'prefix')}/"
+
+    def _key(self, prefix: str, name: str) -> str:
+        return self._base(prefix) + _check_part(name, "name")
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying transient (connection/timeout) errors with exponential backoff."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        transient = _transient_errors()
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return fn()
+            except transient as exc:
+                if attempt == self.max_attempts:
+                    raise StorageError(
+                        f"S3 {what} failed after {attempt} attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
+                delay = self.backoff * 2 ** (attempt - 1)
+                log.warning("S3 %s attempt %d failed (%s); retrying in %.2fs", what, attempt, exc, delay)
+                time.sleep(delay)
+            except ClientError as exc:
+                err = exc.response.get("Error", {})
+                raise StorageError(f"S3 {what} refused: {err.get('Code')}: {err.get('Message')}") from exc
+            except (BotoCoreError, S3UploadFailedError) as exc:
+                raise StorageError(f"S3 {what} failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _list_keys(self, base: str) -> list[str]:
+        def run() -> list[str]:
+            keys: list[str] = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+            return keys
+
+        return self._retry("list", run)
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self._retry(
+                "delete",
+                lambda batch=batch: self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                ),
+            )
+
+    def _upload_file(self, path: Path, key: str) -> ArtifactInfo:
+        size = path.stat().st_size
+
+        def run() -> str:
+            with path.open("rb") as raw:
+                reader = _HashingReader(raw, size)
+                self._client.upload_fileobj(reader, self.bucket, key, Config=self._transfer)
+                return reader.hexdigest() if reader.complete else _file_sha256(path)
+
+        digest = self._retry(f"upload of {key}", run)
+        return ArtifactInfo(name="", size=size, sha256=digest)
+
+    # -- ArtifactStore -----------------------------------------------------------------------
+
+    def upload_dir(self, local_dir: Path, prefix: str) -> list[ArtifactInfo]:
+        """Upload every regular file under `local_dir` below `prefix`; on any failure delete what was
+        written and raise StorageError. Returns the artifacts sorted by name."""
+        local_dir = Path(local_dir)
+        if not local_dir.is_dir():
+            raise StorageError(f"not a directory: {local_dir}")
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        written: list[str] = []
+        infos: list[ArtifactInfo] = []
+        try:
+            for path in files:
+                name = path.relative_to(local_dir).as_posix()
+                if name == INDEX_NAME:
+                    continue
+                key = self._key(prefix, name)
+                written.append(key)  # a failed multipart upload is aborted; a PUT may have landed
+                info = self._upload_file(path, key)
+                infos.append(ArtifactInfo(name=name, size=info.size, sha256=info.sha256))
+            index = json.dumps(
+                {"files": {a.name: {"size": a.size, "sha256": a.sha256} for a in infos}}, sort_keys=True
+            ).encode()
+            index_key = self._key(prefix, INDEX_NAME)
+            written.append(index_key)
+            self._retry(
+                "index upload",
+                lambda: self._client.put_object(
+                    Bucket=self.bucket, Key=index_key, Body=index, ContentType="application/json"
+                ),
+            )
+        except BaseException as exc:
+            try:
+                self._delete_keys(written)
+            except StorageError as cleanup:
+                log.error("cleanup after failed upload to %s left keys behind: %s", prefix, cleanup)
+            if isinstance(exc, StorageError):
+                raise
+            if isinstance(exc, OSError):
+                raise StorageError(f"upload of {local_dir} failed: {exc}") from exc
+            raise
+        return infos
+
+    def list(self, prefix: str) -> list[ArtifactInfo]:
+        """The artifacts of a completed upload below `prefix` (empty if none or incomplete)."""
+        from botocore.exceptions import ClientError
+
+        index_key = self._key(prefix, INDEX_NAME)
+
+        def run() -> bytes | None:
+            try:
+                return self._client.get_object(Bucket=self.bucket, Key=index_key)["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    return None
+                raise
+
+        body = self._retry("index read", run)
+        if body is None:
+            return []
+        try:
+            files = json.loads(body)["files"]
+            return [
+                ArtifactInfo(name=n, size=int(v["size"]), sha256=v["sha256"])
+                for n, v in sorted(files.items())
+            ]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"corrupted artifact index at {index_key}") from exc
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object below `prefix`, the index first (idempotent)."""
+        base = self._base(prefix)
+        keys = self._list_keys(base)
+        index_key = base + INDEX_NAME
+        if index_key in keys:
+            self._delete_keys([index_key])
+            keys.remove(index_key)
+        self._delete_keys(keys)
+
+    def download_url(self, prefix: str, name: str, expires_in: int) -> str:
+        """A presigned (SigV4, query-string) GET URL valid for `expires_in` seconds (1 s .. 7 days)."""
+        if not 1 <= expires_in <= 7 * 24 * 3600:
+            raise StorageError(f"expires_in must be between 1 s and 7 days, got {expires_in}")
+        key = self._key(prefix, name)
+        try:
+            return self._presign_client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
+            )
+        except Exception as exc:  # presigning is local; failures are configuration errors
+            raise StorageError(f"cannot presign {key}: {exc}") from exc
+
+    def check(self) -> None:
+        """Readiness: the bucket exists and the credentials may access it."""
+        self._retry("bucket check", lambda: self._client.head_bucket(Bucket=self.bucket))
