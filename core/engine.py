@@ -1,0 +1,198 @@
+"""Sequential, block-by-block pruning of a causal LM, in place.
+
+1. Capture what the model passes its first decoder block, batch by batch, with a forward
+   pre-hook (``with_kwargs=True``) that records ``(args, kwargs)`` and aborts the forward.
+   Attention masks, rotary ``position_embeddings``, BLOOM's ``alibi``, position ids... are
+   therefore exactly what the model itself would pass. Cache objects are dropped.
+2. For each block: hook its prunable linears to accumulate :class:`core.stats.StatsAccumulator`
+   (fp32) over every batch, prune each linear from its statistics, then re-run the block on
+   the same inputs so that the next block is calibrated on the *pruned* outputs.
+
+Block keyword arguments are captured once at block 0 and reused for every block (the model
+passes the same ones to every block for the supported families).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from core import families
+from core.errors import InvalidInput
+from core.progress import CancelFn, Progress, ProgressFn, check_cancel
+from core.spec import PruneSpec
+
+__all__ = ["capture_block_inputs", "prune", "run_block"]
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook to stop the forward once block 0's inputs are recorded."""
+
+
+Batch = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]
+
+
+def _drop_cache(value: Any) -> Any:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        return value
+    return None if isinstance(value, Cache) else value
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int, family: families.Family | None = None
+) -> list[Batch]:
+    """Run ``model`` on ``calibration`` in batches; return block 0's ``(hidden, args, kwargs)`` per batch."""
+    blocks = families.get_blocks(model, family)
+    device = next(model.parameters()).device
+    captured: list[Batch] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if args:
+            hidden, rest = args[0], tuple(_drop_cache(a) for a in args[1:])
+        else:
+            kwargs = dict(kwargs)
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kw = {k: _drop_cache(v) for k, v in kwargs.items()}
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        captured.append((hidden.detach(), rest, kw))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            ids = calibration[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Captured:
+                pass
+            else:  # pragma: no cover - the hook always fires
+                raise RuntimeError("the first decoder block was never called")
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, batch: Batch) -> torch.Tensor:
+    """Run one block on a captured batch and return its hidden-state output."""
+    hidden, rest, kwargs = batch
+    out = block(hidden, *rest, **kwargs)
+    if isinstance(out, tuple | list):
+        out = out[0]
+    return out
+
+
+def _method(name: str) -> Any:
+    from core.methods import get_method
+
+    return get_method(name)
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    spec: PruneSpec,
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> dict[str, Any]:
+    """Prune ``model`` in place, block by block, on calibration ids ``[n, seqlen]``.
+
+    Returns ``{"layers": {name: sparsity}, "ignored": [names], "mask_s", "prune_s", "nblocks",
+    "method", "pattern", "target"}``. Progress is reported once per block with stage
+    ``pruning`` and ``fraction = block / nblocks``; ``should_cancel`` is checked between blocks.
+    """
+    from core.stats import LayerStats, StatsAccumulator
+
+    t0 = time.perf_counter()
+    if calibration.dim() != 2 or calibration.shape[0] < 1:
+        raise InvalidInput(
+            f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
+        )
+    method = _method(spec.method)
+    need_xnorm = "xnorm" in method.needs
+    need_hessian = "hessian" in method.needs
+    need_stats = need_xnorm or need_hessian
+    family = families.family_for(model)
+    blocks = families.get_blocks(model, family)
+    nblocks = len(blocks)
+    nm = spec.nm
+    if nm is not None:
+        for name, mod in families.prunable_linears(model, family).items():
+            if not families.is_ignored(name, spec.ignore) and families.in_features(mod) % nm[1]:
+                raise InvalidInput(
+                    f"layer {name} has {families.in_features(mod)} input features, "
+                    f"not a multiple of M={nm[1]} for pattern {spec.pattern}"
+                )
+    was_training = model.training
+    model.eval()
+    check_cancel(should_cancel)
+    batches = capture_block_inputs(model, calibration.to(torch.long), spec.batch_size, family)
+    layers: dict[str, float] = {}
+    ignored: list[str] = []
+    mask_s = 0.0
+    try:
+        for i, block in enumerate(blocks):
+            check_cancel(should_cancel)
+            linears = families.block_linears(block, f"{family.blocks}.{i}")
+            targets = {n: m for n, m in linears.items() if not families.is_ignored(n, spec.ignore)}
+            ignored.extend(n for n in linears if n not in targets)
+            stats: dict[str, LayerStats] = {}
+            if targets and need_stats:
+                accs = {
+                    n: StatsAccumulator(families.in_features(m), need_xnorm, need_hessian)
+                    for n, m in targets.items()
+                }
+                handles = [
+                    m.register_forward_hook(lambda _m, inp, _out, acc=accs[n]: acc.add(inp[0]))
+                    for n, m in targets.items()
+                ]
+                try:
+                    for b in batches:
+                        run_block(block, b)
+                finally:
+                    for h in handles:
+                        h.remove()
+                stats = {n: a.result() for n, a in accs.items()}
+            for name, mod in targets.items():
+                weight = families.get_weight(mod)
+                st = stats.get(name) or LayerStats(xnorm_sq=None, hessian=None, ntokens=0)
+                tm = time.perf_counter()
+                mask = method.prune(weight, st, spec)
+                weight.masked_fill_(mask.to(weight.device), 0)
+                mask_s += time.perf_counter() - tm
+                families.set_weight(mod, weight)
+                layers[name] = float(mask.sum().item()) / mask.numel()
+                stats.pop(name, None)
+            del stats
+            if i + 1 < nblocks:
+                batches = [(run_block(block, b), b[1], b[2]) for b in batches]
+            if on_progress is not None:
+                on_progress(
+                    Progress(
+                        stage="pruning",
+                        fraction=(i + 1) / nblocks,
+                        block=i + 1,
+                        nblocks=nblocks,
+                        message=f"pruned block {i + 1}/{nblocks}",
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return {
+        "method": spec.method,
+        "pattern": spec.pattern,
+        "target": spec.target_sparsity,
+        "nblocks": nblocks,
+        "layers": layers,
+        "ignored": ignored,
+        "mask_s": mask_s,
+        "prune_s": time.perf_counter() - t0,
+    }

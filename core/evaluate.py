@@ -1,0 +1,118 @@
+"""Perplexity over non-overlapping windows, and measured sparsity of the prunable layers.
+
+Perplexity: the evaluation text is tokenized as one stream of ``T`` tokens (no special
+tokens) and cut into ``W = min(floor(T / seqlen), max_windows)`` consecutive, non-overlapping
+windows of ``seqlen`` tokens (the tail is dropped). Each window is scored independently and
+
+    ppl = exp( sum over windows and positions t = 1..seqlen-1 of -log p(x_t | x_<t)
+               / (W * (seqlen - 1)) )
+
+i.e. the first token of each window is context only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core import families
+from core.errors import CalibrationError
+from core.spec import PruneSpec
+
+__all__ = ["FORMULA", "perplexity", "sparsity_report"]
+
+FORMULA = (
+    "W = min(floor(T / seqlen), max_windows) non-overlapping windows of the tokenized text (T tokens); "
+    "ppl = exp(sum of next-token NLL over positions 1..seqlen-1 of every window / (W * (seqlen - 1)))"
+)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    on_window: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on the token stream ``ids`` (see the module docstring for the formula)."""
+    ids = ids.reshape(-1)
+    total = int(ids.numel())
+    windows = total // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise CalibrationError(
+            f"evaluation text is too short: one window of seqlen={seqlen} needs {seqlen} tokens, "
+            f"found {total}"
+        )
+    device = next(model.parameters()).device
+    data = ids[: windows * seqlen].reshape(windows, seqlen)
+    nll = 0.0
+    done = 0
+    for start in range(0, windows, batch_size):
+        batch = data[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss.double().item())
+        done += batch.shape[0]
+        if on_window is not None:
+            on_window(done, windows)
+    ntok = windows * (seqlen - 1)
+    mean = nll / ntok
+    return {
+        "ppl": math.exp(mean) if mean < 700 else float("inf"),
+        "nll": mean,
+        "windows": windows,
+        "seqlen": seqlen,
+        "tokens": total,
+        "scored_tokens": ntok,
+        "formula": FORMULA,
+    }
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, spec: PruneSpec | None = None) -> dict[str, Any]:
+    """Measured zeros of every prunable linear inside the decoder blocks.
+
+    ``layers`` and ``overall`` cover the layers not excluded by ``spec.ignore``; ``nm_ok`` is
+    whether every group of M consecutive input columns of those layers has at least M-N zeros
+    (None for unstructured). ``all_linears`` is the zero fraction including ignored layers.
+    """
+    from core.masks import check_nm
+
+    ignore = spec.ignore if spec is not None else []
+    nm = spec.nm if spec is not None else None
+    layers: dict[str, float] = {}
+    zeros = numel = all_zeros = all_numel = 0
+    nm_ok: bool | None = True if nm is not None else None
+    ignored: list[str] = []
+    for name, mod in families.prunable_linears(model).items():
+        w = families.get_weight(mod)
+        z = int((w == 0).sum().item())
+        all_zeros += z
+        all_numel += w.numel()
+        if families.is_ignored(name, ignore):
+            ignored.append(name)
+            continue
+        layers[name] = z / w.numel()
+        zeros += z
+        numel += w.numel()
+        if nm is not None and not check_nm(w, nm[0], nm[1]):
+            nm_ok = False
+    return {
+        "target": spec.target_sparsity if spec is not None else None,
+        "overall": zeros / numel if numel else 0.0,
+        "all_linears": all_zeros / all_numel if all_numel else 0.0,
+        "layers": layers,
+        "ignored": ignored,
+        "nm_ok": nm_ok,
+    }

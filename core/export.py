@@ -1,0 +1,137 @@
+"""Artifacts of a run, written atomically.
+
+Layout of ``out_dir``: ``model/`` (Hugging Face directory, sharded safetensors, tokenizer; loads
+with ``AutoModelForCausalLM.from_pretrained`` and no custom code), ``report.json``,
+``report.md`` and ``manifest.json`` (``{"files": {relpath: {"size", "sha256"}}}`` for every
+other file). Everything is written into a temporary sibling directory that is renamed to
+``out_dir`` only when complete, and removed on any error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from core.errors import InvalidInput
+from core.spec import OutputSpec
+
+__all__ = ["check_out_dir", "manifest", "render_markdown", "save_model", "staging_dir", "write_reports"]
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Refuse an ``out_dir`` that exists and is not an empty directory (checked before any work)."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInput(f"output directory {out} already exists and is not empty")
+    return out
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out_dir``; rename it to ``out_dir`` on success, delete it on error."""
+    out = check_out_dir(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(root: Path) -> dict[str, Any]:
+    """``{"files": {relpath: {"size", "sha256"}}}`` for every file under ``root`` except manifest.json."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != "manifest.json":
+            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return {"files": files}
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short human summary of ``report``."""
+    m, s, e, t = report["model"], report["sparsity"], report.get("evaluation") or {}, report["timings"]
+    spec = report["spec"]["prune"]
+    cal = report["calibration"]
+    lines = [
+        "# Pruning report",
+        "",
+        f"- Model: `{m['source']}` ({m['architecture']}, family {m['family']}, {m['nblocks']} blocks, "
+        f"{m['params']:,} parameters)",
+        f"- Method: **{spec['method']}**, pattern `{spec['pattern']}`, target sparsity {_fmt(s['target'])}"
+        + (f", ignored {len(s.get('ignored', []))} layers" if s.get("ignored") else ""),
+        f"- Calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens from `{cal['source']}`, "
+        f"seed {cal['seed']}",
+        f"- Measured sparsity of pruned layers: {_fmt(s['overall'], 4)}"
+        + (f"; N:M pattern holds: {s['nm_ok']}" if s.get("nm_ok") is not None else ""),
+        "",
+    ]
+    if e:
+        lines += [
+            "## Perplexity",
+            "",
+            "| model | perplexity |",
+            "|---|---|",
+            f"| dense | {_fmt(e.get('dense_ppl'))} |",
+            f"| pruned | {_fmt(e.get('pruned_ppl'))} |",
+            "",
+            f"{e['windows']} windows x {e['seqlen']} tokens of `{e['source']}` ({e['tokens']} tokens). "
+            f"Formula: {e['formula']}.",
+            "",
+        ]
+    lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in t.items()]
+    lines += ["", f"Peak RSS: {_fmt(report.get('peak_rss_mb'), 0)} MB", ""]
+    return "\n".join(lines)
+
+
+def save_model(root: Path, model: Any, tokenizer: Any, outputs: OutputSpec) -> None:
+    """Write the Hugging Face directory ``root/model`` (sharded safetensors + tokenizer) if requested."""
+    if not outputs.model:
+        return
+    model_dir = root / "model"
+    model.save_pretrained(model_dir, max_shard_size=outputs.max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
+
+
+def write_reports(root: Path, report: dict[str, Any], outputs: OutputSpec) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and finally ``manifest.json``; return the manifest.
+
+    ``report.json`` is always written (it is the run's machine-readable record); ``report.md``
+    only when ``outputs.report``.
+    """
+    (root / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    if outputs.report:
+        (root / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    man = manifest(root)
+    (root / "manifest.json").write_text(json.dumps(man, indent=2) + "\n", encoding="utf-8")
+    return man

@@ -1,0 +1,218 @@
+"""Model and tokenizer loading: local Hugging Face directory, GGUF file, or hub id (online only).
+
+The architecture is checked from the config *before* any weight is read. Missing or corrupted
+files raise :class:`core.errors.ModelLoadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core import families
+from core.errors import CoreError, InvalidInput, ModelLoadError
+from core.spec import ModelSpec
+
+__all__ = ["Loaded", "hub_online", "load_model", "model_context", "resolve_source"]
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass
+class Loaded:
+    """A loaded model with its tokenizer and where they came from."""
+
+    model: Any
+    tokenizer: Any
+    family: families.Family
+    source: str
+    gguf: bool
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: str  # directory or hub id passed to from_pretrained
+    gguf_file: str | None
+    local: bool
+
+
+def hub_online() -> bool:
+    """Whether the Hugging Face hub may be contacted."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on")
+
+
+def resolve_source(spec: ModelSpec) -> _Source:
+    """Turn ``spec.source`` / ``spec.gguf_file`` into what ``from_pretrained`` needs, checking paths."""
+    src = Path(spec.source).expanduser()
+    if src.is_file():
+        if spec.gguf_file is not None:
+            raise InvalidInput("gguf_file is only valid when the model source is a directory")
+        if src.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"model file {src} is not a .gguf file; pass a Hugging Face directory or a .gguf"
+            )
+        _check_gguf(src)
+        return _Source(str(src.parent), src.name, True)
+    if src.is_dir():
+        if spec.gguf_file is not None:
+            gguf = src / spec.gguf_file
+            if not gguf.is_file():
+                raise ModelLoadError(f"GGUF file not found: {gguf}")
+            _check_gguf(gguf)
+            return _Source(str(src), spec.gguf_file, True)
+        if not (src / "config.json").is_file():
+            ggufs = sorted(src.glob("*.gguf"))
+            if len(ggufs) == 1:
+                _check_gguf(ggufs[0])
+                return _Source(str(src), ggufs[0].name, True)
+            raise ModelLoadError(f"model directory {src} has no config.json")
+        _check_safetensors(src)
+        return _Source(str(src), None, True)
+    looks_local = (
+        spec.source.startswith(("/", ".", "~")) or spec.source.count("/") > 1 or src.suffix == ".gguf"
+    )
+    if looks_local:
+        raise ModelLoadError(f"model path not found: {spec.source}")
+    if not hub_online():
+        raise ModelLoadError(
+            f"model path not found: {spec.source} (and the hub is offline, HF_HUB_OFFLINE=1)"
+        )
+    return _Source(spec.source, spec.gguf_file, False)
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor table; ModelLoadError naming the file if it is corrupted."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        if end > path.stat().st_size:
+            raise ValueError(f"tensor data ends at byte {end} beyond the file size {path.stat().st_size}")
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"corrupted or unreadable GGUF file {path}: {exc}") from None
+
+
+def _check_safetensors(directory: Path) -> None:
+    """Open every safetensors file's header; ModelLoadError naming the file if one is corrupted."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except Exception as exc:
+            raise ModelLoadError(f"corrupted safetensors index {index}: {exc}") from None
+        for name in sorted(wanted):
+            if not (directory / name).is_file():
+                raise ModelLoadError(f"missing weight file {directory / name} (listed in {index.name})")
+    if not files and not list(directory.glob("*.bin")):
+        raise ModelLoadError(f"model directory {directory} holds no weights (*.safetensors)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    fh.get_slice(key)
+        except Exception as exc:
+            raise ModelLoadError(f"corrupted safetensors file {f}: {exc}") from None
+
+
+def _load_config(src: _Source) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        if src.gguf_file:
+            return AutoConfig.from_pretrained(src.path, gguf_file=src.gguf_file)
+        return AutoConfig.from_pretrained(src.path)
+    except Exception as exc:
+        msg = str(exc)
+        where = Path(src.path) / (src.gguf_file or "config.json") if src.local else src.path
+        if "architecture" in msg.lower() and "not supported" in msg.lower():
+            from core.errors import UnsupportedModel
+
+            raise UnsupportedModel(
+                f"{where}: {msg.splitlines()[0]}; "
+                f"supported model types: {', '.join(families.supported_types())}"
+            ) from None
+        if "model_type" in msg or "Unrecognized model" in msg:
+            from core.errors import UnsupportedModel
+
+            raise UnsupportedModel(
+                f"{where}: unrecognized model type; "
+                f"supported model types: {', '.join(families.supported_types())}"
+            ) from None
+        raise ModelLoadError(
+            f"cannot read model config from {where}: {msg.splitlines()[0] if msg else exc}"
+        ) from None
+
+
+def model_context(model_or_config: Any) -> int | None:
+    """The model's maximum context length, or None when it has no fixed one (e.g. BLOOM's ALiBi)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for attr in ("max_position_embeddings", "n_positions", "seq_length"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def load_model(spec: ModelSpec) -> Loaded:
+    """Load the model (in ``spec.dtype`` on ``spec.device``, eval mode) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(spec)
+    config = _load_config(src)
+    family = families.family_for(config)  # refuse unsupported architectures before reading weights
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device 'cuda' requested but no CUDA device is available")
+    dtype = getattr(torch, _DTYPES[spec.dtype])
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    except CoreError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load model weights from {where}: {first}") from None
+    try:
+        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **tok_kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load tokenizer from {where}: {first}") from None
+    if src.gguf_file:
+        strip_quantization(model)
+    model.to(spec.device)
+    model.eval()
+    return Loaded(model=model, tokenizer=tokenizer, family=family, source=where, gguf=bool(src.gguf_file))
+
+
+def strip_quantization(model: Any) -> None:
+    """Forget GGUF quantization metadata so that ``save_pretrained`` writes a plain dense checkpoint."""
+    if hasattr(model, "hf_quantizer"):
+        try:
+            del model.hf_quantizer
+        except AttributeError:
+            model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        try:
+            del config.quantization_config
+        except AttributeError:
+            config.quantization_config = None

@@ -1,0 +1,274 @@
+"""One whole run: load → calibrate → dense eval → prune → pruned eval → export.
+
+Progress is reported with overall fractions in [0, 1]; cancellation is checked between stages
+and (inside the engine) between blocks. Artifacts appear in ``out_dir`` only when complete.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from core import data, engine, evaluate, export, families
+from core.progress import CancelFn, Progress, ProgressFn, check_cancel
+from core.spec import RunSpec
+
+__all__ = ["STAGE_WEIGHTS", "run"]
+
+# Relative share of the progress bar given to each stage (only enabled stages count).
+STAGE_WEIGHTS: dict[str, float] = {
+    "loading": 0.10,
+    "calibrating": 0.05,
+    "dense_eval": 0.15,
+    "pruning": 0.45,
+    "pruned_eval": 0.15,
+    "exporting": 0.10,
+}
+
+
+class _PeakRSS:
+    """Samples this process's RSS in a background thread (the worker is long-lived, so
+    ``ru_maxrss`` alone would report the lifetime peak)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import psutil
+
+            self._proc: Any = psutil.Process()
+        except ImportError:  # pragma: no cover
+            self._proc = None
+
+    def _sample(self) -> None:
+        if self._proc is not None:
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> _PeakRSS:
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    @property
+    def mb(self) -> float:
+        if self._proc is None:  # pragma: no cover
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return self.peak / 2**20
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        pkg = version("prune-service")
+    except Exception:
+        pkg = "unknown"
+    return {
+        "prune_service": pkg,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+class _Stages:
+    """Maps a stage's local fraction to the overall progress fraction."""
+
+    def __init__(self, enabled: list[str], on_progress: ProgressFn | None) -> None:
+        total = sum(STAGE_WEIGHTS[s] for s in enabled)
+        self.spans: dict[str, tuple[float, float]] = {}
+        acc = 0.0
+        for s in enabled:
+            w = STAGE_WEIGHTS[s] / total
+            self.spans[s] = (acc, acc + w)
+            acc += w
+        self.on_progress = on_progress
+
+    def emit(self, key: str, local: float, stage: str, message: str = "", **kw: Any) -> None:
+        if self.on_progress is None or key not in self.spans:
+            return
+        lo, hi = self.spans[key]
+        frac = min(1.0, max(0.0, lo + (hi - lo) * local))
+        self.on_progress(Progress(stage=stage, fraction=frac, message=message, **kw))
+
+
+def _eval_batch(seqlen: int, vocab: int) -> int:
+    """Windows per forward so that fp32 logits stay under ~256 MB."""
+    return max(1, min(8, (256 * 2**20) // max(1, seqlen * vocab * 4)))
+
+
+def run(
+    spec: RunSpec,
+    out_dir: str | Path,
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report dict.
+
+    ``out_dir`` must not exist or be an empty directory. Raises :class:`core.errors.CoreError`
+    subclasses for user-facing failures (``Cancelled`` when ``should_cancel()`` turns True).
+    """
+    t_start = time.perf_counter()
+    out = export.check_out_dir(out_dir)
+    ev = spec.evaluation
+    enabled = ["loading", "calibrating"]
+    if ev.enabled and ev.dense_baseline:
+        enabled.append("dense_eval")
+    enabled.append("pruning")
+    if ev.enabled:
+        enabled.append("pruned_eval")
+    enabled.append("exporting")
+    stages = _Stages(enabled, on_progress)
+    timings: dict[str, float] = {}
+
+    with _PeakRSS() as rss:
+        from core.loading import load_model, model_context
+
+        check_cancel(should_cancel)
+        stages.emit("loading", 0.0, "loading", f"loading {spec.model.source}")
+        t = time.perf_counter()
+        loaded = load_model(spec.model)
+        model, tok = loaded.model, loaded.tokenizer
+        timings["load_s"] = time.perf_counter() - t
+        stages.emit("loading", 1.0, "loading", "model loaded")
+
+        check_cancel(should_cancel)
+        stages.emit("calibrating", 0.0, "calibrating", f"reading {spec.calibration.source}")
+        t = time.perf_counter()
+        context = model_context(model)
+        cal = spec.calibration
+        seqlen = data.resolve_seqlen(cal.seqlen, context)
+        calibration, cal_source = data.calibration_windows(
+            cal.source, tok, cal.nsamples, seqlen, cal.seed, cal.text_field, data_dir
+        )
+        eval_ids = None
+        eval_seqlen = data.resolve_seqlen(ev.seqlen, context) if ev.seqlen is not None else seqlen
+        eval_source = None
+        if ev.enabled:
+            text, eval_source = data.load_text(ev.source, "evaluation", ev.text_field, data_dir)
+            eval_ids = data.tokenize(tok, text)
+        timings["calibrate_s"] = time.perf_counter() - t
+        stages.emit("calibrating", 1.0, "calibrating", f"{calibration.shape[0]} windows x {seqlen} tokens")
+
+        vocab = int(getattr(model.config, "vocab_size", 50000))
+        ebatch = _eval_batch(eval_seqlen, vocab)
+
+        def _eval(key: str, label: str) -> dict[str, Any]:
+            assert eval_ids is not None
+            check_cancel(should_cancel)
+            stages.emit(key, 0.0, "evaluating", f"{label} perplexity")
+
+            def on_window(done: int, total: int) -> None:
+                stages.emit(key, done / total, "evaluating", f"{label} perplexity: window {done}/{total}")
+                check_cancel(should_cancel)
+
+            return evaluate.perplexity(model, eval_ids, eval_seqlen, ev.max_windows, ebatch, on_window)
+
+        dense = None
+        timings["eval_s"] = 0.0
+        if ev.enabled and ev.dense_baseline:
+            t = time.perf_counter()
+            dense = _eval("dense_eval", "dense")
+            timings["dense_eval_s"] = time.perf_counter() - t
+            timings["eval_s"] += timings["dense_eval_s"]
+
+        check_cancel(should_cancel)
+
+        def on_block(p: Progress) -> None:
+            stages.emit("pruning", p.fraction, "pruning", p.message, block=p.block, nblocks=p.nblocks)
+
+        stages.emit("pruning", 0.0, "pruning", f"pruning with {spec.prune.method}")
+        pruned_info = engine.prune(model, calibration, spec.prune, on_block, should_cancel)
+        timings["prune_s"] = pruned_info["prune_s"]
+        timings["mask_s"] = pruned_info["mask_s"]
+
+        pruned = None
+        if ev.enabled:
+            t = time.perf_counter()
+            pruned = _eval("pruned_eval", "pruned")
+            timings["pruned_eval_s"] = time.perf_counter() - t
+            timings["eval_s"] += timings["pruned_eval_s"]
+
+        sparsity = evaluate.sparsity_report(model, spec.prune)
+        evaluation = None
+        if ev.enabled:
+            ref = pruned or dense or {}
+            evaluation = {
+                "dense_ppl": dense["ppl"] if dense else None,
+                "pruned_ppl": pruned["ppl"] if pruned else None,
+                "windows": ref.get("windows"),
+                "seqlen": eval_seqlen,
+                "tokens": ref.get("tokens"),
+                "formula": evaluate.FORMULA,
+                "source": eval_source,
+            }
+        cfg = model.config
+        report: dict[str, Any] = {
+            "spec": spec.model_dump(mode="json"),
+            "versions": _versions(),
+            "model": {
+                "source": loaded.source,
+                "family": loaded.family.name,
+                "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+                "model_type": cfg.model_type,
+                "nblocks": len(families.get_blocks(model, loaded.family)),
+                "params": sum(p.numel() for p in model.parameters()),
+                "dtype": spec.model.dtype,
+                "device": spec.model.device,
+                "gguf": loaded.gguf,
+            },
+            "calibration": {
+                "source": cal_source,
+                "nsamples": int(calibration.shape[0]),
+                "seqlen": seqlen,
+                "seed": cal.seed,
+            },
+            "sparsity": sparsity,
+            "evaluation": evaluation,
+            "timings": timings,
+            "peak_rss_mb": None,
+        }
+
+        check_cancel(should_cancel)
+        stages.emit("exporting", 0.0, "exporting", f"writing {out}")
+        t = time.perf_counter()
+        with export.staging_dir(out) as tmp:
+            export.save_model(tmp, model, tok, spec.outputs)
+            timings["export_s"] = time.perf_counter() - t
+            timings["total_s"] = time.perf_counter() - t_start
+            rss._sample()
+            report["peak_rss_mb"] = round(rss.mb, 1)
+            _cuda_peak(report, spec.model.device)
+            export.write_reports(tmp, report, spec.outputs)
+            check_cancel(should_cancel)
+        stages.emit("exporting", 1.0, "exporting", "done")
+    return report
+
+
+def _cuda_peak(report: dict[str, Any], device: str) -> None:
+    if device != "cuda":
+        return
+    import torch
+
+    report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
