@@ -1,0 +1,156 @@
+"""The FastAPI application: `uvicorn api.app:app` (settings from the environment)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import redis
+import redis.asyncio as aredis
+from fastapi import Depends, FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import Services, services
+from api.metrics import JobsCollector, MetricsMiddleware
+from api.problems import HANDLERS, ProblemError, problem_response, problems
+from api.routes import router
+from jobs.events import EventLog
+from jobs.queue import Queue
+from jobs.settings import Settings, get_settings
+from jobs.storage import make_store
+from jobs.store import JobStore
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+Svc = Annotated[Services, Depends(services)]
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies above `limit` bytes with a 413 problem (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
+        chunks: list[bytes] = []
+        size = 0
+        more = not too_big
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                too_big = True
+                break
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        if too_big:
+            from starlette.requests import Request
+
+            resp = problem_response(
+                Request(scope), 413, f"request body larger than {self.limit} bytes", "payload-too-large"
+            )
+            await resp(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def build_services(settings: Settings) -> Services:
+    """Clients for one app instance (no connection is made until first use)."""
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10)
+    return Services(
+        settings=settings,
+        redis=client,
+        store=JobStore(client, settings.key_prefix),
+        events=EventLog(client, settings.key_prefix),
+        queue=Queue(settings, client),
+        artifacts=make_store(settings),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API app."""
+    settings = settings or get_settings()
+    svc = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc.aredis = aredis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        try:
+            yield
+        finally:
+            await svc.aredis.aclose()
+            svc.aredis = None
+
+    app = FastAPI(
+        title="Prune Service",
+        version="0.1.0",
+        description="Pruning-as-a-service for LLMs (Wanda, SparseGPT, magnitude). "
+        "Every error is an RFC 9457 `application/problem+json` document.",
+        lifespan=lifespan,
+        responses=problems(405, 413, 500),
+    )
+    app.state.services = svc
+    registry = CollectorRegistry()
+    registry.register(JobsCollector(svc))
+    for exc, handler in HANDLERS.items():
+        app.add_exception_handler(exc, handler)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body)
+    app.add_middleware(MetricsMiddleware, registry=registry)
+    app.include_router(router)
+
+    @app.get("/healthz", summary="Liveness", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz", summary="Readiness: Redis and artifact storage", tags=["ops"], responses=problems(503)
+    )
+    async def readyz(svc: Svc) -> dict[str, str]:
+        """Pings Redis and checks the artifact store; 503 problem when either is down."""
+        checks = {}
+        for name, fn in (("redis", svc.store.ping), ("storage", svc.artifacts.check)):
+            try:
+                await run_in_threadpool(fn)
+                checks[name] = "ok"
+            except Exception as e:
+                raise ProblemError(
+                    503, f"{name} unavailable: {e}", "not-ready", "Service not ready"
+                ) from None
+        return {"status": "ok", **checks}
+
+    @app.get("/metrics", summary="Prometheus metrics", tags=["ops"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Jobs by status, queue depth, job duration and HTTP latency histograms."""
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`api.app:app` builds the app from the environment on first access."""
+    if name == "app":
+        globals()["app"] = application = create_app()
+        return application
+    raise AttributeError(name)

@@ -1,0 +1,288 @@
+"""The /v1 routes: jobs, their events and artifacts, and signed artifact downloads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from api.deps import Services, current_tenant, services
+from api.problems import ProblemError, problems
+from jobs.events import Event, check_id
+from jobs.spec import TERMINAL, Job, JobError, JobPage, JobRequest, JobStatus
+from jobs.storage.local import LocalArtifactStore, safe_name
+from jobs.store import IdempotencyConflict, InvalidTransition
+
+log = logging.getLogger("api")
+router = APIRouter(prefix="/v1")
+
+JOB_ID = r"^[0-9a-f]{20}$"
+JobId = Annotated[str, Path(pattern=JOB_ID, description="Job id (20 hex characters).")]
+Tenant = Annotated[str, Depends(current_tenant)]
+Svc = Annotated[Services, Depends(services)]
+SSE = "text/event-stream"
+
+
+class EventPage(BaseModel):
+    """A page of job events; pass `next` as `after` to continue."""
+
+    items: list[Event]
+    next: str | None = Field(description="Id of the last event returned (or the `after` given).")
+
+
+class Artifact(BaseModel):
+    """One downloadable file of a succeeded job."""
+
+    name: str
+    size: int
+    sha256: str
+    url: str = Field(description="Signed download URL.")
+    expires_at: datetime
+
+
+class ArtifactList(BaseModel):
+    """The artifacts of a job."""
+
+    job_id: str
+    artifacts: list[Artifact]
+
+
+def _job(svc: Services, tenant: str, job_id: str) -> Job:
+    job = svc.store.get(job_id)
+    if job is None or job.tenant != tenant:
+        raise ProblemError(404, f"no job {job_id}", "job-not-found", "Job not found")
+    return job
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=Job,
+    summary="Submit a pruning job",
+    responses={
+        200: {
+            "model": Job,
+            "description": "Replay: a job with this Idempotency-Key and body already exists.",
+        },
+        **problems(409, 413, 422, 503),
+    },
+)
+def create_job(
+    body: JobRequest,
+    request: Request,
+    response: Response,
+    svc: Svc,
+    tenant: Tenant,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=255, description="Retries with the same key and body return the same job (200)."),
+    ] = None,
+) -> Job:
+    """Queue a job. 201 + Location for a new job; 200 for an idempotent replay; 409 when the key was
+    used with another body."""
+    try:
+        job, created = svc.store.create(tenant, body, idempotency_key)
+    except IdempotencyConflict as e:
+        raise ProblemError(
+            409, str(e), "idempotency-conflict", "Idempotency-Key reused", job_id=e.job_id
+        ) from None
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id).path)
+    if not created:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        return job
+    try:
+        svc.queue.enqueue(job.id)
+    except Exception as e:
+        log.exception("enqueue failed for job %s", job.id)
+        svc.store.transition(
+            job.id,
+            [JobStatus.queued],
+            JobStatus.failed,
+            error=JobError(code="queue_unavailable", message="the job queue is unavailable"),
+        )
+        raise ProblemError(503, f"could not queue the job: {type(e).__name__}", "queue-unavailable") from None
+    return job
+
+
+@router.get("/jobs", response_model=JobPage, summary="List jobs (newest first)", responses=problems(422))
+def list_jobs(
+    svc: Svc,
+    tenant: Tenant,
+    after: Annotated[str | None, Query(pattern=JOB_ID, description="`next` of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: JobStatus | None = None,
+) -> JobPage:
+    """Cursor-paginated listing, optionally filtered by status."""
+    return svc.store.list(tenant, after=after, limit=limit, status=status)
+
+
+@router.get("/jobs/{job_id}", response_model=Job, summary="Get a job", responses=problems(404, 422))
+def get_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
+    """The job record: status, progress, error, summary."""
+    return _job(svc, tenant, job_id)
+
+
+@router.post(
+    "/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a job", responses=problems(404, 409, 422)
+)
+def cancel_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
+    """A queued job is cancelled at once and never starts; a running one becomes `cancelling` and stops
+    at the next block boundary. Repeating a cancel is harmless; a finished job answers 409."""
+    job = _job(svc, tenant, job_id)
+    for _ in range(5):
+        try:
+            if job.status == JobStatus.queued:
+                return svc.store.transition(job_id, [JobStatus.queued], JobStatus.cancelled)
+            if job.status == JobStatus.running:
+                return svc.store.transition(job_id, [JobStatus.running], JobStatus.cancelling)
+            if job.status == JobStatus.cancelling:
+                return job
+            raise ProblemError(
+                409,
+                f"job {job_id} is already {job.status.value}",
+                "job-finished",
+                "Job finished",
+                job_status=job.status.value,
+            )
+        except InvalidTransition as e:  # it moved meanwhile (e.g. started): retry on its new status
+            job = e.job
+    raise ProblemError(409, f"job {job_id} changed too often; retry", "conflict")
+
+
+def _sse(ev: Event) -> str:
+    return f"id: {ev.id}\nevent: {ev.type}\ndata: {json.dumps(ev.data, separators=(',', ':'))}\n\n"
+
+
+async def _stream(svc: Services, job_id: str, after: str) -> AsyncIterator[str]:
+    aev = svc.aevents
+    last = after
+    yield "retry: 2000\n\n"
+    while True:
+        job = await run_in_threadpool(svc.store.get, job_id)
+        if job is None or job.status in TERMINAL:
+            # the terminal status event is written with the record: everything is in the stream now
+            while batch := await aev.page(job_id, last, 500):
+                for ev in batch:
+                    last = ev.id
+                    yield _sse(ev)
+            return
+        events = await aev.tail(job_id, last, block_ms=2000)
+        for ev in events:
+            last = ev.id
+            yield _sse(ev)
+            if ev.type == "status" and ev.data.get("status") in {s.value for s in TERMINAL}:
+                return
+        if not events:
+            yield ": keep-alive\n\n"
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_model=EventPage,
+    summary="Job events (JSON page or server-sent events)",
+    responses={
+        200: {
+            "description": "A JSON page, or with `Accept: text/event-stream` an SSE stream (each event's "
+            "`id:` is its stream id; resume with `Last-Event-ID`; the stream ends when the job finishes).",
+            "content": {SSE: {"schema": {"type": "string"}}},
+        },
+        **problems(404, 422),
+    },
+)
+async def job_events(
+    job_id: JobId,
+    request: Request,
+    svc: Svc,
+    tenant: Tenant,
+    after: Annotated[str | None, Query(description="Return events after this event id.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[str | None, Header(description="SSE resume point.")] = None,
+) -> Any:
+    """Every event of the job: status changes, progress, artifacts, errors."""
+    await run_in_threadpool(_job, svc, tenant, job_id)
+    start = last_event_id or after
+    if start is not None:
+        try:
+            check_id(start)
+        except ValueError as e:
+            raise ProblemError(422, str(e), "invalid-event-id") from None
+    if SSE in request.headers.get("accept", ""):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(_stream(svc, job_id, start or "0"), media_type=SSE, headers=headers)
+    items = await svc.aevents.page(job_id, start, limit)
+    return EventPage(items=items, next=items[-1].id if items else start)
+
+
+@router.get(
+    "/jobs/{job_id}/artifacts",
+    response_model=ArtifactList,
+    summary="List a succeeded job's artifacts with signed URLs",
+    responses=problems(404, 409, 422),
+)
+def job_artifacts(job_id: JobId, svc: Svc, tenant: Tenant) -> ArtifactList:
+    """Each file (model/…, report.json, report.md, manifest.json) with size, sha256 and a signed URL."""
+    job = _job(svc, tenant, job_id)
+    if job.status != JobStatus.succeeded:
+        raise ProblemError(
+            409,
+            f"job {job_id} is {job.status.value}; artifacts exist only for succeeded jobs",
+            "job-not-succeeded",
+            "Artifacts not available",
+            job_status=job.status.value,
+        )
+    ttl = svc.settings.url_ttl
+    expires_at = datetime.fromtimestamp(int(time.time()) + ttl, UTC)
+    prefix = f"{job.tenant}/{job.id}"
+    items = [
+        Artifact(
+            name=a.name,
+            size=a.size,
+            sha256=a.sha256,
+            url=svc.artifacts.download_url(prefix, a.name, ttl),
+            expires_at=expires_at,
+        )
+        for a in svc.artifacts.list(prefix)
+    ]
+    return ArtifactList(job_id=job.id, artifacts=items)
+
+
+@router.get(
+    "/artifacts/{tenant}/{job_id}/{name:path}",
+    summary="Download an artifact through a signed URL",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **problems(403, 404, 422)},
+)
+def download_artifact(
+    tenant: str,
+    job_id: JobId,
+    name: str,
+    svc: Svc,
+    expires: Annotated[int, Query(description="Unix time the URL expires.")],
+    sig: Annotated[str, Query(max_length=128, description="HMAC-SHA256 signature.")],
+) -> FileResponse:
+    """Serve the file when the signature matches and has not expired (403 otherwise)."""
+    store = svc.artifacts
+    if not isinstance(store, LocalArtifactStore):
+        raise ProblemError(404, "artifacts are served by the object store", "not-served-here")
+    try:
+        safe_name(name)
+        safe_name(tenant)
+    except ValueError:
+        raise ProblemError(403, "invalid artifact path", "signature-invalid", "Forbidden") from None
+    if not store.signer.verify(tenant, job_id, name, expires, sig):
+        expired = store.signer.verify(tenant, job_id, name, expires, sig, at=0)
+        detail = "the URL has expired" if expired else "the URL signature is invalid"
+        raise ProblemError(403, detail, "url-expired" if expired else "signature-invalid", "Forbidden")
+    path = store.path(f"{tenant}/{job_id}", name)
+    if not path.is_file():
+        raise ProblemError(404, f"no artifact {name} for job {job_id}", "artifact-not-found")
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)

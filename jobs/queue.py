@@ -1,0 +1,62 @@
+"""The Celery app configuration shared by the API (sends tasks by name) and the worker (runs them).
+
+Nothing here imports worker code or the engine: the API enqueues `RUN_TASK` with `send_task`.
+"""
+
+from __future__ import annotations
+
+import redis
+from celery import Celery
+
+from jobs.settings import Settings
+
+RUN_TASK = "prune.run_job"
+
+
+def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
+    """A Celery app on the Redis broker with at-least-once, one-job-at-a-time semantics.
+
+    Late acks + reject on worker loss redeliver a job whose worker died; the visibility timeout
+    (job time limit + 1 h) is above the longest allowed job so a running job is never redelivered
+    while its worker is alive.
+    """
+    app = Celery("prune", broker=settings.redis_url, backend=settings.redis_url, include=include or [])
+    transport = {"visibility_timeout": settings.visibility_timeout}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,  # fresh process per job: no leaked torch memory between jobs
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        visibility_timeout=settings.visibility_timeout,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=settings.queue,
+        task_routes={RUN_TASK: {"queue": settings.queue}},
+        task_soft_time_limit=settings.job_time_limit,
+        task_time_limit=settings.job_time_limit + 300,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+class Queue:
+    """Enqueue jobs and report queue depth."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.app = make_celery(settings)
+        self.r = client or redis.Redis.from_url(settings.redis_url)
+
+    def enqueue(self, job_id: str) -> None:
+        """Send the run task for `job_id` to the GPU queue."""
+        self.app.send_task(RUN_TASK, args=[job_id], queue=self.settings.queue)
+
+    def depth(self) -> int:
+        """Messages waiting in the broker queue (not counting the one being run)."""
+        return int(self.r.llen(self.settings.queue))

@@ -1,0 +1,95 @@
+"""Service settings read from the environment (shared by the API, the worker and the launcher)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+HOUR = 3600
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment.
+
+    REDIS_URL, PRUNE_HOME (var dir: artifacts, work dirs, redis data, signing key), PRUNE_DATA_DIR
+    (named datasets), PRUNE_PUBLIC_URL, PRUNE_SIGNING_KEY, PRUNE_QUEUE, PRUNE_JOB_TIME_LIMIT (seconds),
+    PRUNE_MAX_ATTEMPTS, PRUNE_URL_TTL (signed URL lifetime, seconds), PRUNE_MAX_BODY (bytes).
+    """
+
+    redis_url: str = "redis://localhost:6379/0"
+    home: Path = field(default_factory=lambda: Path("var").resolve())
+    data_dir: Path | None = None
+    public_url: str = "http://localhost:8000"
+    signing_key: str | None = None
+    queue: str = "prune.gpu"
+    job_time_limit: int = 6 * HOUR
+    max_attempts: int = 3
+    url_ttl: int = HOUR
+    max_body: int = 1024 * 1024
+    key_prefix: str = "prune"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Build settings from environment variables (unset ones take the defaults)."""
+        data_dir = os.environ.get("PRUNE_DATA_DIR")
+        return cls(
+            redis_url=os.environ.get("REDIS_URL", cls.redis_url),
+            home=Path(os.environ.get("PRUNE_HOME", "var")).resolve(),
+            data_dir=Path(data_dir).resolve() if data_dir else None,
+            public_url=os.environ.get("PRUNE_PUBLIC_URL", cls.public_url).rstrip("/"),
+            signing_key=os.environ.get("PRUNE_SIGNING_KEY") or None,
+            queue=os.environ.get("PRUNE_QUEUE", cls.queue),
+            job_time_limit=_int("PRUNE_JOB_TIME_LIMIT", cls.job_time_limit),
+            max_attempts=_int("PRUNE_MAX_ATTEMPTS", cls.max_attempts),
+            url_ttl=_int("PRUNE_URL_TTL", cls.url_ttl),
+            max_body=_int("PRUNE_MAX_BODY", cls.max_body),
+        )
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Broker redelivery delay for unacked tasks: one hour above the longest allowed job."""
+        return self.job_time_limit + HOUR
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Root of the local artifact store."""
+        return self.home / "artifacts"
+
+    @property
+    def work_dir(self) -> Path:
+        """Per-job scratch directories of the worker."""
+        return self.home / "work"
+
+    def secret(self) -> bytes:
+        """The URL signing secret: PRUNE_SIGNING_KEY, else one generated once and kept under PRUNE_HOME."""
+        if self.signing_key:
+            return self.signing_key.encode()
+        path = self.home / "signing.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            try:
+                os.link(tmp, path)  # first writer wins; a concurrent process keeps its own tmp out
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        return path.read_text().strip().encode()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings read once from the environment."""
+    return Settings.from_env()

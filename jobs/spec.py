@@ -1,0 +1,93 @@
+"""Job request and job record models (pydantic only; no torch)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.spec import RunSpec
+
+
+class JobStatus(StrEnum):
+    """Lifecycle of a job."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True when the job will never change again."""
+        return self in TERMINAL
+
+
+TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+class JobRequest(RunSpec):
+    """The body of `POST /v1/jobs`: exactly a `core.spec.RunSpec` (unknown fields are refused)."""
+
+    def to_run_spec(self) -> RunSpec:
+        """The run spec handed to the engine."""
+        return RunSpec.model_validate(self.model_dump())
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobProgress(_Record):
+    """Where a running job is."""
+
+    stage: str | None = Field(
+        default=None, description="loading, calibrating, pruning, evaluating, exporting or uploading."
+    )
+    block: int | None = Field(default=None, description="1-based decoder block while pruning.")
+    nblocks: int | None = None
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="Overall fraction done.")
+    eta_s: float | None = Field(default=None, description="Estimated seconds left.")
+    message: str = ""
+
+
+class JobError(_Record):
+    """Why a job failed: a stable machine-readable code and a message fit for users."""
+
+    code: str
+    message: str
+
+
+class JobSummary(_Record):
+    """Headline metrics of a finished job (from the engine's report.json)."""
+
+    dense_ppl: float | None = None
+    pruned_ppl: float | None = None
+    sparsity: float | None = Field(default=None, description="Overall sparsity of the pruned layers.")
+    durations: dict[str, float] = Field(default_factory=dict, description="Seconds per engine stage.")
+
+
+class Job(_Record):
+    """A job record as stored and as returned by the API."""
+
+    id: str
+    tenant: str
+    status: JobStatus
+    request: JobRequest
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: JobProgress = Field(default_factory=JobProgress)
+    error: JobError | None = None
+    summary: JobSummary | None = None
+    attempts: int = Field(default=0, description="How many times a worker started this job.")
+
+
+class JobPage(_Record):
+    """One page of a job listing; pass `next` as `after` to get the following page."""
+
+    items: list[Job]
+    next: str | None = None

@@ -1,0 +1,279 @@
+"""Job records in the service's own Redis keys.
+
+Layout (prefix "prune"):
+- `prune:job:<id>`                 JSON of the `Job` record
+- `prune:idx:<tenant>`             sorted set of the tenant's job ids (score 0, ids sort by creation time)
+- `prune:idx:<tenant>:<status>`    the same per status (listing filter)
+- `prune:idem:<tenant>:<key>`      "<job id> <request sha256>" with a TTL (Idempotency-Key)
+- `prune:counts`                   hash status -> number of jobs (metrics)
+- `prune:durations`                hash of job duration histogram buckets (metrics)
+- `prune:events:<id>`              the job's event stream (jobs.events)
+
+Every status change is a WATCH/MULTI transaction that also appends a `status` event, so a
+concurrent cancel and start can never both win, and the stream and record always agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from jobs.events import MAXLEN, encode, events_key
+from jobs.spec import TERMINAL, Job, JobPage, JobProgress, JobRequest, JobStatus
+
+DURATION_BUCKETS: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, math.inf)
+IDEMPOTENCY_TTL = 24 * 3600
+
+_CREATE = """
+if ARGV[5] == '1' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then return {0, existing} end
+  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'EX', tonumber(ARGV[4]))
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
+redis.call('ZADD', KEYS[4], 0, ARGV[1])
+redis.call('HINCRBY', KEYS[5], 'queued', 1)
+local eid = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'status', 'data', ARGV[6])
+return {1, eid}
+"""
+
+
+class JobNotFound(KeyError):
+    """No job with this id."""
+
+
+class InvalidTransition(Exception):
+    """The job is not in a status the requested change can start from."""
+
+    def __init__(self, job: Job, target: JobStatus) -> None:
+        super().__init__(f"job {job.id} is {job.status.value}; cannot move to {target.value}")
+        self.job = job
+        self.target = target
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was already used with a different request body."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Idempotency-Key already used for job {job_id} with a different request body")
+        self.job_id = job_id
+
+
+def now() -> datetime:
+    """The current UTC time."""
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """A 20-hex-character id that sorts by creation time (ms) then randomly."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(4).hex()}"
+
+
+def request_digest(request: JobRequest) -> str:
+    """sha256 of the normalised request (field order and defaults do not matter)."""
+    canon = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+Mutation = Callable[[Job], "tuple[Job, list[tuple[str, dict[str, Any]]]] | None"]
+
+
+class JobStore:
+    """CRUD and atomic status transitions of job records."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "prune") -> None:
+        self.r = client
+        self.prefix = prefix
+        self._create = client.register_script(_CREATE)
+
+    # keys
+    def job_key(self, job_id: str) -> str:
+        """Key of a job record."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def _idx(self, tenant: str, status: JobStatus | None = None) -> str:
+        return f"{self.prefix}:idx:{tenant}" + (f":{status.value}" if status else "")
+
+    def _idem(self, tenant: str, key: str) -> str:
+        return f"{self.prefix}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def _counts(self) -> str:
+        return f"{self.prefix}:counts"
+
+    @property
+    def _durations(self) -> str:
+        return f"{self.prefix}:durations"
+
+    # reads
+    def ping(self) -> None:
+        """Raise redis.RedisError if Redis is unreachable."""
+        self.r.ping()
+
+    def get(self, job_id: str) -> Job | None:
+        """The job record, or None."""
+        raw = self.r.get(self.job_key(job_id))
+        return Job.model_validate_json(raw) if raw is not None else None
+
+    def require(self, job_id: str) -> Job:
+        """The job record; raise JobNotFound."""
+        job = self.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def list(
+        self, tenant: str, after: str | None = None, limit: int = 20, status: JobStatus | None = None
+    ) -> JobPage:
+        """Newest first; `after` is the last id of the previous page."""
+        ids = self.r.zrevrangebylex(
+            self._idx(tenant, status), "(" + after if after else "+", "-", start=0, num=limit + 1
+        )
+        ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        more = len(ids) > limit
+        ids = ids[:limit]
+        raws = self.r.mget([self.job_key(i) for i in ids]) if ids else []
+        items = [Job.model_validate_json(raw) for raw in raws if raw is not None]
+        return JobPage(items=items, next=ids[-1] if more and ids else None)
+
+    def status_counts(self) -> dict[str, int]:
+        """Number of jobs per status, across tenants."""
+        raw = self.r.hgetall(self._counts)
+        counts = {s.value: 0 for s in JobStatus}
+        for k, v in raw.items():
+            counts[k.decode() if isinstance(k, bytes) else k] = int(v)
+        return counts
+
+    def duration_histogram(self) -> tuple[list[tuple[str, int]], float]:
+        """Cumulative (le, count) buckets and the sum of finished jobs' run durations (seconds)."""
+        raw = {
+            (k.decode() if isinstance(k, bytes) else k): float(v)
+            for k, v in self.r.hgetall(self._durations).items()
+        }
+        buckets, acc = [], 0
+        for b in DURATION_BUCKETS:
+            le = "+Inf" if math.isinf(b) else f"{b:g}"
+            acc += int(raw.get(le, 0))
+            buckets.append((le, acc))
+        return buckets, raw.get("sum", 0.0)
+
+    # writes
+    def create(
+        self, tenant: str, request: JobRequest, idempotency_key: str | None = None, ttl: int = IDEMPOTENCY_TTL
+    ) -> tuple[Job, bool]:
+        """Create a queued job; with an idempotency key, return (existing job, False) on a retry.
+
+        Raises IdempotencyConflict when the key was used with a different body.
+        """
+        digest = request_digest(request)
+        job = Job(id=new_job_id(), tenant=tenant, status=JobStatus.queued, request=request, created_at=now())
+        keys = [
+            self._idem(tenant, idempotency_key or ""),
+            self.job_key(job.id),
+            self._idx(tenant),
+            self._idx(tenant, JobStatus.queued),
+            self._counts,
+            events_key(self.prefix, job.id),
+        ]
+        event = encode("status", {"status": "queued", "previous": None})["data"]
+        args = [job.id, job.model_dump_json(), digest, ttl, "1" if idempotency_key else "0", event, MAXLEN]
+        created, value = self._create(keys=keys, args=args)
+        if created:
+            return job, True
+        existing_id, existing_digest = (value.decode() if isinstance(value, bytes) else value).split(" ")
+        if existing_digest != digest:
+            raise IdempotencyConflict(existing_id)
+        return self.require(existing_id), False
+
+    def mutate(self, job_id: str, fn: Mutation) -> tuple[Job, bool]:
+        """Apply `fn` to the record atomically (optimistic WATCH/MULTI, retried on conflicts).
+
+        `fn` returns None to leave the job as is, or (new job, events to append). Returns the
+        resulting job and whether it changed.
+        """
+        key = self.job_key(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    old = Job.model_validate_json(raw)
+                    result = fn(old)
+                    if result is None:
+                        pipe.unwatch()
+                        return old, False
+                    new, events = result
+                    pipe.multi()
+                    pipe.set(key, new.model_dump_json())
+                    if new.status != old.status:
+                        self._reindex(pipe, old, new)
+                    for type_, data in events:
+                        pipe.xadd(
+                            events_key(self.prefix, job_id),
+                            encode(type_, data),
+                            maxlen=MAXLEN,
+                            approximate=True,
+                        )
+                    pipe.execute()
+                    return new, True
+                except redis.WatchError:
+                    continue
+
+    def _reindex(self, pipe: Any, old: Job, new: Job) -> None:
+        pipe.zrem(self._idx(old.tenant, old.status), old.id)
+        pipe.zadd(self._idx(new.tenant, new.status), {new.id: 0})
+        pipe.hincrby(self._counts, old.status.value, -1)
+        pipe.hincrby(self._counts, new.status.value, 1)
+        if new.status in TERMINAL and new.started_at and new.finished_at:
+            seconds = (new.finished_at - new.started_at).total_seconds()
+            le = next(b for b in DURATION_BUCKETS if seconds <= b)
+            pipe.hincrby(self._durations, "+Inf" if math.isinf(le) else f"{le:g}", 1)
+            pipe.hincrbyfloat(self._durations, "sum", seconds)
+
+    def transition(self, job_id: str, allowed: Iterable[JobStatus], to: JobStatus, **changes: Any) -> Job:
+        """Move the job to `to` if its status is in `allowed`; raise InvalidTransition otherwise.
+
+        `changes` are other record fields to set; terminal statuses stamp `finished_at`.
+        """
+        allowed = frozenset(allowed)
+
+        def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]]:
+            if job.status not in allowed:
+                raise InvalidTransition(job, to)
+            update = dict(changes)
+            if to in TERMINAL:
+                update.setdefault("finished_at", now())
+            new = job.model_copy(update={"status": to, **update})
+            data: dict[str, Any] = {
+                "status": to.value,
+                "previous": job.status.value,
+                "attempts": new.attempts,
+            }
+            if new.error is not None and to == JobStatus.failed:
+                data["error"] = new.error.model_dump()
+            if new.summary is not None and to == JobStatus.succeeded:
+                data["summary"] = new.summary.model_dump()
+            return new, [("status", data)]
+
+        return self.mutate(job_id, fn)[0]
+
+    def set_progress(self, job_id: str, progress: JobProgress) -> bool:
+        """Record progress of a running (or cancelling) job and append a progress event."""
+
+        def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]] | None:
+            if job.status not in (JobStatus.running, JobStatus.cancelling):
+                return None
+            return job.model_copy(update={"progress": progress}), [("progress", progress.model_dump())]
+
+        return self.mutate(job_id, fn)[1]

@@ -1,0 +1,1 @@
+"""Celery worker: runs queued jobs through `core.pipeline` and stores their artifacts."""

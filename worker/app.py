@@ -1,0 +1,21 @@
+"""The worker's Celery app: `celery -A worker.app worker -Q prune.gpu -c 1 --pool prefork`."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_init
+
+from jobs.queue import make_celery
+from jobs.settings import get_settings
+
+app = make_celery(get_settings(), include=["worker.tasks"])
+
+
+@worker_init.connect
+def _preload_engine(**_: object) -> None:
+    """Import the engine (torch) once in the parent so forked children start jobs quickly."""
+    try:
+        import core.pipeline  # noqa: F401
+    except ImportError as e:  # the task reports a clear error per job instead
+        logging.getLogger(__name__).warning("engine not importable yet: %s", e)

@@ -1,0 +1,238 @@
+"""Run one job: claim it, call the engine, upload artifacts, then record the outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+
+from core.errors import Cancelled, CoreError
+from core.progress import Progress
+from jobs.events import EventLog
+from jobs.settings import Settings, get_settings
+from jobs.spec import TERMINAL, Job, JobError, JobProgress, JobStatus, JobSummary
+from jobs.storage import ArtifactStore, StorageError, make_store
+from jobs.store import InvalidTransition, JobStore, now
+
+log = logging.getLogger("worker.runner")
+
+ACTIVE = (JobStatus.running, JobStatus.cancelling)
+ENGINE_SHARE = 0.97  # fraction of the job the engine accounts for; the rest is uploading
+THROTTLE_S = 0.5
+
+
+@dataclass
+class Context:
+    """What a worker process needs, built once per process."""
+
+    settings: Settings
+    store: JobStore
+    events: EventLog
+    artifacts: ArtifactStore
+
+
+@lru_cache(maxsize=1)
+def context() -> Context:
+    """The process-wide context from the environment."""
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    return Context(
+        settings,
+        JobStore(client, settings.key_prefix),
+        EventLog(client, settings.key_prefix),
+        make_store(settings),
+    )
+
+
+def _claim(ctx: Context, job_id: str) -> Job:
+    """Atomically move the job to running (counting the attempt) or to its final state."""
+    cap = ctx.settings.max_attempts
+
+    def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]] | None:
+        if job.status in TERMINAL:
+            return None  # e.g. cancelled while queued: skip, the task is acked
+        if job.status == JobStatus.cancelling:  # its worker died after a cancel request
+            new = job.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
+        elif job.attempts >= cap:
+            err = JobError(
+                code="worker_lost", message=f"worker died {job.attempts} times while running this job"
+            )
+            new = job.model_copy(update={"status": JobStatus.failed, "finished_at": now(), "error": err})
+        else:
+            new = job.model_copy(
+                update={
+                    "status": JobStatus.running,
+                    "attempts": job.attempts + 1,
+                    "started_at": now(),
+                    "progress": JobProgress(stage="loading", message="starting"),
+                }
+            )
+        data: dict[str, Any] = {
+            "status": new.status.value,
+            "previous": job.status.value,
+            "attempts": new.attempts,
+        }
+        if new.error:
+            data["error"] = new.error.model_dump()
+        return new, [("status", data)]
+
+    return ctx.store.mutate(job_id, fn)[0]
+
+
+def summarize(report: dict[str, Any]) -> JobSummary:
+    """Headline metrics from the engine's report."""
+    ev = report.get("evaluation") or {}
+    sp = report.get("sparsity") or {}
+    timings = {k: float(v) for k, v in (report.get("timings") or {}).items() if isinstance(v, int | float)}
+    return JobSummary(
+        dense_ppl=ev.get("dense_ppl"),
+        pruned_ppl=ev.get("pruned_ppl"),
+        sparsity=sp.get("overall"),
+        durations=timings,
+    )
+
+
+class _Reporter:
+    """on_progress / should_cancel callbacks bound to one job."""
+
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self.t0 = time.monotonic()
+        self.last: tuple[str, int | None] | None = None
+        self.last_t = 0.0
+
+    def progress(self, p: Progress, share: float = ENGINE_SHARE) -> None:
+        frac = min(max(float(p.fraction), 0.0), 1.0) * share
+        t = time.monotonic()
+        key = (p.stage, p.block)
+        if key == self.last and t - self.last_t < THROTTLE_S:
+            return
+        self.last, self.last_t = key, t
+        elapsed = t - self.t0
+        eta = round(elapsed * (1 - frac) / frac, 1) if frac >= 0.01 else None
+        prog = JobProgress(
+            stage=p.stage,
+            block=p.block,
+            nblocks=p.nblocks,
+            fraction=round(frac, 4),
+            eta_s=eta,
+            message=p.message,
+        )
+        try:
+            self.ctx.store.set_progress(self.job_id, prog)
+        except redis.RedisError as e:  # a Redis blip must not kill a long job
+            log.warning("job %s: progress not recorded: %s", self.job_id, e)
+
+    def should_cancel(self) -> bool:
+        try:
+            job = self.ctx.store.get(self.job_id)
+        except redis.RedisError as e:
+            log.warning("job %s: cancel check failed: %s", self.job_id, e)
+            return False
+        return job is None or job.status == JobStatus.cancelling
+
+
+def _finish(ctx: Context, job_id: str, to: JobStatus, **changes: Any) -> None:
+    try:
+        ctx.store.transition(job_id, ACTIVE, to, **changes)
+    except InvalidTransition as e:
+        log.warning("job %s: %s", job_id, e)
+
+
+def run_job(job_id: str, ctx: Context | None = None) -> str:
+    """Run a job end to end and return its final status (or 'skipped' / 'missing')."""
+    ctx = ctx or context()
+    if ctx.store.get(job_id) is None:
+        log.error("job %s: no such job; dropping the task", job_id)
+        return "missing"
+    job = _claim(ctx, job_id)
+    prefix = f"{job.tenant}/{job.id}"
+    if job.status != JobStatus.running:
+        if job.status in (JobStatus.cancelled, JobStatus.failed):
+            ctx.artifacts.delete_prefix(prefix)
+        log.info("job %s: %s, not running it", job_id, job.status.value)
+        return "skipped"
+
+    work = ctx.settings.work_dir / job.id
+    shutil.rmtree(work, ignore_errors=True)  # a redelivered job restarts cleanly
+    ctx.artifacts.delete_prefix(prefix)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "out"
+    rep = _Reporter(ctx, job_id)
+    log.info("job %s: running (attempt %d)", job_id, job.attempts)
+    try:
+        report = _execute(ctx, job, out, rep)
+        rep.progress(
+            Progress(stage="uploading", fraction=1.0, message="storing artifacts"), share=ENGINE_SHARE
+        )
+        if rep.should_cancel():
+            raise Cancelled("cancelled by request")
+        infos = ctx.artifacts.upload_dir(out, prefix)
+        files = [{"name": i.name, "size": i.size, "sha256": i.sha256} for i in infos]
+        ctx.events.publish(job_id, "artifacts", {"files": files})
+        try:
+            ctx.store.transition(
+                job_id,
+                [JobStatus.running],
+                JobStatus.succeeded,
+                summary=summarize(report),
+                progress=JobProgress(stage="done", fraction=1.0, eta_s=0.0),
+            )
+        except InvalidTransition as e:
+            if e.job.status == JobStatus.cancelling:
+                raise Cancelled("cancelled by request") from None
+            raise
+        log.info("job %s: succeeded", job_id)
+        return JobStatus.succeeded.value
+    except Cancelled:
+        ctx.artifacts.delete_prefix(prefix)
+        _finish(ctx, job_id, JobStatus.cancelled)
+        log.info("job %s: cancelled", job_id)
+        return JobStatus.cancelled.value
+    except (CoreError, StorageError, SoftTimeLimitExceeded, Exception) as e:
+        err = _error_of(e, ctx)
+        if err.code == "internal_error":
+            log.exception("job %s: unexpected error", job_id)
+        else:
+            log.warning("job %s: failed: %s", job_id, err.message)
+        ctx.artifacts.delete_prefix(prefix)
+        ctx.events.publish(job_id, "error", err.model_dump())
+        _finish(ctx, job_id, JobStatus.failed, error=err)
+        return JobStatus.failed.value
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any]:
+    from core import pipeline  # torch lives behind this import
+
+    report = pipeline.run(
+        job.request.to_run_spec(),
+        out,
+        on_progress=rep.progress,
+        should_cancel=rep.should_cancel,
+        data_dir=ctx.settings.data_dir,
+    )
+    if not isinstance(report, dict):
+        report = json.loads((out / "report.json").read_text())
+    return report
+
+
+def _error_of(e: BaseException, ctx: Context) -> JobError:
+    if isinstance(e, CoreError):
+        return JobError(code=e.code, message=str(e) or type(e).__name__)
+    if isinstance(e, StorageError):
+        return JobError(code="storage_error", message=str(e))
+    if isinstance(e, SoftTimeLimitExceeded):
+        return JobError(
+            code="time_limit", message=f"job exceeded the {ctx.settings.job_time_limit} s time limit"
+        )
+    return JobError(code="internal_error", message=f"internal error ({type(e).__name__}); see the worker log")

@@ -1,0 +1,13 @@
+"""The Celery task: a thin shell around `worker.runner.run_job`."""
+
+from __future__ import annotations
+
+from jobs.queue import RUN_TASK
+from worker.app import app
+from worker.runner import run_job
+
+
+@app.task(name=RUN_TASK, acks_late=True, reject_on_worker_lost=True)
+def run(job_id: str) -> str:
+    """Run one job; the returned outcome is only logged (results are ignored)."""
+    return run_job(job_id)
