@@ -1,0 +1,1 @@
+"""prunectl: the command-line client of the Prune Service (httpx only; no torch)."""

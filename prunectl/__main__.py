@@ -1,0 +1,7 @@
+"""`python -m prunectl`."""
+
+import sys
+
+from prunectl.cli import main
+
+sys.exit(main())

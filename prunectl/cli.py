@@ -1,0 +1,397 @@
+"""`prunectl`: submit pruning jobs from CI, wait for them, download and verify their artifacts.
+
+Exit codes: 0 success (job succeeded), 1 job failed or was cancelled, 2 bad input (bad flags, 4xx
+from the API), 3 service unreachable (connection errors, 5xx after retries), 4 a downloaded
+artifact failed verification (nothing is kept). Server and key: --url/--api-key or PRUNE_URL and
+PRUNE_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from prunectl.client import TERMINAL, ApiError, Client, CliError, Unreachable
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY = 0, 1, 2, 3, 4
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+DEFAULT_URL = "http://localhost:8000"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a one-line hint (the default, made explicit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    s = argparse.SUPPRESS
+    p.add_argument("--url", default=s, help=f"service URL (env PRUNE_URL, default {DEFAULT_URL})")
+    p.add_argument("--api-key", default=s, help="API key sent as Bearer (env PRUNE_API_KEY)")
+    p.add_argument("--json", action="store_true", default=s, help="machine-readable JSON on stdout")
+    p.add_argument("--timeout", type=float, default=s, help="HTTP timeout in seconds (default 30)")
+    p.add_argument("--retries", type=int, default=s, help="attempts on connection errors/5xx (default 4)")
+    return p
+
+
+def _fraction(v: str) -> float:
+    f = float(v)
+    if not 0.0 <= f < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return f
+
+
+def _positive(v: str) -> int:
+    i = int(v)
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return i
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = _Parser(prog="prunectl", description=__doc__, parents=[common],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("submit", parents=[common], help="submit a job (optionally wait and download)")
+    s.add_argument("--spec", type=Path, help="JSON/YAML run spec; flags below override its fields")
+    s.add_argument("--model", help="model source: hub id, s3:// URI or a path on the service")
+    s.add_argument("--gguf-file", help="GGUF file name inside the model source")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", choices=["cpu", "cuda"])
+    s.add_argument("--method", choices=["wanda", "magnitude", "sparsegpt"])
+    s.add_argument("--sparsity", type=_fraction)
+    s.add_argument("--pattern", help="'unstructured' or N:M such as 2:4")
+    s.add_argument("--variant", action="store_true", default=None, help="Wanda's appendix variant")
+    s.add_argument("--ignore", action="append", help="fnmatch pattern of layers to keep dense (repeatable)")
+    s.add_argument("--calibration", help="calibration source (wikitext2, c4, or a path/URI)")
+    s.add_argument("--nsamples", type=_positive)
+    s.add_argument("--seqlen", type=_positive)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--eval-source", help="evaluation text source (default wikitext2)")
+    s.add_argument("--eval-windows", type=_positive, help="evaluate at most this many windows")
+    s.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    s.add_argument("--no-dense-baseline", action="store_true", help="skip the dense perplexity")
+    s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
+    s.add_argument("--wait", action="store_true", help="follow progress (stderr) until the job ends")
+    s.add_argument("--download", type=Path, metavar="DIR", help="with --wait: fetch and verify artifacts")
+    s.add_argument("--poll", type=float, default=2.0, help="polling interval without SSE (seconds)")
+
+    st = sub.add_parser("status", parents=[common], help="show a job")
+    st.add_argument("job_id")
+    ev = sub.add_parser("events", parents=[common], help="print a job's events")
+    ev.add_argument("job_id")
+    ev.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    c = sub.add_parser("cancel", parents=[common], help="cancel a job")
+    c.add_argument("job_id")
+    ls = sub.add_parser("list", parents=[common], help="list jobs, newest first")
+    ls.add_argument("--status", choices=STATUSES)
+    ls.add_argument("--limit", type=_positive, default=20)
+    ls.add_argument("--after", help="cursor: `next` of the previous page")
+    dl = sub.add_parser("download", parents=[common], help="download and verify a job's artifacts")
+    dl.add_argument("job_id")
+    dl.add_argument("dir", type=Path)
+    return parser
+
+
+# -- spec ----------------------------------------------------------------------------------------
+
+
+def load_spec_file(path: Path) -> dict[str, Any]:
+    """Read a JSON or YAML spec file (raises ValueError with a readable message)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise ValueError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping (a run spec)")
+    return data
+
+
+def build_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The POST /v1/jobs body from --spec and flags (flags win). The server validates it."""
+    body: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            sec = body.setdefault(section, {})
+            if not isinstance(sec, dict):
+                raise ValueError(f"spec field {section!r} must be a mapping")
+            sec[key] = value
+
+    put("model", "source", args.model)
+    put("model", "gguf_file", args.gguf_file)
+    put("model", "dtype", args.dtype)
+    put("model", "device", args.device)
+    put("prune", "method", args.method)
+    put("prune", "sparsity", args.sparsity)
+    put("prune", "pattern", args.pattern)
+    put("prune", "variant", args.variant)
+    put("prune", "ignore", args.ignore)
+    put("calibration", "source", args.calibration)
+    put("calibration", "nsamples", args.nsamples)
+    put("calibration", "seqlen", args.seqlen)
+    put("calibration", "seed", args.seed)
+    put("evaluation", "source", args.eval_source)
+    put("evaluation", "max_windows", args.eval_windows)
+    if args.no_eval:
+        put("evaluation", "enabled", False)
+    if args.no_dense_baseline:
+        put("evaluation", "dense_baseline", False)
+    if not isinstance(body.get("model"), dict) or not body["model"].get("source"):
+        raise ValueError("a model is required: --model SOURCE or model.source in --spec")
+    return body
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str, out: TextIO) -> None:
+    if args.json:
+        out.write(json.dumps(obj) + "\n")
+    else:
+        out.write(text + "\n")
+    out.flush()
+
+
+def describe(job: dict[str, Any]) -> str:
+    """A few human lines about a job."""
+    lines = [f"{job.get('id')}  {job.get('status')}"]
+    prog = job.get("progress") or {}
+    if job.get("status") in ("running", "cancelling") and prog.get("stage"):
+        lines.append(f"  progress: {progress_text(prog)}")
+    if job.get("error"):
+        lines.append(f"  error: {job['error'].get('code')}: {job['error'].get('message')}")
+    summary = job.get("summary") or {}
+    if summary:
+        keys = ("sparsity", "dense_ppl", "pruned_ppl")
+        shown = [f"{k}={summary[k]}" for k in keys if summary.get(k) is not None]
+        lines.append("  summary: " + ", ".join(shown))
+    return "\n".join(lines)
+
+
+def _eta(seconds: Any) -> str:
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    return f" ETA {s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f" ETA {s // 60}m{s % 60:02d}s"
+
+
+def progress_text(prog: dict[str, Any]) -> str:
+    stage = prog.get("stage") or "?"
+    block = f" block {prog['block']}/{prog['nblocks']}" if prog.get("block") and prog.get("nblocks") else ""
+    return f"{100 * float(prog.get('fraction') or 0):5.1f}% {stage}{block}{_eta(prog.get('eta_s'))}"
+
+
+class ProgressBar:
+    """A one-line bar redrawn in place on a terminal; on CI logs, one line per stage or 10% step."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_key: tuple[Any, ...] | None = None
+
+    def update(self, status: str, prog: dict[str, Any]) -> None:
+        frac = float(prog.get("fraction") or 0.0)
+        if self.tty:
+            filled = int(frac * 30)
+            bar = "#" * filled + "-" * (30 - filled)
+            self.stream.write(f"\r[{bar}] {status:<10} {progress_text(prog)}\x1b[K")
+        else:
+            key = (status, prog.get("stage"), int(frac * 10))
+            if key == self.last_key:
+                return
+            self.last_key = key
+            self.stream.write(f"{status}: {progress_text(prog)}\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# -- waiting -------------------------------------------------------------------------------------
+
+
+def wait_for(client: Client, job: dict[str, Any], poll: float, bar: ProgressBar | None) -> dict[str, Any]:
+    """Follow the job (SSE, else polling) until it is terminal; return the final job record."""
+    job_id = job["id"]
+    status = job.get("status", "queued")
+    if status in TERMINAL:
+        return job
+    try:
+        for ev in client.stream_events(job_id):
+            data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+            if ev.get("type") == "progress" and bar:
+                bar.update(status, data)
+            elif ev.get("type") == "status":
+                status = data.get("status", status)
+                if status in TERMINAL:
+                    break
+    except (NotImplementedError, Unreachable):
+        pass  # no SSE, or the stream kept dropping: poll (with its own retries)
+    while True:
+        job = client.job(job_id)
+        if job.get("status") in TERMINAL:
+            break
+        if bar:
+            bar.update(job.get("status", "?"), job.get("progress") or {})
+        time.sleep(poll)
+    if bar:
+        bar.done()
+    return job
+
+
+def _finish(args: argparse.Namespace, client: Client, job: dict[str, Any], out: TextIO, err: TextIO) -> int:
+    status = job.get("status")
+    if status != "succeeded":
+        _emit(args, job, describe(job), out)
+        if job.get("error"):
+            err.write(f"prunectl: job {job['id']} {status}: {job['error'].get('message')}\n")
+        else:
+            err.write(f"prunectl: job {job['id']} {status}\n")
+        return EXIT_JOB_FAILED
+    if getattr(args, "download", None):
+        _download(args, client, job["id"], args.download, err)
+    _emit(args, job, describe(job), out)
+    return EXIT_OK
+
+
+def _download(args: argparse.Namespace, client: Client, job_id: str, dest: Path, err: TextIO) -> None:
+    def on_file(name: str, size: int) -> None:
+        if not args.json:
+            err.write(f"  verified {name} ({size} bytes)\n")
+
+    items = client.download(job_id, dest, on_file)
+    err.write(f"prunectl: {len(items)} artifacts of {job_id} verified in {dest}\n")
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, client: Client, out: TextIO, err: TextIO) -> int:
+    cmd = args.command
+    if cmd == "submit":
+        try:
+            body = build_body(args)
+        except ValueError as exc:
+            err.write(f"prunectl: {exc}\n")
+            return EXIT_BAD_INPUT
+        job = client.submit(body, args.idempotency_key)
+        if not args.wait:
+            _emit(args, job, job["id"] if not args.json else "", out)
+            return EXIT_OK
+        err.write(f"prunectl: job {job['id']} {job.get('status')}\n")
+        bar = ProgressBar(err) if not args.json else None
+        final = wait_for(client, job, args.poll, bar)
+        return _finish(args, client, final, out, err)
+    if cmd == "status":
+        job = client.job(args.job_id)
+        _emit(args, job, describe(job), out)
+        return EXIT_OK
+    if cmd == "cancel":
+        job = client.cancel(args.job_id)
+        _emit(args, job, describe(job), out)
+        return EXIT_OK
+    if cmd == "list":
+        page = client.jobs(args.status, args.limit, args.after)
+        rows = [f"{j['id']}  {j['status']:<10}  {j.get('created_at', '')}  {j['request']['model']['source']}"
+                for j in page.get("items", [])]  # fmt: skip
+        if page.get("next"):
+            rows.append(f"(more: --after {page['next']})")
+        _emit(args, page, "\n".join(rows) if rows else "(no jobs)", out)
+        return EXIT_OK
+    if cmd == "events":
+        return _events(args, client, out)
+    if cmd == "download":
+        job = client.job(args.job_id)
+        if job.get("status") != "succeeded":
+            err.write(f"prunectl: job {args.job_id} is {job.get('status')}; nothing to download\n")
+            return EXIT_JOB_FAILED
+        _download(args, client, args.job_id, args.dir, err)
+        return EXIT_OK
+    raise AssertionError(cmd)
+
+
+def _events(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    def show(ev: dict[str, Any]) -> None:
+        text = f"{ev.get('id')}  {ev.get('type'):<9} {json.dumps(ev.get('data'), separators=(',', ':'))}"
+        _emit(args, ev, text, out)
+
+    if args.follow:
+        try:
+            for ev in client.stream_events(args.job_id):
+                show(ev)
+            return EXIT_OK
+        except NotImplementedError:
+            pass
+    after = None
+    while True:
+        page = client.events_page(args.job_id, after, 1000)
+        for ev in page.get("items", []):
+            show(ev)
+        after = page.get("next") or after
+        if page.get("items"):
+            continue
+        if not args.follow or client.job(args.job_id).get("status") in TERMINAL:
+            return EXIT_OK
+        time.sleep(2.0)
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Entry point (`prunectl = prunectl.cli:main`); returns the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    defaults = {"url": None, "api_key": None, "json": False, "timeout": 30.0, "retries": 4}
+    for name, default in defaults.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    url = args.url or os.environ.get("PRUNE_URL") or DEFAULT_URL
+    key = args.api_key or os.environ.get("PRUNE_API_KEY") or None
+    if getattr(args, "download", None) and args.command == "submit" and not args.wait:
+        err.write("prunectl: --download needs --wait\n")
+        return EXIT_BAD_INPUT
+    try:
+        client = Client(url, key, timeout=args.timeout, retries=args.retries)
+    except ValueError as exc:
+        err.write(f"prunectl: {exc}\n")
+        return EXIT_BAD_INPUT
+    try:
+        with client:
+            return run(args, client, out, err)
+    except ApiError as exc:
+        err.write(f"prunectl: {exc}\n")
+        return EXIT_BAD_INPUT
+    except CliError as exc:
+        err.write(f"prunectl: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.write("prunectl: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
