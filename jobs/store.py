@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -73,9 +74,17 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+_last_us = 0
+_id_lock = threading.Lock()
+
+
 def new_job_id() -> str:
-    """A 20-hex-character id that sorts by creation time (ms) then randomly."""
-    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(4).hex()}"
+    """A 20-hex-character id that sorts by creation time (µs, strictly increasing per process)."""
+    global _last_us
+    with _id_lock:
+        _last_us = max(time.time_ns() // 1000, _last_us + 1)
+        us = _last_us
+    return f"{us:014x}{os.urandom(3).hex()}"
 
 
 def request_digest(request: JobRequest) -> str:

@@ -1,0 +1,3 @@
+"""Fixtures for the jobs-layer tests (real redis-server)."""
+
+from tests.service_fixtures import key_prefix, redis_client, redis_url  # noqa: F401

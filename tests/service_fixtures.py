@@ -1,0 +1,76 @@
+"""Pytest fixtures running the real service pieces: redis-server, the uvicorn API and a Celery worker.
+
+Import the fixtures you need into a conftest (`from tests.service_fixtures import redis_url  # noqa`).
+Every process runs in its own process group under a temp dir and is stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from scripts.stack import REPO, Stack
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATA_DIR = Path(os.environ.get("PRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+SIGNING_KEY = "test-signing-key"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a free port for the whole session."""
+    stack = Stack(tmp_path_factory.mktemp("redis-home"))
+    try:
+        yield stack.start_redis()
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on the session's Redis; the database is flushed before each test."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A unique key prefix, so tests sharing a Redis never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Service:
+    """A running stack: its URLs, home directory and process handles."""
+
+    stack: Stack
+    api_url: str
+    redis_url: str
+    home: Path
+    signing_key: str = SIGNING_KEY
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Root of the local artifact store."""
+        return self.home / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Redis + API + one Celery worker (prefork, concurrency 1), torn down at the end of the session."""
+    home = tmp_path_factory.mktemp("prune-home")
+    env = {"PRUNE_SIGNING_KEY": SIGNING_KEY, "PRUNE_DATA_DIR": str(DATA_DIR), "PRUNE_URL_TTL": "600"}
+    stack = Stack(home, env=env)
+    try:
+        stack.start_all()
+        yield Service(stack, stack.api_url, stack.redis_url or "", home)
+    finally:
+        stack.stop()
