@@ -68,7 +68,6 @@ def resolve_source(spec: ModelSpec) -> _Source:
                 _check_gguf(ggufs[0])
                 return _Source(str(src), ggufs[0].name, True)
             raise ModelLoadError(f"model directory {src} has no config.json")
-        _check_safetensors(src)
         return _Source(str(src), None, True)
     looks_local = (
         spec.source.startswith(("/", ".", "~")) or spec.source.count("/") > 1 or src.suffix == ".gguf"
@@ -171,6 +170,8 @@ def load_model(spec: ModelSpec) -> Loaded:
     src = resolve_source(spec)
     config = _load_config(src)
     family = families.family_for(config)  # refuse unsupported architectures before reading weights
+    if src.local and not src.gguf_file:
+        _check_safetensors(Path(src.path))
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("device 'cuda' requested but no CUDA device is available")
     dtype = getattr(torch, _DTYPES[spec.dtype])

@@ -1,0 +1,209 @@
+"""End-to-end ``core.pipeline.run`` on tiny models: artifacts, reload, errors, cancellation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import pipeline
+from core.errors import Cancelled, InvalidInput, ModelLoadError, UnsupportedModel
+from core.loading import load_model
+from core.progress import Progress
+from core.spec import ModelSpec, RunSpec
+
+REPORT_KEYS = {"spec", "versions", "model", "calibration", "sparsity", "evaluation", "timings", "peak_rss_mb"}
+TIMINGS = {"load_s", "calibrate_s", "prune_s", "mask_s", "eval_s", "export_s", "total_s"}
+
+
+def make_spec(source: Path | str, **prune) -> RunSpec:
+    return RunSpec.model_validate(
+        {
+            "model": {"source": str(source)},
+            "prune": {"method": "wanda", **prune},
+            "calibration": {"nsamples": 4, "seqlen": 32},
+            "evaluation": {"max_windows": 3},
+            "outputs": {"max_shard_size": "100KB"},
+        }
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_run_exports_reloadable_sparse_model(
+    family: str, tiny_model_dir, data_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    events: list[Progress] = []
+    report = pipeline.run(
+        make_spec(tiny_model_dir(family), pattern="2:4"), out, events.append, data_dir=data_dir
+    )
+
+    assert REPORT_KEYS <= set(report) and TIMINGS <= set(report["timings"])
+    assert report["model"]["family"] == family and report["model"]["nblocks"] == 2
+    assert report["calibration"] == {
+        "source": report["calibration"]["source"],
+        "nsamples": 4,
+        "seqlen": 32,
+        "seed": 0,
+    }
+    s = report["sparsity"]
+    assert s["nm_ok"] is True and s["overall"] == pytest.approx(0.5) and s["target"] == 0.5
+    e = report["evaluation"]
+    assert e["windows"] == 3 and e["seqlen"] == 32 and "W * (seqlen - 1)" in e["formula"]
+    assert e["dense_ppl"] > 1 and e["pruned_ppl"] > 1
+    assert report["peak_rss_mb"] > 0
+
+    assert json.loads((out / "report.json").read_text())["sparsity"]["overall"] == s["overall"]
+    assert "Perplexity" in (out / "report.md").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest) == files
+    for rel, meta in manifest.items():
+        blob = (out / rel).read_bytes()
+        assert meta == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    assert len(list((out / "model").glob("*.safetensors"))) > 1, "sharded by max_shard_size"
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+    fracs = [p.fraction for p in events]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+    assert {p.stage for p in events} == {"loading", "calibrating", "evaluating", "pruning", "exporting"}
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(out / "model")
+    blocks = model.model.layers if family == "llama" else model.transformer.h
+    w = blocks[1].mlp.down_proj.weight if family == "llama" else blocks[1].mlp.c_proj.weight.t()
+    assert (w == 0).float().mean().item() == pytest.approx(0.5)
+    assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
+
+
+def test_run_without_eval_and_ignore(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+    spec = RunSpec.model_validate(
+        {
+            "model": {"source": str(tiny_model_dir("opt"))},
+            "prune": {"method": "magnitude", "sparsity": 0.25, "ignore": ["*.fc2"]},
+            "calibration": {"nsamples": 2, "seqlen": 16},
+            "evaluation": {"enabled": False},
+        }
+    )
+    report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
+    assert report["evaluation"] is None
+    assert not any(n.endswith("fc2") for n in report["sparsity"]["layers"])
+    assert all(v == pytest.approx(0.25) for v in report["sparsity"]["layers"].values())
+
+
+def test_cancel_leaves_nothing(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def cancel() -> bool:
+        return "pruning" in seen
+
+    with pytest.raises(Cancelled):
+        pipeline.run(
+            make_spec(tiny_model_dir("bloom")),
+            tmp_path / "out",
+            lambda p: seen.append(p.stage),
+            cancel,
+            data_dir,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_nonempty_out_dir_refused(tiny_model_dir, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    with pytest.raises(InvalidInput, match="not empty"):
+        pipeline.run(make_spec(tiny_model_dir("llama")), tmp_path / "out")
+    assert (tmp_path / "out" / "x").read_text() == "keep"
+
+
+def test_export_failure_removes_temp_dir(tiny_model_dir, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from core import export
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_reports", boom)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.run(make_spec(tiny_model_dir("gpt_neox")), tmp_path / "out", data_dir=data_dir)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seqlen_beyond_context_refused(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+    spec = RunSpec.model_validate(
+        {"model": {"source": str(tiny_model_dir("llama"))}, "calibration": {"seqlen": 512}}
+    )
+    with pytest.raises(InvalidInput, match="exceeds the model's context length 256"):
+        pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_checked_before_weights(tmp_path: Path) -> None:
+    import transformers as tf
+
+    cfg = tf.GPTJConfig(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=64, rotary_dim=4)
+    cfg.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    # the weights are corrupted, but the architecture is refused first, from config.json alone
+    with pytest.raises(UnsupportedModel, match=r"'gptj'.*supported model types: .*gpt2.*llama"):
+        load_model(ModelSpec(source=str(tmp_path)))
+
+
+def test_corrupted_and_missing_files(tiny_model_dir, tmp_path: Path) -> None:
+    src = tmp_path / "m"
+    shutil.copytree(tiny_model_dir("llama"), src)
+    st = src / "model.safetensors"
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=r"corrupted safetensors file .*model\.safetensors"):
+        load_model(ModelSpec(source=str(src)))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match=r"bad\.gguf"):
+        load_model(ModelSpec(source=str(bad)))
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(ModelSpec(source=str(tmp_path / "nope")))
+    with pytest.raises(ModelLoadError, match=r"GGUF file not found: .*x\.gguf"):
+        load_model(ModelSpec(source=str(tmp_path), gguf_file="x.gguf"))
+
+
+def test_bfloat16_run(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+    spec = RunSpec.model_validate(
+        {
+            "model": {"source": str(tiny_model_dir("llama")), "dtype": "bfloat16"},
+            "prune": {"method": "wanda", "pattern": "2:4"},
+            "calibration": {"nsamples": 2, "seqlen": 16},
+            "evaluation": {"max_windows": 1, "dense_baseline": False},
+            "outputs": {"model": False},
+        }
+    )
+    report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
+    assert report["sparsity"]["nm_ok"] and report["evaluation"]["dense_ppl"] is None
+    assert not (tmp_path / "o" / "model").exists() and (tmp_path / "o" / "report.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_short_run(smollm2_gguf: Path, data_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    spec = RunSpec.model_validate(
+        {
+            "model": {"source": str(smollm2_gguf)},
+            "prune": {"method": "wanda", "pattern": "2:4"},
+            "calibration": {"nsamples": 2, "seqlen": 64},
+            "evaluation": {"max_windows": 2},
+        }
+    )
+    report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
+    assert report["model"]["family"] == "llama" and report["model"]["nblocks"] == 30
+    assert report["sparsity"]["nm_ok"] is True
+    assert report["evaluation"]["pruned_ppl"] > report["evaluation"]["dense_ppl"]
+    cfg = json.loads((tmp_path / "o" / "model" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model", dtype=torch.float32)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert (w == 0).float().mean().item() == pytest.approx(0.5)
