@@ -96,17 +96,22 @@ def test_cancel_and_start_race_has_one_winner(store: JobStore) -> None:
         results: dict[str, bool] = {}
         barrier = threading.Barrier(2)
 
-        def attempt(name: str, to: JobStatus, job_id: str = job.id) -> None:
-            barrier.wait()
+        def attempt(
+            name: str,
+            to: JobStatus,
+            job_id: str = job.id,
+            out: dict[str, bool] = results,
+            gate: threading.Barrier = barrier,
+        ) -> None:
+            gate.wait()
             try:
                 store.transition(job_id, [S.queued], to)
-                results[name] = True
+                out[name] = True
             except InvalidTransition:
-                results[name] = False
+                out[name] = False
 
-        threads = [
-            threading.Thread(target=attempt, args=a) for a in (("start", S.running), ("cancel", S.cancelled))
-        ]
+        pairs = (("start", S.running), ("cancel", S.cancelled))
+        threads = [threading.Thread(target=attempt, args=a) for a in pairs]
         for t in threads:
             t.start()
         for t in threads:
