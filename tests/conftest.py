@@ -54,3 +54,13 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A 40 kB slice of WikiText-2 valid.txt (fast to tokenize) as a text file."""
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(
+        (data_dir / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8"
+    )
+    return path

@@ -20,13 +20,13 @@ REPORT_KEYS = {"spec", "versions", "model", "calibration", "sparsity", "evaluati
 TIMINGS = {"load_s", "calibrate_s", "prune_s", "mask_s", "eval_s", "export_s", "total_s"}
 
 
-def make_spec(source: Path | str, **prune) -> RunSpec:
+def make_spec(source: Path | str, text: Path | str = "wikitext2", **prune) -> RunSpec:
     return RunSpec.model_validate(
         {
             "model": {"source": str(source)},
             "prune": {"method": "wanda", **prune},
-            "calibration": {"nsamples": 4, "seqlen": 32},
-            "evaluation": {"max_windows": 3},
+            "calibration": {"source": str(text), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"source": str(text), "max_windows": 3},
             "outputs": {"max_shard_size": "100KB"},
         }
     )
@@ -82,22 +82,22 @@ def test_run_exports_reloadable_sparse_model(
     assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all()
 
 
-def test_run_without_eval_and_ignore(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+def test_run_without_eval_and_ignore(tiny_model_dir, small_text: Path, tmp_path: Path) -> None:
     spec = RunSpec.model_validate(
         {
             "model": {"source": str(tiny_model_dir("opt"))},
             "prune": {"method": "magnitude", "sparsity": 0.25, "ignore": ["*.fc2"]},
-            "calibration": {"nsamples": 2, "seqlen": 16},
+            "calibration": {"source": str(small_text), "nsamples": 2, "seqlen": 16},
             "evaluation": {"enabled": False},
         }
     )
-    report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
+    report = pipeline.run(spec, tmp_path / "o")
     assert report["evaluation"] is None
     assert not any(n.endswith("fc2") for n in report["sparsity"]["layers"])
     assert all(v == pytest.approx(0.25) for v in report["sparsity"]["layers"].values())
 
 
-def test_cancel_leaves_nothing(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+def test_cancel_leaves_nothing(tiny_model_dir, small_text: Path, tmp_path: Path) -> None:
     seen: list[str] = []
 
     def cancel() -> bool:
@@ -105,11 +105,10 @@ def test_cancel_leaves_nothing(tiny_model_dir, data_dir: Path, tmp_path: Path) -
 
     with pytest.raises(Cancelled):
         pipeline.run(
-            make_spec(tiny_model_dir("bloom")),
+            make_spec(tiny_model_dir("bloom"), small_text),
             tmp_path / "out",
             lambda p: seen.append(p.stage),
             cancel,
-            data_dir,
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -122,7 +121,9 @@ def test_existing_nonempty_out_dir_refused(tiny_model_dir, tmp_path: Path) -> No
     assert (tmp_path / "out" / "x").read_text() == "keep"
 
 
-def test_export_failure_removes_temp_dir(tiny_model_dir, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_export_failure_removes_temp_dir(
+    tiny_model_dir, small_text: Path, tmp_path: Path, monkeypatch
+) -> None:
     from core import export
 
     def boom(*a, **k):
@@ -130,7 +131,7 @@ def test_export_failure_removes_temp_dir(tiny_model_dir, data_dir: Path, tmp_pat
 
     monkeypatch.setattr(export, "write_reports", boom)
     with pytest.raises(OSError, match="disk full"):
-        pipeline.run(make_spec(tiny_model_dir("gpt_neox")), tmp_path / "out", data_dir=data_dir)
+        pipeline.run(make_spec(tiny_model_dir("gpt_neox"), small_text), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -171,17 +172,17 @@ def test_corrupted_and_missing_files(tiny_model_dir, tmp_path: Path) -> None:
         load_model(ModelSpec(source=str(tmp_path), gguf_file="x.gguf"))
 
 
-def test_bfloat16_run(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+def test_bfloat16_run(tiny_model_dir, small_text: Path, tmp_path: Path) -> None:
     spec = RunSpec.model_validate(
         {
             "model": {"source": str(tiny_model_dir("llama")), "dtype": "bfloat16"},
             "prune": {"method": "wanda", "pattern": "2:4"},
-            "calibration": {"nsamples": 2, "seqlen": 16},
-            "evaluation": {"max_windows": 1, "dense_baseline": False},
+            "calibration": {"source": str(small_text), "nsamples": 2, "seqlen": 16},
+            "evaluation": {"source": str(small_text), "max_windows": 1, "dense_baseline": False},
             "outputs": {"model": False},
         }
     )
-    report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
+    report = pipeline.run(spec, tmp_path / "o")
     assert report["sparsity"]["nm_ok"] and report["evaluation"]["dense_ppl"] is None
     assert not (tmp_path / "o" / "model").exists() and (tmp_path / "o" / "report.json").is_file()
 
