@@ -197,7 +197,7 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         _finish(ctx, job_id, JobStatus.cancelled)
         log.info("job %s: cancelled", job_id)
         return JobStatus.cancelled.value
-    except (CoreError, StorageError, SoftTimeLimitExceeded, Exception) as e:
+    except Exception as e:  # CoreError, StorageError, time limit or a bug: the job fails, the worker lives
         err = _error_of(e, ctx)
         if err.code == "internal_error":
             log.exception("job %s: unexpected error", job_id)
