@@ -207,4 +207,6 @@ def test_smollm2_gguf_short_run(smollm2_gguf: Path, data_dir: Path, tmp_path: Pa
     assert "quantization_config" not in cfg
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model", dtype=torch.float32)
     w = model.model.layers[0].self_attn.q_proj.weight
-    assert (w == 0).float().mean().item() == pytest.approx(0.5)
+    # dequantized Q4_1 weights may already hold a few exact zeros
+    assert 0.5 <= (w == 0).float().mean().item() < 0.51
+    assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
