@@ -368,7 +368,8 @@ def _plan_non_block(
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     from safetensors.torch import save_file
 
-    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    # Block parameters and freshly loaded tensors own their storage: no copy unless needed.
+    clean = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(clean, str(path), metadata={"format": "pt"})
     return sum(v.numel() * v.element_size() for v in clean.values())
 
