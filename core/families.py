@@ -21,10 +21,12 @@ from core.errors import UnsupportedModel
 __all__ = [
     "REGISTRY",
     "Family",
+    "block_linears",
     "family_for",
     "family_for_type",
     "get_blocks",
     "get_weight",
+    "in_features",
     "is_ignored",
     "is_transposed",
     "prunable_linears",
