@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if "PRUNE_DATA_DIR" not in os.environ and (REPO.parent / "shared" / "data").is_dir():
         os.environ["PRUNE_DATA_DIR"] = str(REPO.parent / "shared" / "data")
     home = Path(os.environ.get("PRUNE_HOME", REPO / "var"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the Stack stops its children
     with Stack(home, os.environ.get("REDIS_URL") or None) as stack:
         stack.start_all(args.port)
         print(
