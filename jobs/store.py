@@ -7,6 +7,8 @@ Layout (prefix "prune"):
 - `prune:idem:<tenant>:<key>`      "<job id> <request sha256>" with a TTL (Idempotency-Key)
 - `prune:counts`                   hash status -> number of jobs (metrics)
 - `prune:durations`                hash of job duration histogram buckets (metrics)
+- `prune:blocks`                   hash of per-block pruning time histogram buckets (metrics, worker)
+- `prune:active:<tenant>`          set of the tenant's queued/running/cancelling job ids (quota)
 - `prune:events:<id>`              the job's event stream (jobs.events)
 
 Every status change is a WATCH/MULTI transaction that also appends a `status` event, so a
@@ -31,14 +33,25 @@ from jobs.events import MAXLEN, encode, events_key
 from jobs.spec import TERMINAL, Job, JobPage, JobProgress, JobRequest, JobStatus
 
 DURATION_BUCKETS: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, math.inf)
+BLOCK_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, math.inf)
 IDEMPOTENCY_TTL = 24 * 3600
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.queued, JobStatus.running, JobStatus.cancelling})
 
+# KEYS: idem, job, idx, idx:queued, counts, events, active; ARGV[8]: max active jobs (0 = no limit)
 _CREATE = """
 if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[1])
   if existing then return {0, existing} end
+end
+local limit = tonumber(ARGV[8])
+if limit > 0 then
+  local active = redis.call('SCARD', KEYS[7])
+  if active >= limit then return {2, tostring(active)} end
+end
+if ARGV[5] == '1' then
   redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'EX', tonumber(ARGV[4]))
 end
+redis.call('SADD', KEYS[7], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('ZADD', KEYS[4], 0, ARGV[1])
@@ -59,6 +72,14 @@ class InvalidTransition(Exception):
         super().__init__(f"job {job.id} is {job.status.value}; cannot move to {target.value}")
         self.job = job
         self.target = target
+
+
+class TooManyActiveJobs(Exception):
+    """The tenant already has its maximum number of queued or running jobs."""
+
+    def __init__(self, tenant: str, active: int, limit: int) -> None:
+        super().__init__(f"tenant {tenant!r} has {active} active jobs (limit {limit})")
+        self.tenant, self.active, self.limit = tenant, active, limit
 
 
 class IdempotencyConflict(Exception):
@@ -123,6 +144,13 @@ class JobStore:
     def _durations(self) -> str:
         return f"{self.prefix}:durations"
 
+    @property
+    def _blocks(self) -> str:
+        return f"{self.prefix}:blocks"
+
+    def _active(self, tenant: str) -> str:
+        return f"{self.prefix}:active:{tenant}"
+
     # reads
     def ping(self) -> None:
         """Raise redis.RedisError if Redis is unreachable."""
@@ -164,12 +192,28 @@ class JobStore:
 
     def duration_histogram(self) -> tuple[list[tuple[str, int]], float]:
         """Cumulative (le, count) buckets and the sum of finished jobs' run durations (seconds)."""
-        raw = {
-            (k.decode() if isinstance(k, bytes) else k): float(v)
-            for k, v in self.r.hgetall(self._durations).items()
-        }
+        return self._histogram(self._durations, DURATION_BUCKETS)
+
+    def block_histogram(self) -> tuple[list[tuple[str, int]], float]:
+        """Cumulative (le, count) buckets and the sum of per-block pruning times (seconds)."""
+        return self._histogram(self._blocks, BLOCK_BUCKETS)
+
+    def active_count(self, tenant: str) -> int:
+        """The tenant's queued, running and cancelling jobs."""
+        return int(self.r.scard(self._active(tenant)))
+
+    def observe_block(self, seconds: float) -> None:
+        """Record the time the worker took to prune one decoder block."""
+        le = next(b for b in BLOCK_BUCKETS if seconds <= b)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self._blocks, "+Inf" if math.isinf(le) else f"{le:g}", 1)
+            pipe.hincrbyfloat(self._blocks, "sum", seconds)
+            pipe.execute()
+
+    def _histogram(self, key: str, bounds: tuple[float, ...]) -> tuple[list[tuple[str, int]], float]:
+        raw = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in self.r.hgetall(key).items()}
         buckets, acc = [], 0
-        for b in DURATION_BUCKETS:
+        for b in bounds:
             le = "+Inf" if math.isinf(b) else f"{b:g}"
             acc += int(raw.get(le, 0))
             buckets.append((le, acc))
@@ -177,14 +221,30 @@ class JobStore:
 
     # writes
     def create(
-        self, tenant: str, request: JobRequest, idempotency_key: str | None = None, ttl: int = IDEMPOTENCY_TTL
+        self,
+        tenant: str,
+        request: JobRequest,
+        idempotency_key: str | None = None,
+        ttl: int = IDEMPOTENCY_TTL,
+        *,
+        max_active: int | None = None,
+        sources: dict[str, str] | None = None,
     ) -> tuple[Job, bool]:
         """Create a queued job; with an idempotency key, return (existing job, False) on a retry.
 
-        Raises IdempotencyConflict when the key was used with a different body.
+        `max_active` caps the tenant's queued + running jobs, counted atomically with the insert
+        (an idempotent replay is answered even at the cap). `sources` are the checked locations the
+        worker loads. Raises IdempotencyConflict (key reused with another body) or TooManyActiveJobs.
         """
         digest = request_digest(request)
-        job = Job(id=new_job_id(), tenant=tenant, status=JobStatus.queued, request=request, created_at=now())
+        job = Job(
+            id=new_job_id(),
+            tenant=tenant,
+            status=JobStatus.queued,
+            request=request,
+            created_at=now(),
+            sources=sources or {},
+        )
         keys = [
             self._idem(tenant, idempotency_key or ""),
             self.job_key(job.id),
@@ -192,10 +252,14 @@ class JobStore:
             self._idx(tenant, JobStatus.queued),
             self._counts,
             events_key(self.prefix, job.id),
+            self._active(tenant),
         ]
         event = encode("status", {"status": "queued", "previous": None})["data"]
-        args = [job.id, job.model_dump_json(), digest, ttl, "1" if idempotency_key else "0", event, MAXLEN]
+        idem = "1" if idempotency_key else "0"
+        args = [job.id, job.model_dump_json(), digest, ttl, idem, event, MAXLEN, max_active or 0]
         created, value = self._create(keys=keys, args=args)
+        if created == 2:
+            raise TooManyActiveJobs(tenant, int(value), int(max_active or 0))
         if created:
             return job, True
         existing_id, existing_digest = (value.decode() if isinstance(value, bytes) else value).split(" ")
@@ -244,6 +308,10 @@ class JobStore:
         pipe.zadd(self._idx(new.tenant, new.status), {new.id: 0})
         pipe.hincrby(self._counts, old.status.value, -1)
         pipe.hincrby(self._counts, new.status.value, 1)
+        if new.status in ACTIVE:
+            pipe.sadd(self._active(new.tenant), new.id)
+        else:
+            pipe.srem(self._active(new.tenant), new.id)
         if new.status in TERMINAL and new.started_at and new.finished_at:
             seconds = (new.finished_at - new.started_at).total_seconds()
             le = next(b for b in DURATION_BUCKETS if seconds <= b)

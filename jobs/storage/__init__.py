@@ -13,7 +13,15 @@ __all__ = ["ArtifactInfo", "ArtifactStore", "StorageError", "make_store"]
 
 
 def make_store(settings: Settings) -> ArtifactStore:
-    """The artifact store the settings select (the local directory under PRUNE_HOME for now)."""
+    """The store PRUNE_STORAGE selects: `s3` (S3ArtifactStore from PRUNE_S3_*; keys
+    `{PRUNE_S3_PREFIX}{tenant}/{job}/{name}`) or `local` (a directory under PRUNE_HOME, served by
+    the API through HMAC-signed URLs)."""
+    if settings.storage == "s3":
+        from jobs.storage.s3 import S3ArtifactStore
+
+        return S3ArtifactStore.from_env()
+    if settings.storage != "local":
+        raise ValueError(f"PRUNE_STORAGE must be 'local' or 's3', got {settings.storage!r}")
     from jobs.signing import Signer
     from jobs.storage.local import LocalArtifactStore
 
