@@ -22,7 +22,10 @@ class Settings:
 
     REDIS_URL, PRUNE_HOME (var dir: artifacts, work dirs, redis data, signing key), PRUNE_DATA_DIR
     (named datasets), PRUNE_PUBLIC_URL, PRUNE_SIGNING_KEY, PRUNE_QUEUE, PRUNE_JOB_TIME_LIMIT (seconds),
-    PRUNE_MAX_ATTEMPTS, PRUNE_URL_TTL (signed URL lifetime, seconds), PRUNE_MAX_BODY (bytes).
+    PRUNE_MAX_ATTEMPTS, PRUNE_URL_TTL (signed URL lifetime, seconds), PRUNE_MAX_BODY (bytes),
+    PRUNE_VISIBILITY_TIMEOUT (seconds), PRUNE_STORAGE_RETRIES and PRUNE_STORAGE_BACKOFF (upload retries
+    and the first backoff delay in seconds, doubled after each failed try), PRUNE_STORAGE (`local` or
+    `s3`; the S3 store reads its own PRUNE_S3_* variables).
     """
 
     redis_url: str = "redis://localhost:6379/0"
@@ -36,6 +39,10 @@ class Settings:
     url_ttl: int = HOUR
     max_body: int = 1024 * 1024
     key_prefix: str = "prune"
+    storage: str = "local"
+    visibility_timeout_s: int | None = None
+    storage_retries: int = 3
+    storage_backoff: float = 1.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -52,12 +59,17 @@ class Settings:
             max_attempts=_int("PRUNE_MAX_ATTEMPTS", cls.max_attempts),
             url_ttl=_int("PRUNE_URL_TTL", cls.url_ttl),
             max_body=_int("PRUNE_MAX_BODY", cls.max_body),
+            visibility_timeout_s=_int("PRUNE_VISIBILITY_TIMEOUT", 0) or None,
+            storage_retries=_int("PRUNE_STORAGE_RETRIES", cls.storage_retries),
+            storage_backoff=float(os.environ.get("PRUNE_STORAGE_BACKOFF") or cls.storage_backoff),
+            storage=(os.environ.get("PRUNE_STORAGE") or cls.storage).strip().lower(),
         )
 
     @property
     def visibility_timeout(self) -> int:
-        """Broker redelivery delay for unacked tasks: one hour above the longest allowed job."""
-        return self.job_time_limit + HOUR
+        """Broker redelivery delay for unacked tasks: PRUNE_VISIBILITY_TIMEOUT, else one hour above the
+        longest allowed job (a whole worker killed mid-job is redelivered after this delay)."""
+        return self.visibility_timeout_s or self.job_time_limit + HOUR
 
     @property
     def artifacts_dir(self) -> Path:
