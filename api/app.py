@@ -6,8 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-import redis
-import redis.asyncio as aredis
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
@@ -20,6 +18,7 @@ from api.problems import HANDLERS, ProblemError, problem_response, problems
 from api.routes import router
 from jobs.events import EventLog
 from jobs.queue import Queue
+from jobs.redisconn import API_RETRIES, aconnect, connect
 from jobs.settings import Settings, get_settings
 from jobs.storage import make_store
 from jobs.store import JobStore
@@ -77,7 +76,7 @@ class BodyLimitMiddleware:
 
 def build_services(settings: Settings) -> Services:
     """Clients for one app instance (no connection is made until first use)."""
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10)
+    client = connect(settings.redis_url, retries=API_RETRIES, socket_timeout=10)
     return Services(
         settings=settings,
         redis=client,
@@ -95,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc.aredis = aredis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        svc.aredis = aconnect(settings.redis_url)
         try:
             yield
         finally:

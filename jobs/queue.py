@@ -21,7 +21,13 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
     while its worker is alive.
     """
     app = Celery("prune", broker=settings.redis_url, backend=settings.redis_url, include=include or [])
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    vt = settings.visibility_timeout
+    transport = {
+        "visibility_timeout": vt,
+        # sweep for abandoned (unacked, older than vt) messages often enough for short timeouts
+        "unacked_restore_interval": min(10, max(1, vt // 4)),
+        "unacked_restore_throttle": 1 if vt < 600 else 10,
+    }
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -32,6 +38,8 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         result_backend_transport_options=transport,
         visibility_timeout=settings.visibility_timeout,
         broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,  # reconnect after a Redis restart instead of exiting
+        broker_connection_max_retries=None,  # ... however long Redis is away
         task_default_queue=settings.queue,
         task_routes={RUN_TASK: {"queue": settings.queue}},
         task_soft_time_limit=settings.job_time_limit,

@@ -17,10 +17,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import Cancelled, CoreError
 from core.progress import Progress
 from jobs.events import EventLog
+from jobs.redisconn import connect
 from jobs.settings import Settings, get_settings
 from jobs.spec import TERMINAL, Job, JobError, JobProgress, JobStatus, JobSummary
 from jobs.storage import ArtifactStore, StorageError, make_store
 from jobs.store import InvalidTransition, JobStore, now
+from worker import faults
 
 log = logging.getLogger("worker.runner")
 
@@ -43,7 +45,7 @@ class Context:
 def context() -> Context:
     """The process-wide context from the environment."""
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    client = connect(settings.redis_url)  # retries with backoff: a Redis restart does not fail the job
     return Context(
         settings,
         JobStore(client, settings.key_prefix),
@@ -103,13 +105,15 @@ def summarize(report: dict[str, Any]) -> JobSummary:
 class _Reporter:
     """on_progress / should_cancel callbacks bound to one job."""
 
-    def __init__(self, ctx: Context, job_id: str) -> None:
+    def __init__(self, ctx: Context, job_id: str, fault: dict[str, Any] | None = None) -> None:
         self.ctx, self.job_id = ctx, job_id
         self.t0 = time.monotonic()
         self.last: tuple[str, int | None] | None = None
         self.last_t = 0.0
+        self.fault = fault
 
     def progress(self, p: Progress, share: float = ENGINE_SHARE) -> None:
+        faults.maybe_fire(self.fault, p.stage, p.block, self.should_cancel)
         frac = min(max(float(p.fraction), 0.0), 1.0) * share
         t = time.monotonic()
         key = (p.stage, p.block)
@@ -166,7 +170,7 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
     ctx.artifacts.delete_prefix(prefix)
     work.mkdir(parents=True, exist_ok=True)
     out = work / "out"
-    rep = _Reporter(ctx, job_id)
+    rep = _Reporter(ctx, job_id, faults.fault_for(job.request.model.source, job.attempts))
     log.info("job %s: running (attempt %d)", job_id, job.attempts)
     try:
         report = _execute(ctx, job, out, rep)
@@ -175,7 +179,7 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         )
         if rep.should_cancel():
             raise Cancelled("cancelled by request")
-        infos = ctx.artifacts.upload_dir(out, prefix)
+        infos = _upload(ctx, out, prefix, rep)
         files = [{"name": i.name, "size": i.size, "sha256": i.sha256} for i in infos]
         ctx.events.publish(job_id, "artifacts", {"files": files})
         try:
@@ -189,7 +193,8 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         except InvalidTransition as e:
             if e.job.status == JobStatus.cancelling:
                 raise Cancelled("cancelled by request") from None
-            raise
+            if e.job.status != JobStatus.succeeded:  # succeeded: our EXEC landed, its reply was lost
+                raise
         log.info("job %s: succeeded", job_id)
         return JobStatus.succeeded.value
     except Cancelled:
@@ -209,6 +214,24 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         return JobStatus.failed.value
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
+    """Upload the artifacts, retrying StorageError with exponential backoff (all-or-nothing per try)."""
+    delay = ctx.settings.storage_backoff
+    for attempt in range(ctx.settings.storage_retries + 1):
+        try:
+            return ctx.artifacts.upload_dir(out, prefix)
+        except StorageError as e:
+            if attempt == ctx.settings.storage_retries:
+                raise StorageError(f"{e} (gave up after {attempt + 1} tries)") from None
+            log.warning("job %s: upload failed (%s); retrying in %.1f s", rep.job_id, e, delay)
+            ctx.events.publish(rep.job_id, "log", {"message": f"upload failed, retrying in {delay:g} s: {e}"})
+            time.sleep(delay)
+            delay *= 2
+            if rep.should_cancel():
+                raise Cancelled("cancelled by request") from None
+    raise AssertionError("unreachable")
 
 
 def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any]:

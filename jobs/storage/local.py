@@ -61,7 +61,7 @@ class LocalArtifactStore:
     def upload_dir(self, local_dir: Path, prefix: str) -> list[ArtifactInfo]:
         """Copy every file under `local_dir` into a temp dir, then rename it to the job's prefix."""
         dest = self._dir(prefix)
-        tmp = self.root / ".tmp" / uuid.uuid4().hex
+        tmp = self.root / ".tmp" / f"{self._tmp_stem(prefix)}.{uuid.uuid4().hex}"
         try:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(local_dir, tmp, symlinks=False)
@@ -91,14 +91,23 @@ class LocalArtifactStore:
         os.replace(path, trash)  # atomic disappearance, then slow delete
         shutil.rmtree(trash, ignore_errors=True)
 
+    @staticmethod
+    def _tmp_stem(prefix: str) -> str:
+        tenant, job_id = split_prefix(prefix)
+        return f"up-{tenant}-{job_id}"
+
     def list(self, prefix: str) -> list[ArtifactInfo]:
         """Artifacts below `prefix` (empty when none)."""
         d = self._dir(prefix)
         return self._scan(d) if d.is_dir() else []
 
     def delete_prefix(self, prefix: str) -> None:
-        """Remove the job's directory (idempotent)."""
+        """Remove the job's directory and any partial upload a killed worker left behind (idempotent)."""
         d = self._dir(prefix)
+        tmp = self.root / ".tmp"
+        if tmp.is_dir():
+            for stale in tmp.glob(f"{self._tmp_stem(prefix)}.*"):
+                shutil.rmtree(stale, ignore_errors=True)
         if d.exists():
             try:
                 self._remove(d)
