@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -12,16 +13,21 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import Services, services
+from api.deps import Services, open_tenant_of, services
+from api.logctx import RequestLogMiddleware
 from api.metrics import JobsCollector, MetricsMiddleware
 from api.problems import HANDLERS, ProblemError, problem_response, problems
 from api.routes import router
+from jobs import logs
+from jobs.auth import KeyRing
 from jobs.events import EventLog
 from jobs.queue import Queue
 from jobs.redisconn import API_RETRIES, aconnect, connect
 from jobs.settings import Settings, get_settings
+from jobs.sources import SourcePolicy, service_policy
 from jobs.storage import make_store
 from jobs.store import JobStore
+from jobs.webhooks import secret_from_env
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 Svc = Annotated[Services, Depends(services)]
@@ -87,10 +93,19 @@ def build_services(settings: Settings) -> Services:
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API app."""
+def create_app(
+    settings: Settings | None = None, *, keyring: KeyRing | None = None, sources: SourcePolicy | None = None
+) -> FastAPI:
+    """Build the API app. API keys (`KeyRing.from_env`), the model source policy and the webhook
+    settings are read once here from the environment unless given."""
     settings = settings or get_settings()
     svc = build_services(settings)
+    svc.keyring = KeyRing.from_env() if keyring is None else keyring
+    default_max = os.environ.get("PRUNE_DEFAULT_MAX_ACTIVE_JOBS")
+    svc.open_tenant = open_tenant_of(svc.keyring, int(default_max) if default_max else None)
+    svc.sources = service_policy(settings.home) if sources is None else sources
+    svc.webhook_secret = secret_from_env()
+    svc.webhook_allow_private = os.environ.get("PRUNE_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(exc, handler)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body)
     app.add_middleware(MetricsMiddleware, registry=registry)
+    app.add_middleware(RequestLogMiddleware)
     app.include_router(router)
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])
@@ -150,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def __getattr__(name: str) -> FastAPI:
     """`api.app:app` builds the app from the environment on first access."""
     if name == "app":
+        logs.configure("api")
         globals()["app"] = application = create_app()
         return application
     raise AttributeError(name)

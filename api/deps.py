@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import redis
 import redis.asyncio as aredis
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.problems import ProblemError
+from jobs.auth import KeyRing, Tenant
 from jobs.events import AsyncEventLog, EventLog
 from jobs.queue import Queue
 from jobs.settings import Settings
+from jobs.sources import SourcePolicy
 from jobs.storage import ArtifactStore
 from jobs.store import JobStore
 
+log = logging.getLogger("api.auth")
+
 DEFAULT_TENANT = "default"
+OPEN_MAX_ACTIVE_JOBS = 1_000_000
+"""Active-job limit of the open `default` tenant unless PRUNE_DEFAULT_MAX_ACTIVE_JOBS is set."""
 
-
-def current_tenant() -> str:
-    """The tenant the request acts for (a single default tenant until API keys land)."""
-    return DEFAULT_TENANT
+bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`.")
 
 
 @dataclass
@@ -33,6 +40,11 @@ class Services:
     queue: Queue
     artifacts: ArtifactStore
     aredis: aredis.Redis | None = None
+    keyring: KeyRing = field(default_factory=KeyRing)
+    open_tenant: Tenant | None = None
+    sources: SourcePolicy = field(default_factory=SourcePolicy)
+    webhook_secret: str | None = None
+    webhook_allow_private: bool = False
 
     @property
     def aevents(self) -> AsyncEventLog:
@@ -44,3 +56,36 @@ class Services:
 def services(request: Request) -> Services:
     """The app's services."""
     return request.app.state.services
+
+
+def authenticated(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Tenant:
+    """The tenant owning the request's bearer key; 401 (`WWW-Authenticate: Bearer`) when the key is
+    missing or unknown. Without any configured key the service is open: every request is `default`."""
+    svc = services(request)
+    if svc.open_tenant is not None:
+        return svc.open_tenant
+    tenant = svc.keyring.authenticate(creds.credentials if creds else None)
+    if tenant is None:
+        detail = "invalid API key" if creds else "missing API key (Authorization: Bearer <key>)"
+        headers = {"WWW-Authenticate": 'Bearer realm="prune"' + (', error="invalid_token"' if creds else "")}
+        raise ProblemError(401, detail, "unauthorized", "Unauthorized", headers=headers)
+    return tenant
+
+
+def current_tenant(tenant: Annotated[Tenant, Depends(authenticated)]) -> str:
+    """The name of the tenant the request acts for (jobs, events and artifacts are scoped by it)."""
+    return tenant.name
+
+
+def open_tenant_of(keyring: KeyRing, max_active_jobs: int | None) -> Tenant | None:
+    """The open `default` tenant when no API key is configured (with a warning), else None."""
+    if len(keyring):
+        return None
+    log.warning(
+        "no API keys configured (PRUNE_API_KEYS_FILE / PRUNE_API_KEYS): the API is open and every "
+        "request acts as tenant %r",
+        DEFAULT_TENANT,
+    )
+    return Tenant(DEFAULT_TENANT, max_active_jobs or OPEN_MAX_ACTIVE_JOBS)

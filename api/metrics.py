@@ -30,6 +30,7 @@ class JobsCollector(Collector):
             counts = self.svc.store.status_counts()
             depth = self.svc.queue.depth()
             buckets, total = self.svc.store.duration_histogram()
+            block_buckets, block_total = self.svc.store.block_histogram()
         except Exception as e:  # a scrape must not fail because Redis is down
             log.warning("metrics unavailable: %s", e)
             return
@@ -43,6 +44,12 @@ class JobsCollector(Collector):
             "Run time of finished jobs (start to end).",
             buckets=buckets,
             sum_value=total,
+        )
+        yield HistogramMetricFamily(
+            "prune_block_seconds",
+            "Time to prune one decoder block (recorded by the workers in Redis).",
+            buckets=block_buckets,
+            sum_value=block_total,
         )
 
 

@@ -41,10 +41,18 @@ class ProblemError(Exception):
     """Raise from a route to answer with a problem."""
 
     def __init__(
-        self, status: int, detail: str, slug: str | None = None, title: str | None = None, **extra: Any
+        self,
+        status: int,
+        detail: str,
+        slug: str | None = None,
+        title: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
     ) -> None:
         super().__init__(detail)
         self.status, self.detail, self.slug, self.title, self.extra = status, detail, slug, title, extra
+        self.headers = headers
 
 
 def problem_response(
@@ -78,7 +86,9 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 async def _problem_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
-    return problem_response(request, exc.status, exc.detail, exc.slug, exc.title, **exc.extra)
+    return problem_response(
+        request, exc.status, exc.detail, exc.slug, exc.title, headers=exc.headers, **exc.extra
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -14,15 +14,21 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from api.deps import Services, current_tenant, services
+from api.deps import Services, authenticated, current_tenant, services
 from api.problems import ProblemError, problems
+from jobs.auth import Tenant as AuthTenant
 from jobs.events import Event, check_id
+from jobs.logs import set_job_id
+from jobs.sources import SourceRefused
 from jobs.spec import TERMINAL, Job, JobError, JobPage, JobRequest, JobStatus
 from jobs.storage.local import LocalArtifactStore, safe_name
-from jobs.store import IdempotencyConflict, InvalidTransition
+from jobs.store import IdempotencyConflict, InvalidTransition, TooManyActiveJobs
+from jobs.webhooks import WebhookError, validate_url
 
 log = logging.getLogger("api")
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=problems(401))
+RETRY_AFTER_S = 30
+"""`Retry-After` of a 429 (tenant at its active-job limit)."""
 
 JOB_ID = r"^[0-9a-f]{20}$"
 JobId = Annotated[str, Path(pattern=JOB_ID, description="Job id (20 hex characters).")]
@@ -56,6 +62,7 @@ class ArtifactList(BaseModel):
 
 
 def _job(svc: Services, tenant: str, job_id: str) -> Job:
+    """The tenant's job; another tenant's job is answered exactly like a missing one (404)."""
     job = svc.store.get(job_id)
     if job is None or job.tenant != tenant:
         raise ProblemError(404, f"no job {job_id}", "job-not-found", "Job not found")
@@ -72,7 +79,7 @@ def _job(svc: Services, tenant: str, job_id: str) -> Job:
             "model": Job,
             "description": "Replay: a job with this Idempotency-Key and body already exists.",
         },
-        **problems(409, 413, 422, 503),
+        **problems(409, 413, 422, 429, 503),
     },
 )
 def create_job(
@@ -81,19 +88,39 @@ def create_job(
     response: Response,
     svc: Svc,
     tenant: Tenant,
+    principal: Annotated[AuthTenant, Depends(authenticated)],
     idempotency_key: Annotated[
         str | None,
         Header(max_length=255, description="Retries with the same key and body return the same job (200)."),
     ] = None,
 ) -> Job:
     """Queue a job. 201 + Location for a new job; 200 for an idempotent replay; 409 when the key was
-    used with another body."""
+    used with another body; 422 when a source or the webhook URL is refused; 429 (+ Retry-After) when
+    the tenant already has `max_active_jobs` queued or running jobs."""
+    sources = _check_sources(svc, body)
+    if body.webhook is not None:
+        _check_webhook(svc, body.webhook.url)
     try:
-        job, created = svc.store.create(tenant, body, idempotency_key)
+        job, created = svc.store.create(
+            tenant, body, idempotency_key, max_active=principal.max_active_jobs, sources=sources
+        )
     except IdempotencyConflict as e:
         raise ProblemError(
             409, str(e), "idempotency-conflict", "Idempotency-Key reused", job_id=e.job_id
         ) from None
+    except TooManyActiveJobs as e:
+        raise ProblemError(
+            429,
+            f"tenant {tenant!r} already has {e.active} queued or running jobs (limit {e.limit}); "
+            "retry when one finishes",
+            "too-many-active-jobs",
+            "Too many active jobs",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+            limit=e.limit,
+        ) from None
+    set_job_id(job.id)
+    if created:
+        log.info("job %s: created for tenant %s", job.id, tenant)
     response.headers["Location"] = str(request.url_for("get_job", job_id=job.id).path)
     if not created:
         response.status_code = 200
@@ -111,6 +138,48 @@ def create_job(
         )
         raise ProblemError(503, f"could not queue the job: {type(e).__name__}", "queue-unavailable") from None
     return job
+
+
+def _refused(loc: list[str | int], message: str, slug: str) -> ProblemError:
+    return ProblemError(
+        422,
+        message,
+        slug,
+        "Request refused by policy",
+        errors=[{"loc": ["body", *loc], "msg": message, "type": slug}],
+    )
+
+
+def _check_sources(svc: Services, body: JobRequest) -> dict[str, str]:
+    """Check model and data sources against the deployment's policy; the checked locations."""
+    policy = svc.sources
+    checks = [("model", policy.check, body.model.source)]
+    checks.append(("calibration", policy.check_dataset, body.calibration.source))
+    if body.evaluation.enabled:
+        checks.append(("evaluation", policy.check_dataset, body.evaluation.source))
+    out: dict[str, str] = {}
+    for name, check, source in checks:
+        try:
+            out[name] = check(source).location
+        except SourceRefused as e:
+            message = f"{name} source refused: {e.message}"
+            raise _refused([name, "source"], message, "source-refused") from None
+    try:
+        policy.check_spec(body)  # the remaining rules (gguf_file)
+    except SourceRefused as e:
+        raise _refused(["model", "gguf_file"], e.message, "source-refused") from None
+    return out
+
+
+def _check_webhook(svc: Services, url: str) -> None:
+    if svc.webhook_secret is None:
+        raise _refused(
+            ["webhook"], "webhooks are not enabled on this service (PRUNE_WEBHOOK_SECRET)", "webhook-refused"
+        )
+    try:
+        validate_url(url, allow_private=svc.webhook_allow_private)
+    except WebhookError as e:
+        raise _refused(["webhook", "url"], f"webhook URL refused: {e}", "webhook-refused") from None
 
 
 @router.get("/jobs", response_model=JobPage, summary="List jobs (newest first)", responses=problems(422))

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from jobs.settings import Settings
+from jobs.sources import SourcePolicy
 from tests.service_fixtures import key_prefix, redis_client, redis_url  # noqa: F401
 
 
@@ -28,5 +29,6 @@ def settings(redis_url: str, tmp_path: Path, key_prefix: str) -> Settings:  # no
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+    app = create_app(settings, sources=SourcePolicy(model_roots=[Path("/models")]))
+    with TestClient(app, raise_server_exceptions=False) as c:
         yield c
