@@ -20,6 +20,7 @@ from scripts.stack import REPO, Stack
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA_DIR = Path(os.environ.get("PRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
 SIGNING_KEY = "test-signing-key"
+WEBHOOK_SECRET = "whsec_dGVzdC13ZWJob29rLXNlY3JldC0zMmJ5dGVzISE="
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,7 @@ class Service:
     redis_url: str
     home: Path
     signing_key: str = SIGNING_KEY
+    webhook_secret: str = WEBHOOK_SECRET
 
     @property
     def artifacts_dir(self) -> Path:
@@ -67,7 +69,15 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """Redis + API + one Celery worker (prefork, concurrency 1), torn down at the end of the session."""
     home = tmp_path_factory.mktemp("prune-home")
-    env = {"PRUNE_SIGNING_KEY": SIGNING_KEY, "PRUNE_DATA_DIR": str(DATA_DIR), "PRUNE_URL_TTL": "600"}
+    env = {
+        "PRUNE_SIGNING_KEY": SIGNING_KEY,
+        "PRUNE_DATA_DIR": str(DATA_DIR),
+        "PRUNE_URL_TTL": "600",
+        # every tmp dir of the session (tiny models) is an allowed model root
+        "PRUNE_MODEL_ROOTS": str(tmp_path_factory.getbasetemp()),
+        "PRUNE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "PRUNE_WEBHOOK_ALLOW_PRIVATE": "1",
+    }
     stack = Stack(home, env=env)
     try:
         stack.start_all()

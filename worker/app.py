@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_init
+from celery.signals import setup_logging, worker_init
 
+from jobs import logs
 from jobs.queue import make_celery
 from jobs.settings import get_settings
 
 app = make_celery(get_settings(), include=["worker.tasks"])
+
+
+@setup_logging.connect
+def _json_logging(loglevel: int | str | None = None, **_: object) -> None:
+    """JSON lines on stderr (connecting this signal stops Celery from installing its own handlers)."""
+    logs.configure("worker", loglevel or None)
 
 
 @worker_init.connect

@@ -16,13 +16,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from core.errors import Cancelled, CoreError
 from core.progress import Progress
+from core.spec import RunSpec
 from jobs.events import EventLog
 from jobs.redisconn import connect
 from jobs.settings import Settings, get_settings
 from jobs.spec import TERMINAL, Job, JobError, JobProgress, JobStatus, JobSummary
 from jobs.storage import ArtifactStore, StorageError, make_store
 from jobs.store import InvalidTransition, JobStore, now
+from jobs.webhooks import WebhookError, secret_from_env
 from worker import faults
+from worker.notify import Notifier
 
 log = logging.getLogger("worker.runner")
 
@@ -39,6 +42,15 @@ class Context:
     store: JobStore
     events: EventLog
     artifacts: ArtifactStore
+    webhook_secret: str | None = None
+
+
+def _webhook_secret() -> str | None:
+    try:
+        return secret_from_env()
+    except WebhookError as e:
+        log.error("PRUNE_WEBHOOK_SECRET is invalid (%s); webhooks disabled", e)
+        return None
 
 
 @lru_cache(maxsize=1)
@@ -51,6 +63,7 @@ def context() -> Context:
         JobStore(client, settings.key_prefix),
         EventLog(client, settings.key_prefix),
         make_store(settings),
+        _webhook_secret(),
     )
 
 
@@ -105,17 +118,38 @@ def summarize(report: dict[str, Any]) -> JobSummary:
 class _Reporter:
     """on_progress / should_cancel callbacks bound to one job."""
 
-    def __init__(self, ctx: Context, job_id: str, fault: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        job_id: str,
+        fault: dict[str, Any] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.ctx, self.job_id = ctx, job_id
         self.t0 = time.monotonic()
         self.last: tuple[str, int | None] | None = None
         self.last_t = 0.0
         self.fault = fault
+        self.notifier = notifier
+        self.prev_t = self.t0  # time of the previous engine callback (block timing)
+        self.last_block: int | None = None
+        self.hook_key: tuple[str, int | None] | None = None
+
+    def _observe_block(self, p: Progress, t: float) -> None:
+        """Per-block pruning time (since the previous callback) into the shared histogram."""
+        if p.stage == "pruning" and p.block and p.block != self.last_block:
+            self.last_block = p.block
+            try:
+                self.ctx.store.observe_block(t - self.prev_t)
+            except redis.RedisError as e:
+                log.warning("job %s: block time not recorded: %s", self.job_id, e)
+        self.prev_t = t
 
     def progress(self, p: Progress, share: float = ENGINE_SHARE) -> None:
         faults.maybe_fire(self.fault, p.stage, p.block, self.should_cancel)
         frac = min(max(float(p.fraction), 0.0), 1.0) * share
         t = time.monotonic()
+        self._observe_block(p, t)
         key = (p.stage, p.block)
         if key == self.last and t - self.last_t < THROTTLE_S:
             return
@@ -134,6 +168,9 @@ class _Reporter:
             self.ctx.store.set_progress(self.job_id, prog)
         except redis.RedisError as e:  # a Redis blip must not kill a long job
             log.warning("job %s: progress not recorded: %s", self.job_id, e)
+        if self.notifier is not None and key != self.hook_key:  # once per stage and per block
+            self.hook_key = key
+            self.notifier.send("progress", "job.progress", {"status": "running", **prog.model_dump()})
 
     def should_cancel(self) -> bool:
         try:
@@ -163,6 +200,8 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         if job.status in (JobStatus.cancelled, JobStatus.failed):
             ctx.artifacts.delete_prefix(prefix)
         log.info("job %s: %s, not running it", job_id, job.status.value)
+        if job.status == JobStatus.cancelled and job.started_at is None:  # cancelled while queued
+            _notify_completed(ctx, job, Notifier(ctx.events, job, ctx.webhook_secret))
         return "skipped"
 
     work = ctx.settings.work_dir / job.id
@@ -170,8 +209,10 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
     ctx.artifacts.delete_prefix(prefix)
     work.mkdir(parents=True, exist_ok=True)
     out = work / "out"
-    rep = _Reporter(ctx, job_id, faults.fault_for(job.request.model.source, job.attempts))
+    notifier = Notifier(ctx.events, job, ctx.webhook_secret)
+    rep = _Reporter(ctx, job_id, faults.fault_for(job.request.model.source, job.attempts), notifier)
     log.info("job %s: running (attempt %d)", job_id, job.attempts)
+    notifier.send("started", "job.started", {"status": "running", "attempt": job.attempts})
     try:
         report = _execute(ctx, job, out, rep)
         rep.progress(
@@ -214,6 +255,25 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         return JobStatus.failed.value
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        _notify_completed(ctx, job, notifier)
+
+
+def _notify_completed(ctx: Context, job: Job, notifier: Notifier) -> None:
+    """Send `job.succeeded|failed|cancelled` with the final record and wait for pending deliveries."""
+    if not notifier.enabled:
+        return
+    try:
+        final = ctx.store.get(job.id) or job
+        if final.status in TERMINAL:
+            data: dict[str, Any] = {"status": final.status.value, "attempts": final.attempts}
+            if final.error:
+                data["error"] = final.error.model_dump()
+            if final.summary:
+                data["summary"] = final.summary.model_dump()
+            notifier.send("completed", f"job.{final.status.value}", data)
+    except Exception as e:  # a webhook must never fail the job
+        log.warning("job %s: completion webhook not sent: %s", job.id, e)
+    notifier.close()
 
 
 def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
@@ -238,7 +298,7 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any
     from core import pipeline  # torch lives behind this import
 
     report = pipeline.run(
-        job.request.to_run_spec(),
+        run_spec(job),
         out,
         on_progress=rep.progress,
         should_cancel=rep.should_cancel,
@@ -247,6 +307,21 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any
     if not isinstance(report, dict):
         report = json.loads((out / "report.json").read_text())
     return report
+
+
+def run_spec(job: Job) -> RunSpec:
+    """The engine's spec, loading the locations the API checked (resolved paths) instead of the
+    submitted strings, so a symlink swapped in after the check cannot redirect the job."""
+    spec = job.request.to_run_spec()
+    src = job.sources
+    update: dict[str, Any] = {}
+    if src.get("model"):
+        update["model"] = spec.model.model_copy(update={"source": src["model"]})
+    for name in ("calibration", "evaluation"):
+        loc = src.get(name)
+        if loc and loc != getattr(spec, name).source:
+            update[name] = getattr(spec, name).model_copy(update={"source": loc})
+    return spec.model_copy(update=update) if update else spec
 
 
 def _error_of(e: BaseException, ctx: Context) -> JobError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jobs.logs import job_context
 from jobs.queue import RUN_TASK
 from worker.app import app
 from worker.runner import run_job
@@ -10,4 +11,5 @@ from worker.runner import run_job
 @app.task(name=RUN_TASK, acks_late=True, reject_on_worker_lost=True)
 def run(job_id: str) -> str:
     """Run one job; the returned outcome is only logged (results are ignored)."""
-    return run_job(job_id)
+    with job_context(job_id):  # every log line of this job carries its id
+        return run_job(job_id)

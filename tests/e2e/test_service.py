@@ -158,13 +158,14 @@ def test_job_lifecycle_artifacts_and_resume(
 
 
 def test_failed_job_has_clear_error_and_no_artifacts(service: Service, http: httpx.Client) -> None:
-    r = http.post("/v1/jobs", json=small_request("/does/not/exist"))
+    missing = str(service.home / "does" / "not" / "exist")  # inside an allowed root, but absent
+    r = http.post("/v1/jobs", json=small_request(missing))
     job_id = r.json()["id"]
     events = list(sse(http, job_id))
     assert events[-1]["data"]["status"] == "failed"
     job = http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "model_load_error"
-    assert "/does/not/exist" in job["error"]["message"] and "Traceback" not in job["error"]["message"]
+    assert missing in job["error"]["message"] and "Traceback" not in job["error"]["message"]
     assert_problem(http.get(f"/v1/jobs/{job_id}/artifacts"), 409)
     assert not (service.artifacts_dir / "default" / job_id).exists()
 

@@ -1,0 +1,105 @@
+"""Job webhooks from the worker: signed deliveries on a background thread, every attempt recorded in
+the job's event stream (type `webhook`). A delivery can never fail or stall the job."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from typing import Any
+
+from jobs.events import EventLog
+from jobs.spec import Job
+from jobs.webhooks import deliver
+
+log = logging.getLogger("worker.webhooks")
+
+MAX_ATTEMPTS = 5
+"""Tries per `started` / `completed` delivery (backoff 1, 2, 4, 8 s); `progress` is tried once."""
+DRAIN_TIMEOUT_S = 120.0
+"""How long the end of a job waits for pending deliveries before the worker process moves on."""
+
+
+class Notifier:
+    """Sends the job's subscribed events (`started`, `progress`, `completed`) to its webhook URL."""
+
+    def __init__(
+        self,
+        events: EventLog,
+        job: Job,
+        secret: str | None,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        backoff: float = 1.0,
+    ) -> None:
+        self.events, self.job_id, self.tenant = events, job.id, job.tenant
+        hook = job.request.webhook
+        self.url = hook.url if hook else None
+        self.subscribed = set(hook.events) if hook else set()
+        self.secret = secret
+        self.max_attempts, self.backoff = max_attempts, backoff
+        self._queue: queue.Queue[tuple[str, dict[str, Any], int] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        if hook and not secret:
+            log.warning("job %s: webhook requested but PRUNE_WEBHOOK_SECRET is not set; not sent", job.id)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the job has a webhook this worker can sign."""
+        return bool(self.url and self.secret)
+
+    def send(self, kind: str, event_type: str, data: dict[str, Any]) -> None:
+        """Queue `event_type` (e.g. `job.started`) if the job subscribed to `kind`. A progress event is
+        dropped while an earlier delivery is still pending (progress is only ever a snapshot)."""
+        if not self.enabled or kind not in self.subscribed:
+            return
+        if kind == "progress" and not self._queue.empty():
+            return
+        payload = {"job_id": self.job_id, "tenant": self.tenant, **data}
+        self._queue.put((event_type, payload, 1 if kind == "progress" else self.max_attempts))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"webhooks-{self.job_id}", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
+        """Wait (at most `timeout`) for queued deliveries to finish."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("job %s: webhook deliveries still pending after %.0f s", self.job_id, timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            event_type, payload, attempts = item
+            try:
+                self._deliver(event_type, payload, attempts)
+            except Exception:  # never let a delivery problem escape into the job
+                log.exception("job %s: webhook %s not delivered", self.job_id, event_type)
+
+    def _deliver(self, event_type: str, payload: dict[str, Any], max_attempts: int) -> None:
+        assert self.url and self.secret
+        msg_id = f"msg_{uuid.uuid4().hex}"
+        results = deliver(
+            self.url, self.secret, event_type, payload, max_attempts=max_attempts, backoff=self.backoff,
+            msg_id=msg_id,
+        )  # fmt: skip
+        for a in results:
+            record = {"event": event_type, "msg_id": msg_id, "url": self.url, **a.to_dict()}
+            try:
+                self.events.publish(self.job_id, "webhook", record)
+            except Exception as e:
+                log.warning("job %s: webhook attempt not recorded: %s", self.job_id, e)
+        last = results[-1]
+        if last.ok:
+            log.info("job %s: webhook %s delivered (%d attempts)", self.job_id, event_type, len(results))
+        else:
+            log.warning(
+                "job %s: webhook %s failed after %d attempts: %s",
+                self.job_id,
+                event_type,
+                len(results),
+                last.error,
+            )
