@@ -1,0 +1,222 @@
+"""End to end with API keys and S3 storage: real redis-server, nanio (SigV4-checking S3 server),
+uvicorn API and Celery worker, all on loopback; tiny models."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import httpx
+import pytest
+
+from prunectl.cli import EXIT_BAD_INPUT, main
+from scripts.stack import Stack, free_port
+from tests import tiny_models
+from tests.e2e.test_service import PROBLEM, small_request
+from tests.service_fixtures import DATA_DIR
+
+pytest.importorskip("boto3")
+pytest.importorskip("nanio")
+pytestmark = pytest.mark.e2e
+
+ACCESS, SECRET, BUCKET = "prunee2e", "prunee2e-secret-key", "artifacts"
+KEYS = {"alpha": "alpha-key-0123456789abcdef", "beta": "beta-key-0123456789abcdef"}
+
+
+@dataclass
+class KeyedStack:
+    api_url: str
+    s3_url: str
+    models: Path
+
+
+def _nanio(data: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "NANIO_ACCESS_KEY": ACCESS, "NANIO_SECRET_KEY": SECRET}
+    cmd = [sys.executable, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--data-dir", str(data), "--log-level", "warning", "--no-access-log"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("nanio did not start") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedStack]:
+    """Redis + nanio + API + worker with PRUNE_STORAGE=s3 and two tenants (alpha, beta)."""
+    import boto3
+
+    models = tmp_path_factory.mktemp("keyed-models")
+    tiny_models.save("llama", models / "small")
+    nanio, s3_url = _nanio(tmp_path_factory.mktemp("nanio-data"))
+    boto3.client(
+        "s3",
+        endpoint_url=s3_url,
+        aws_access_key_id=ACCESS,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    ).create_bucket(Bucket=BUCKET)
+    env = {
+        "PRUNE_DATA_DIR": str(DATA_DIR),
+        "PRUNE_MODEL_ROOTS": str(models),
+        "PRUNE_STORAGE": "s3",
+        "PRUNE_S3_BUCKET": BUCKET,
+        "PRUNE_S3_ENDPOINT": s3_url,
+        "PRUNE_S3_ACCESS_KEY": ACCESS,
+        "PRUNE_S3_SECRET_KEY": SECRET,
+        "PRUNE_S3_PREFIX": "e2e/",
+        "PRUNE_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
+        "PRUNE_DEFAULT_MAX_ACTIVE_JOBS": "3",
+        "PRUNE_URL_TTL": "600",
+    }
+    stack = Stack(tmp_path_factory.mktemp("keyed-home"), env=env)
+    try:
+        stack.start_all()
+        yield KeyedStack(stack.api_url, s3_url, models)
+    finally:
+        stack.stop()
+        nanio.terminate()
+        nanio.wait(10)
+
+
+def _client(keyed: KeyedStack, tenant: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
+    return httpx.Client(base_url=keyed.api_url, headers=headers, timeout=httpx.Timeout(30, read=120))
+
+
+def _wait(http: httpx.Client, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def _with_query(url: str, path: str | None = None, **changes: str) -> str:
+    parts = urlsplit(url)
+    q = dict(parse_qsl(parts.query))
+    q.update(changes)
+    return urlunsplit((parts.scheme, parts.netloc, path or parts.path, urlencode(q), ""))
+
+
+def test_missing_or_wrong_key_is_401(keyed: KeyedStack) -> None:
+    with _client(keyed, None) as anon:
+        for r in (
+            anon.get("/v1/jobs"),
+            anon.post("/v1/jobs", json=small_request(keyed.models / "small")),
+            anon.get("/v1/jobs", headers={"Authorization": "Bearer not-a-key"}),
+        ):
+            assert r.status_code == 401, r.text
+            assert r.headers["content-type"].startswith(PROBLEM)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        assert anon.get("/healthz").status_code == 200  # ops endpoints stay open
+        assert anon.get("/metrics").status_code == 200
+
+
+def test_s3_job_presigned_downloads_and_tenant_isolation(keyed: KeyedStack, tmp_path: Path) -> None:
+    with _client(keyed, "alpha") as alpha, _client(keyed, "beta") as beta:
+        r = alpha.post("/v1/jobs", json=small_request(keyed.models / "small"))
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        assert r.json()["tenant"] == "alpha"
+        job = _wait(alpha, job_id)
+        assert job["status"] == "succeeded", job
+
+        # beta sees nothing of alpha's job: every route answers as for a missing job
+        for method, path in (
+            ("GET", f"/v1/jobs/{job_id}"),
+            ("GET", f"/v1/jobs/{job_id}/events"),
+            ("GET", f"/v1/jobs/{job_id}/artifacts"),
+            ("POST", f"/v1/jobs/{job_id}/cancel"),
+        ):
+            assert beta.request(method, path).status_code == 404, path
+        assert job_id not in {j["id"] for j in beta.get("/v1/jobs").json()["items"]}
+        assert job_id in {j["id"] for j in alpha.get("/v1/jobs").json()["items"]}
+
+        listing = alpha.get(f"/v1/jobs/{job_id}/artifacts").json()["artifacts"]
+        names = {a["name"] for a in listing}
+        assert {"report.json", "manifest.json", "model/config.json"} <= names
+        for a in listing:
+            assert a["url"].startswith(keyed.s3_url) and "X-Amz-Signature=" in a["url"]
+            assert f"/{BUCKET}/e2e/alpha/{job_id}/" in a["url"]  # per-tenant, per-job key prefix
+            resp = httpx.get(a["url"], timeout=60)  # plain HTTP, no API key
+            assert resp.status_code == 200, (a["name"], resp.text)
+            assert len(resp.content) == a["size"]
+            assert hashlib.sha256(resp.content).hexdigest() == a["sha256"]
+            (tmp_path / a["name"]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / a["name"]).write_bytes(resp.content)
+        manifest = json.loads((tmp_path / "manifest.json").read_text())["files"]
+        for rel, meta in manifest.items():
+            assert hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() == meta["sha256"], rel
+
+        url = next(a["url"] for a in listing if a["name"] == "report.json")
+        sig = dict(parse_qsl(urlsplit(url).query))["X-Amz-Signature"]
+        tampered = [
+            _with_query(url, **{"X-Amz-Signature": ("0" if sig[0] != "0" else "1") + sig[1:]}),
+            _with_query(url, path=urlsplit(url).path.replace("/alpha/", "/beta/")),
+            _with_query(url, path=urlsplit(url).path.replace("report.json", "report.md")),
+            _with_query(url, **{"X-Amz-Expires": "86400"}),
+        ]
+        for bad in tampered:
+            assert httpx.get(bad).status_code == 403, bad
+        # expired: signed with the same credentials, 1 s lifetime
+        from jobs.storage.s3 import S3ArtifactStore
+
+        store = S3ArtifactStore(
+            BUCKET, endpoint_url=keyed.s3_url, access_key=ACCESS, secret_key=SECRET, key_prefix="e2e/"
+        )
+        short = store.download_url(f"alpha/{job_id}", "report.json", expires_in=1)
+        assert httpx.get(short).status_code == 200
+        time.sleep(2.2)
+        assert httpx.get(short).status_code == 403
+
+
+def test_prunectl_wrong_key_exits_2(keyed: KeyedStack) -> None:
+    err = io.StringIO()
+    code = main(
+        ["--url", keyed.api_url, "--api-key", "wrong-key", "--retries", "1", "list"],
+        out=io.StringIO(),
+        err=err,
+    )
+    assert code == EXIT_BAD_INPUT
+    assert "401" in err.getvalue() and "invalid API key" in err.getvalue()
+    ok = main(["--url", keyed.api_url, "--api-key", KEYS["beta"], "list"], out=io.StringIO(), err=err)
+    assert ok == 0
+
+
+def test_source_outside_roots_is_422(keyed: KeyedStack, tmp_path: Path) -> None:
+    outside = tmp_path / "evil"
+    outside.mkdir()
+    link = keyed.models / "escape"
+    link.symlink_to(outside)
+    with _client(keyed, "beta") as beta:
+        for source in ("/etc", str(keyed.models / ".." / "x"), str(link), "org/model", "s3://b/k"):
+            r = beta.post("/v1/jobs", json=small_request(source))
+            assert r.status_code == 422, (source, r.text)
+            body = r.json()
+            assert body["errors"][0]["loc"] == ["body", "model", "source"]
+            assert "model source refused" in body["detail"]
