@@ -146,7 +146,10 @@ class _Reporter:
         self.prev_t = t
 
     def progress(self, p: Progress, share: float = ENGINE_SHARE) -> None:
-        faults.maybe_fire(self.fault, p.stage, p.block, self.should_cancel)
+        self._record(p, share)
+        faults.maybe_fire(self.fault, p.stage, p.block, self.should_cancel)  # no-op unless PRUNE_FAULTS=1
+
+    def _record(self, p: Progress, share: float) -> None:
         frac = min(max(float(p.fraction), 0.0), 1.0) * share
         t = time.monotonic()
         self._observe_block(p, t)
