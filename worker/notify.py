@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -17,6 +18,7 @@ log = logging.getLogger("worker.webhooks")
 
 MAX_ATTEMPTS = 5
 """Tries per `started` / `completed` delivery (backoff 1, 2, 4, 8 s); `progress` is tried once."""
+MAX_BACKOFF_S = 60.0
 DRAIN_TIMEOUT_S = 120.0
 """How long the end of a job waits for pending deliveries before the worker process moves on."""
 
@@ -80,26 +82,19 @@ class Notifier:
                 log.exception("job %s: webhook %s not delivered", self.job_id, event_type)
 
     def _deliver(self, event_type: str, payload: dict[str, Any], max_attempts: int) -> None:
+        """One `deliver` call per try (same message id), so each attempt is recorded as it happens."""
         assert self.url and self.secret
         msg_id = f"msg_{uuid.uuid4().hex}"
-        results = deliver(
-            self.url, self.secret, event_type, payload, max_attempts=max_attempts, backoff=self.backoff,
-            msg_id=msg_id,
-        )  # fmt: skip
-        for a in results:
-            record = {"event": event_type, "msg_id": msg_id, "url": self.url, **a.to_dict()}
+        for n in range(1, max_attempts + 1):
+            (a,) = deliver(self.url, self.secret, event_type, payload, max_attempts=1, msg_id=msg_id)
+            record = {"event": event_type, "msg_id": msg_id, "url": self.url, **a.to_dict(), "attempt": n}
             try:
                 self.events.publish(self.job_id, "webhook", record)
             except Exception as e:
                 log.warning("job %s: webhook attempt not recorded: %s", self.job_id, e)
-        last = results[-1]
-        if last.ok:
-            log.info("job %s: webhook %s delivered (%d attempts)", self.job_id, event_type, len(results))
-        else:
-            log.warning(
-                "job %s: webhook %s failed after %d attempts: %s",
-                self.job_id,
-                event_type,
-                len(results),
-                last.error,
-            )
+            if a.ok:
+                log.info("job %s: webhook %s delivered (attempt %d)", self.job_id, event_type, n)
+                return
+            if n < max_attempts:
+                time.sleep(min(MAX_BACKOFF_S, self.backoff * 2 ** (n - 1)))
+        log.warning("job %s: webhook %s failed after %d attempts: %s", self.job_id, event_type, n, a.error)
