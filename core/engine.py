@@ -134,7 +134,10 @@ def prune(
     was_training = model.training
     model.eval()
     check_cancel(should_cancel)
-    batches = capture_block_inputs(model, calibration.to(torch.long), spec.batch_size, family)
+    # Methods that read no statistics (magnitude) need no forward passes at all.
+    batches = (
+        capture_block_inputs(model, calibration.to(torch.long), spec.batch_size, family) if need_stats else []
+    )
     layers: dict[str, float] = {}
     ignored: list[str] = []
     mask_s = 0.0
@@ -172,7 +175,7 @@ def prune(
                 layers[name] = float(mask.sum().item()) / mask.numel()
                 stats.pop(name, None)
             del stats
-            if i + 1 < nblocks:
+            if need_stats and i + 1 < nblocks:
                 batches = [(run_block(block, b), b[1], b[2]) for b in batches]
             if on_progress is not None:
                 on_progress(
