@@ -1,0 +1,121 @@
+"""Redis restarts, unreachable artifact storage, API restarts mid-stream and cancels in every stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.faults.conftest import STAGES, FaultStack
+
+pytestmark = pytest.mark.faults
+
+
+def statuses(fs: FaultStack, job_id: str) -> list[str]:
+    items = fs.http.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["items"]
+    return [e["data"]["status"] for e in items if e["type"] == "status"]
+
+
+def test_redis_restart_loses_no_job_record_and_no_queued_job(faults: FaultStack) -> None:
+    running = faults.submit("pause-redis")  # holds 4 s at pruning block 1, then finishes
+    queued = [faults.submit() for _ in range(3)]  # concurrency 1: these wait in the broker list
+    faults.wait_stage(running, "pruning", block=1)
+    jobs_before = sorted(faults.r.keys("prune:job:*"))
+    assert set(queued) <= set(faults.broker_job_ids())
+    faults.restart_redis()  # SIGKILL: only the AOF (appendfsync always) survives
+    assert sorted(faults.r.keys("prune:job:*")) == jobs_before
+    assert set(queued) <= set(faults.broker_job_ids())
+    for job_id in [running, *queued]:
+        job = faults.wait_done(job_id)
+        assert job["status"] == "succeeded", (job, faults.logs("worker"))
+        assert job["attempts"] == 1
+        assert statuses(faults, job_id) == ["queued", "running", "succeeded"]
+    r = faults.http.post(
+        "/v1/jobs", json={"model": {"source": faults.source()}, "evaluation": {"enabled": False}}
+    )
+    assert r.status_code == 201  # the API reconnected too
+    faults.http.post(f"/v1/jobs/{r.json()['id']}/cancel")
+
+
+def test_unwritable_artifact_storage_fails_cleanly_then_a_retry_succeeds(faults: FaultStack) -> None:
+    shutil.rmtree(faults.artifacts, ignore_errors=True)
+    faults.artifacts.write_text("not a directory")  # every upload attempt now fails with an OSError
+    try:
+        assert faults.http.get("/readyz").status_code == 503
+        body: dict[str, Any] = {
+            "model": {"source": faults.source()},
+            "calibration": {"source": str(faults.text), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"enabled": False},
+        }
+        job_id = faults.http.post("/v1/jobs", json=body).json()["id"]
+        job = faults.wait_done(job_id)
+        assert job["status"] == "failed" and job["error"]["code"] == "storage_error", job
+        assert "could not store artifacts" in job["error"]["message"]
+        assert "gave up after 3 tries" in job["error"]["message"]
+        items = faults.http.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["items"]
+        retries = [e for e in items if e["type"] == "log" and "retrying" in e["data"]["message"]]
+        assert len(retries) == 2  # backoff 0.2 s then 0.4 s between the three tries
+        assert faults.job_files(job_id) == []
+    finally:
+        faults.artifacts.unlink()
+        faults.artifacts.mkdir()
+    again = faults.http.post("/v1/jobs", json=body).json()["id"]  # the client retries the same spec
+    assert faults.wait_done(again)["status"] == "succeeded"
+    assert faults.http.get("/readyz").status_code == 200
+
+
+def sse_events(fs: FaultStack, job_id: str, last_id: str | None) -> Iterator[dict[str, Any]]:
+    """Events of one SSE connection, as {id, event, data}."""
+    headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
+    with fs.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+        assert r.status_code == 200
+        ev: dict[str, Any] = {}
+        for line in r.iter_lines():
+            if not line:
+                if "data" in ev:
+                    yield ev
+                ev = {}
+            elif line.startswith(("id: ", "event: ", "data: ")):
+                k, v = line.split(": ", 1)
+                ev[k] = json.loads(v) if k == "data" else v
+
+
+def test_api_restart_mid_stream_resumes_with_last_event_id(faults: FaultStack) -> None:
+    job_id = faults.submit("pause-sse")  # holds 3 s at pruning block 1: the API dies mid-job
+    got: list[dict[str, Any]] = []
+    with pytest.raises(httpx.TransportError):
+        for ev in sse_events(faults, job_id, None):
+            got.append(ev)
+            if ev["event"] == "progress" and ev["data"]["stage"] == "pruning" and ev["data"]["block"] == 1:
+                faults.restart_api()  # SIGKILL the server under the open stream
+    assert faults.job(job_id)["status"] == "running"
+    connections = 1
+    while not got or got[-1]["event"] != "status" or got[-1]["data"]["status"] != "succeeded":
+        try:
+            connections += 1
+            got.extend(sse_events(faults, job_id, got[-1]["id"]))
+        except httpx.TransportError:
+            continue
+    full = faults.http.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["items"]
+    assert [e["id"] for e in got] == [e["id"] for e in full]  # every event exactly once, no gap
+    assert [e["data"] for e in got] == [e["data"] for e in full]
+    assert connections >= 2
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_cancel_in_each_stage_frees_the_worker_and_leaves_nothing(faults: FaultStack, stage: str) -> None:
+    job_id = faults.submit(f"hold-{stage}")  # the worker pauses on entering `stage` until cancelled
+    faults.wait_stage(job_id, stage)
+    r = faults.http.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelling"
+    job = faults.wait_done(job_id)
+    assert job["status"] == "cancelled" and job["progress"]["stage"] == stage, job
+    assert statuses(faults, job_id) == ["queued", "running", "cancelling", "cancelled"]
+    assert faults.job_files(job_id) == []
+    assert faults.http.get(f"/v1/jobs/{job_id}/artifacts").status_code == 409
+    if stage == STAGES[-1]:  # the worker is free: a following job runs to completion
+        assert faults.wait_done(faults.submit())["status"] == "succeeded"
