@@ -20,6 +20,7 @@ files) and ``report.json``.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -207,12 +208,43 @@ def _unload(root: nn.Module, names: dict[str, str]) -> None:
     sd = root.state_dict(keep_vars=True)
     for local in names:
         _set_tensor(root, local, torch.empty_like(sd[local], device="meta"))
+    _release_memory()
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to tune
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _tune_malloc() -> None:
+    """Serve allocations >= 1 MiB with mmap (returned to the OS on free).
+
+    glibc's default *dynamic* threshold rises to the largest freed block (up to 32 MiB), after
+    which every 16-32 MiB weight/activation buffer lands on the heap and stays resident when
+    freed: peak RSS then grows block after block (2.1 GB instead of 0.9 GB on bench/scale.py).
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _release_memory() -> None:
+    """Collect garbage and give freed heap pages back to the OS (glibc ``malloc_trim``)."""
     gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _to_meta(module: nn.Module) -> None:
     module.to("meta")
-    gc.collect()
+    _release_memory()
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +450,7 @@ def prune_streaming(
     *,
     dtype: torch.dtype = torch.float32,
     spill: bool | None = None,
+    tune_malloc: bool = True,
 ) -> dict[str, Any]:
     """Prune the safetensors checkpoint in ``model_dir`` block by block without loading it whole.
 
@@ -428,6 +461,9 @@ def prune_streaming(
     RAM. Returns the engine's keys (``layers``, ``ignored``, ``mask_s``, ``prune_s``...) plus
     ``streaming``, ``sparsity``, ``timings`` (``capture_s``, ``blocks_s``, ``export_s``,
     ``total_s``), ``checkpoint_bytes``, ``output_bytes`` and ``spilled``.
+
+    ``tune_malloc`` (glibc only) makes large allocations use mmap for the rest of the process
+    (see :func:`_tune_malloc`) and trims the heap after every block; it bounds peak RSS.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -445,6 +481,8 @@ def prune_streaming(
         )
     method = get_method(spec.method)
     out = export.check_out_dir(out_dir)
+    if tune_malloc:
+        _tune_malloc()
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as exc:
@@ -558,7 +596,7 @@ def prune_streaming(
             total_size += _save_shard(tensors, mdir / fname)
             weight_map.update(dict.fromkeys(tensors, fname))
             del tensors
-            gc.collect()
+            _release_memory()
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (mdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config.dtype = dtype
