@@ -56,6 +56,7 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PRUNE_STORAGE": "local",
         "PRUNE_PUBLIC_URL": f"http://127.0.0.1:{aport}",
         "PRUNE_SIGNING_KEY": "test-signing-key",
+        "PRUNE_MODEL_ROOTS": "/models",  # the (absent) model paths below pass the source policy
     }
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.app:app", "--host", "127.0.0.1", "--port", str(aport)],
