@@ -31,7 +31,9 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
     return PreTrainedTokenizerFast(
@@ -46,18 +48,32 @@ def config(family: str, layers: int = 2, hidden: int = 64):
     common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
     if family == "llama":
         return tf.LlamaConfig(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, **common,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
         )
     if family == "opt":
         return tf.OPTConfig(
-            hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-            max_position_embeddings=256, word_embed_proj_dim=hidden, **common,
+            hidden_size=hidden,
+            ffn_dim=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            **common,
         )
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-            max_position_embeddings=256, **common,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
         )
     if family == "bloom":
         return tf.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=4, **common)
