@@ -202,6 +202,7 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
     if job.status != JobStatus.running:
         if job.status in (JobStatus.cancelled, JobStatus.failed):
             ctx.artifacts.delete_prefix(prefix)
+            shutil.rmtree(ctx.settings.work_dir / job.id, ignore_errors=True)  # a dead attempt's scratch
         log.info("job %s: %s, not running it", job_id, job.status.value)
         if job.status == JobStatus.cancelled and job.started_at is None:  # cancelled while queued
             _notify_completed(ctx, job, Notifier(ctx.events, job, ctx.webhook_secret))
