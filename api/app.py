@@ -122,7 +122,7 @@ def create_app(
         description="Pruning-as-a-service for LLMs (Wanda, SparseGPT, magnitude). "
         "Every error is an RFC 9457 `application/problem+json` document.",
         lifespan=lifespan,
-        responses=problems(405, 413, 500),
+        responses=problems(400, 405, 413, 500),  # 400: a body that is not decodable (e.g. not UTF-8)
     )
     app.state.services = svc
     registry = CollectorRegistry()

@@ -53,6 +53,7 @@ def with_(path: str, value: Any) -> dict[str, Any]:
 BAD_BODIES: dict[str, tuple[bytes | dict[str, Any], int]] = {
     "malformed json": (b'{"model": {"source": "/m"', 422),
     "not an object": (b"[1, 2, 3]", 422),
+    "not utf-8": (b'{"model": {"source": "\xff\xfe"}}', 400),
     "empty body": (b"", 422),
     "model missing": ({"prune": {"method": "wanda"}}, 422),
     "source wrong type": (with_("model", {"source": 42}), 422),
