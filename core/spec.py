@@ -126,7 +126,9 @@ class CalibrationSpec(_Strict):
     )
     text_field: str = Field(default="text", max_length=128, description="Field holding the text in JSONL.")
     nsamples: int = Field(default=128, ge=1, le=4096)
-    seqlen: int | None = Field(default=None, ge=8, le=131072, description="Default: min(2048, model context).")
+    seqlen: int | None = Field(
+        default=None, ge=8, le=131072, description="Default: min(2048, model context)."
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
