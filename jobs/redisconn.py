@@ -9,7 +9,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 WORKER_RETRIES = 40  # ~1 min of reconnect attempts: a long job must survive a Redis restart
-API_RETRIES = 12  # ~10 s: a request waits a little, then answers with a problem
+API_RETRIES = 3  # ~1.5 s: a request (and /readyz) waits a little, then answers with a problem
 
 
 def connect(url: str, retries: int = WORKER_RETRIES, **kwargs: object) -> redis.Redis:
