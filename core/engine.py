@@ -15,7 +15,9 @@ passes the same ones to every block for the supported families).
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,7 +27,10 @@ from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.spec import PruneSpec
 
-__all__ = ["capture_block_inputs", "prune", "run_block"]
+if TYPE_CHECKING:
+    from core.methods.base import Method
+
+__all__ = ["BlockResult", "capture_block_inputs", "prune", "prune_block", "run_block"]
 
 
 class _Captured(Exception):
@@ -95,6 +100,68 @@ def _method(name: str) -> Any:
     return get_method(name)
 
 
+@dataclass
+class BlockResult:
+    """What :func:`prune_block` did to one block."""
+
+    layers: dict[str, float] = field(default_factory=dict)
+    """``{qualified name: achieved sparsity}`` of every pruned linear."""
+    numel: dict[str, int] = field(default_factory=dict)
+    """``{qualified name: number of weights}`` of every pruned linear."""
+    ignored: list[str] = field(default_factory=list)
+    """Linears of the block left dense by ``spec.ignore``."""
+    mask_s: float = 0.0
+    """Seconds spent in the method's score-and-mask step and the mask application."""
+
+
+@torch.no_grad()
+def prune_block(
+    block: nn.Module, block_prefix: str, batches: Iterable[Batch], method: Method, spec: PruneSpec
+) -> BlockResult:
+    """Collect statistics of ``block``'s linears over ``batches``, then prune them in place.
+
+    The single per-block step shared by :func:`prune` and ``core.streaming.prune_streaming``
+    (which is why both produce identical masks). ``block_prefix`` qualifies layer names
+    (``model.layers.3``). Statistics are only gathered when ``method.needs`` asks for them;
+    producing the next block's inputs is left to the caller.
+    """
+    from core.stats import LayerStats, StatsAccumulator
+
+    need_xnorm = "xnorm" in method.needs
+    need_hessian = "hessian" in method.needs
+    linears = families.block_linears(block, block_prefix)
+    targets = {n: m for n, m in linears.items() if not families.is_ignored(n, spec.ignore)}
+    res = BlockResult(ignored=[n for n in linears if n not in targets])
+    stats: dict[str, LayerStats] = {}
+    if targets and (need_xnorm or need_hessian):
+        accs = {
+            n: StatsAccumulator(families.in_features(m), need_xnorm, need_hessian) for n, m in targets.items()
+        }
+        handles = [
+            m.register_forward_hook(lambda _m, inp, _out, acc=accs[n]: acc.add(inp[0]))
+            for n, m in targets.items()
+        ]
+        try:
+            for b in batches:
+                run_block(block, b)
+        finally:
+            for h in handles:
+                h.remove()
+        stats = {n: a.result() for n, a in accs.items()}
+    for name, mod in targets.items():
+        weight = families.get_weight(mod)
+        st = stats.pop(name, None) or LayerStats(xnorm_sq=None, hessian=None, ntokens=0)
+        tm = time.perf_counter()
+        mask = method.prune(weight, st, spec)
+        weight.masked_fill_(mask.to(weight.device), 0)
+        res.mask_s += time.perf_counter() - tm
+        families.set_weight(mod, weight)
+        res.layers[name] = float(mask.sum().item()) / mask.numel()
+        res.numel[name] = mask.numel()
+        del st
+    return res
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -109,17 +176,13 @@ def prune(
     "method", "pattern", "target"}``. Progress is reported once per block with stage
     ``pruning`` and ``fraction = block / nblocks``; ``should_cancel`` is checked between blocks.
     """
-    from core.stats import LayerStats, StatsAccumulator
-
     t0 = time.perf_counter()
     if calibration.dim() != 2 or calibration.shape[0] < 1:
         raise InvalidInput(
             f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
         )
     method = _method(spec.method)
-    need_xnorm = "xnorm" in method.needs
-    need_hessian = "hessian" in method.needs
-    need_stats = need_xnorm or need_hessian
+    need_stats = bool({"xnorm", "hessian"} & set(method.needs))
     family = families.family_for(model)
     blocks = families.get_blocks(model, family)
     nblocks = len(blocks)
@@ -144,37 +207,10 @@ def prune(
     try:
         for i, block in enumerate(blocks):
             check_cancel(should_cancel)
-            linears = families.block_linears(block, f"{family.blocks}.{i}")
-            targets = {n: m for n, m in linears.items() if not families.is_ignored(n, spec.ignore)}
-            ignored.extend(n for n in linears if n not in targets)
-            stats: dict[str, LayerStats] = {}
-            if targets and need_stats:
-                accs = {
-                    n: StatsAccumulator(families.in_features(m), need_xnorm, need_hessian)
-                    for n, m in targets.items()
-                }
-                handles = [
-                    m.register_forward_hook(lambda _m, inp, _out, acc=accs[n]: acc.add(inp[0]))
-                    for n, m in targets.items()
-                ]
-                try:
-                    for b in batches:
-                        run_block(block, b)
-                finally:
-                    for h in handles:
-                        h.remove()
-                stats = {n: a.result() for n, a in accs.items()}
-            for name, mod in targets.items():
-                weight = families.get_weight(mod)
-                st = stats.get(name) or LayerStats(xnorm_sq=None, hessian=None, ntokens=0)
-                tm = time.perf_counter()
-                mask = method.prune(weight, st, spec)
-                weight.masked_fill_(mask.to(weight.device), 0)
-                mask_s += time.perf_counter() - tm
-                families.set_weight(mod, weight)
-                layers[name] = float(mask.sum().item()) / mask.numel()
-                stats.pop(name, None)
-            del stats
+            res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec)
+            layers.update(res.layers)
+            ignored.extend(res.ignored)
+            mask_s += res.mask_s
             if need_stats and i + 1 < nblocks:
                 batches = [(run_block(block, b), b[1], b[2]) for b in batches]
             if on_progress is not None:

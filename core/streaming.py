@@ -6,7 +6,7 @@ needs is ever materialised from the safetensors files:
 1. the modules before block 0 (embeddings...) to capture block 0's inputs with
    :func:`core.engine.capture_block_inputs`, batch by batch, then they go back to ``meta``;
 2. one decoder block at a time: load its tensors, collect statistics and prune with exactly the
-   engine's per-block procedure (:func:`prune_block`), re-run it to produce the next block's
+   engine's per-block procedure (:func:`core.engine.prune_block`), re-run it to produce the next block's
    inputs, write its tensors to its own safetensors shard, and return it to ``meta``;
 3. the non-block tensors (embeddings, final norm, untied ``lm_head``) are copied from the input
    checkpoint in dtype ``dtype``; tied weights are written once, as ``save_pretrained`` does.
@@ -37,7 +37,6 @@ from torch import nn
 
 from core import engine, families
 from core.errors import InvalidInput, ModelLoadError
-from core.methods.base import Method
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.spec import PruneSpec
 
@@ -45,7 +44,6 @@ __all__ = [
     "ActivationStore",
     "Checkpoint",
     "checkpoint_bytes",
-    "prune_block",
     "prune_streaming",
     "should_stream",
 ]
@@ -301,67 +299,6 @@ class ActivationStore(Sequence[engine.Batch]):
 
 
 # --------------------------------------------------------------------------------------------
-# One block (the engine's per-block step; see the note in prune_block)
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def prune_block(
-    block: nn.Module,
-    index: int,
-    family: families.Family,
-    batches: Sequence[engine.Batch],
-    method: Method,
-    spec: PruneSpec,
-) -> dict[str, Any]:
-    """Collect statistics over ``batches``, prune ``block``'s linears in place; return
-    ``{"layers": {name: sparsity}, "numel": {name: weights}, "ignored": [names], "mask_s": seconds}``.
-
-    This is exactly the body of ``core.engine.prune``'s block loop (same hooks, same
-    accumulators, same mask application), factored out so that the in-memory and streaming
-    paths produce identical masks. It should move into ``core/engine.py`` and be called there.
-    """
-    from core.stats import LayerStats, StatsAccumulator
-
-    need_xnorm = "xnorm" in method.needs
-    need_hessian = "hessian" in method.needs
-    linears = families.block_linears(block, f"{family.blocks}.{index}")
-    targets = {n: m for n, m in linears.items() if not families.is_ignored(n, spec.ignore)}
-    ignored = [n for n in linears if n not in targets]
-    stats: dict[str, LayerStats] = {}
-    if targets and (need_xnorm or need_hessian):
-        accs = {
-            n: StatsAccumulator(families.in_features(m), need_xnorm, need_hessian) for n, m in targets.items()
-        }
-        handles = [
-            m.register_forward_hook(lambda _m, inp, _out, acc=accs[n]: acc.add(inp[0]))
-            for n, m in targets.items()
-        ]
-        try:
-            for b in batches:
-                engine.run_block(block, b)
-        finally:
-            for h in handles:
-                h.remove()
-        stats = {n: a.result() for n, a in accs.items()}
-    layers: dict[str, float] = {}
-    numel: dict[str, int] = {}
-    mask_s = 0.0
-    for name, mod in targets.items():
-        weight = families.get_weight(mod)
-        st = stats.get(name) or LayerStats(xnorm_sq=None, hessian=None, ntokens=0)
-        tm = time.perf_counter()
-        mask = method.prune(weight, st, spec)
-        weight.masked_fill_(mask.to(weight.device), 0)
-        mask_s += time.perf_counter() - tm
-        families.set_weight(mod, weight)
-        layers[name] = float(mask.sum().item()) / mask.numel()
-        numel[name] = mask.numel()
-        stats.pop(name, None)
-    return {"layers": layers, "numel": numel, "ignored": ignored, "mask_s": mask_s}
-
-
-# --------------------------------------------------------------------------------------------
 # Streaming run
 # --------------------------------------------------------------------------------------------
 
@@ -555,11 +492,11 @@ def prune_streaming(
                 prefix = f"{family.blocks}.{i}."
                 names = {k: prefix + k for k in block.state_dict()}
                 _materialize(block, names, ckpt, dtype)
-                res = prune_block(block, i, family, store, method, spec)
-                layers.update(res["layers"])
-                numel.update(res["numel"])
-                ignored.extend(res["ignored"])
-                mask_s += res["mask_s"]
+                res = engine.prune_block(block, f"{family.blocks}.{i}", store, method, spec)
+                layers.update(res.layers)
+                numel.update(res.numel)
+                ignored.extend(res.ignored)
+                mask_s += res.mask_s
                 if i + 1 < nblocks:
                     for j in range(len(store)):
                         store.replace_hidden(j, engine.run_block(block, store[j]))
