@@ -125,7 +125,7 @@ def prune_block(
     (``model.layers.3``). Statistics are only gathered when ``method.needs`` asks for them;
     producing the next block's inputs is left to the caller.
     """
-    from core.stats import LayerStats, StatsAccumulator
+    from core.stats import LayerStats, SharedInputs, StatsAccumulator
 
     need_xnorm = "xnorm" in method.needs
     need_hessian = "hessian" in method.needs
@@ -137,14 +137,15 @@ def prune_block(
         accs = {
             n: StatsAccumulator(families.in_features(m), need_xnorm, need_hessian) for n, m in targets.items()
         }
-        handles = [
-            m.register_forward_hook(lambda _m, inp, _out, acc=accs[n]: acc.add(inp[0]))
-            for n, m in targets.items()
-        ]
+        # Linears fed the same tensor (q/k/v, gate/up) share its fp32 cast and squared sums.
+        shared = SharedInputs()
+        handles = [m.register_forward_hook(shared.hook(accs[n])) for n, m in targets.items()]
         try:
             for b in batches:
                 run_block(block, b)
+                shared.clear()
         finally:
+            shared.clear()
             for h in handles:
                 h.remove()
         stats = {n: a.result() for n, a in accs.items()}
@@ -156,7 +157,7 @@ def prune_block(
         weight.masked_fill_(mask.to(weight.device), 0)
         res.mask_s += time.perf_counter() - tm
         families.set_weight(mod, weight)
-        res.layers[name] = float(mask.sum().item()) / mask.numel()
+        res.layers[name] = int(torch.count_nonzero(mask)) / mask.numel()
         res.numel[name] = mask.numel()
         del st
     return res

@@ -1,18 +1,24 @@
 """Per-layer calibration statistics gathered from a linear layer's inputs.
 
-The engine creates one :class:`StatsAccumulator` per prunable layer, calls
-:meth:`StatsAccumulator.add` from a forward hook with the layer input (any leading shape,
-any float dtype), and hands :meth:`StatsAccumulator.result` to the pruning method.
+The engine creates one :class:`StatsAccumulator` per prunable layer, feeds it every layer
+input (any leading shape, any float dtype) from a forward hook, and hands
+:meth:`StatsAccumulator.result` to the pruning method. Layers that receive the very same input
+tensor (q/k/v projections, gate/up) share one :class:`InputPartial` per batch through
+:class:`SharedInputs`: the input's fp32 cast and squared-norm sum are computed once, and every
+accumulator adds the same values in the same order as :meth:`StatsAccumulator.add` would, so
+the statistics are bit-identical.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LayerStats", "StatsAccumulator"]
+__all__ = ["InputPartial", "LayerStats", "SharedInputs", "StatsAccumulator"]
 
 
 @dataclass
@@ -27,6 +33,15 @@ class LayerStats:
     xnorm_sq: Tensor | None
     hessian: Tensor | None
     ntokens: int
+
+
+@dataclass
+class InputPartial:
+    """One batch of layer inputs, prepared once: ``x`` fp32 ``[t, in]`` on the accumulator's
+    device and, when computed, ``xnorm_sq`` = fp64 ``sum_t x_t ** 2`` ``[in]``."""
+
+    x: Tensor
+    xnorm_sq: Tensor | None
 
 
 class StatsAccumulator:
@@ -59,24 +74,48 @@ class StatsAccumulator:
             size = (self.in_features, self.in_features)
             self._hessian = torch.zeros(size, dtype=torch.float32, device=device)
 
+    def _target(self, x: Tensor) -> torch.device:
+        return self._device if self._device is not None else x.device
+
     @torch.no_grad()
-    def add(self, x: Tensor) -> None:
-        """Add a batch of inputs shaped ``[..., in]`` (upcast to fp32)."""
+    def partial(self, x: Tensor) -> InputPartial:
+        """Prepare a batch of inputs ``[..., in]`` for :meth:`add_partial` (shareable)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        device = self._device if self._device is not None else x.device
-        x2 = x.detach().reshape(-1, self.in_features).to(device=device, dtype=torch.float32)
+        x2 = x.detach().reshape(-1, self.in_features).to(device=self._target(x), dtype=torch.float32)
+        sq = x2.square().sum(dim=0, dtype=torch.float64) if self.need_xnorm and x2.shape[0] else None
+        return InputPartial(x=x2, xnorm_sq=sq)
+
+    def accepts(self, p: InputPartial) -> bool:
+        """Whether ``p`` holds everything this accumulator needs, on its device."""
+        return (
+            p.x.shape[-1] == self.in_features
+            and (self._device is None or p.x.device == self._device)
+            and (p.xnorm_sq is not None or not self.need_xnorm or p.x.shape[0] == 0)
+        )
+
+    @torch.no_grad()
+    def add_partial(self, p: InputPartial) -> None:
+        """Add a prepared batch (from this or an :meth:`accepts`-compatible accumulator)."""
+        if not self.accepts(p):
+            raise ValueError("input partial does not match this accumulator (features, device or xnorm)")
+        x2 = p.x
         t = x2.shape[0]
         if t == 0:
             return
-        self._alloc(device)
+        self._alloc(x2.device)
         if self._xnorm is not None:
-            self._xnorm += x2.square().sum(dim=0, dtype=torch.float64)
+            assert p.xnorm_sq is not None
+            self._xnorm += p.xnorm_sq
         if self._hessian is not None:
             n = self.ntokens
             self._hessian.mul_(n / (n + t))
             self._hessian.addmm_(x2.t(), x2, alpha=2.0 / (n + t))
         self.ntokens += t
+
+    def add(self, x: Tensor) -> None:
+        """Add a batch of inputs shaped ``[..., in]`` (upcast to fp32)."""
+        self.add_partial(self.partial(x))
 
     def result(self) -> LayerStats:
         """The statistics so far (zeros when nothing was added)."""
@@ -84,3 +123,41 @@ class StatsAccumulator:
         self._alloc(device)
         xnorm = self._xnorm.to(torch.float32) if self._xnorm is not None else None
         return LayerStats(xnorm_sq=xnorm, hessian=self._hessian, ntokens=self.ntokens)
+
+
+class SharedInputs:
+    """Forward-hook factory: consecutive layers called on the same input tensor share its partial.
+
+    The last input seen (by identity and in-place version counter) and its
+    :class:`InputPartial` are kept; a hook receiving that same, unmodified tensor reuses the
+    partial instead of recomputing it. Call :meth:`clear` after each batch to drop the reference.
+    ``computed`` / ``shared`` count partials computed and reused.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[Tensor, int, InputPartial] | None = None
+        self.computed = 0
+        self.shared = 0
+
+    def partial_for(self, x: Tensor, acc: StatsAccumulator) -> InputPartial:
+        """``acc``'s partial for input ``x``, reused when ``x`` is the previous input."""
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version and acc.accepts(last[2]):
+            self.shared += 1
+            return last[2]
+        p = acc.partial(x)
+        self._last = (x, x._version, p)
+        self.computed += 1
+        return p
+
+    def hook(self, acc: StatsAccumulator) -> Callable[[Any, tuple[Any, ...], Any], None]:
+        """A ``register_forward_hook`` callback feeding ``acc`` the layer's first input."""
+
+        def fn(_module: Any, inputs: tuple[Any, ...], _output: Any) -> None:
+            acc.add_partial(self.partial_for(inputs[0], acc))
+
+        return fn
+
+    def clear(self) -> None:
+        """Forget the last input (call between batches)."""
+        self._last = None
