@@ -69,10 +69,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="three runs only (smoke test)")
     ap.add_argument("--partial", type=Path, help="JSON lines of finished rows: skip them, append new ones")
+    ap.add_argument("--results-md", type=Path, default=Path("docs/results.md"))
+    ap.add_argument("--render", type=Path, help="only re-render --results-md from this JSON file")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         one(args.one)
+        return
+    if args.render:
+        render_markdown(json.loads(args.render.read_text()), args.results_md)
         return
 
     results = []
@@ -151,7 +156,41 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     if args.plot:
         plot(results, args.plot)
+    if args.results_md:
+        render_markdown(out, args.results_md)
     print(json.dumps(out))
+
+
+BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+
+
+def table(out: dict) -> str:
+    """The results as a Markdown table (perplexity, sparsity, times, memory)."""
+    lines = [
+        "| run | calib. n | ppl | measured sparsity | N:M ok | wall s | prune s | mask s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["results"]:
+        n = r.get("nsamples", out["calibration"]["nsamples"]) if not r["dense"] else "-"
+        nm = {True: "yes", False: "NO", None: "-"}[r.get("nm_ok")]
+        mask = f"{r['mask_s']:.1f}" if r.get("mask_s") is not None else "-"
+        prune = f"{r['prune_s']:.1f}" if r.get("prune_s") is not None else "-"
+        lines.append(
+            f"| {r['label']} | {n} | {r['ppl']:.2f} | {r['sparsity_measured']:.4f} | {nm} "
+            f"| {r['wall_s']:.0f} | {prune} | {mask} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(out: dict, path: Path) -> None:
+    """Replace the generated table between the markers in `path` (create the file if needed)."""
+    block = f"{BEGIN}\n{table(out)}\n{END}"
+    text = path.read_text() if path.exists() else f"# Quality results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(head + block + tail)
 
 
 def plot(results: list[dict], path: Path) -> None:
