@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import Services, open_tenant_of, services
 from api.logctx import RequestLogMiddleware
-from api.metrics import JobsCollector, MetricsMiddleware
+from api.metrics import JobsCollector, http_latency_histogram
 from api.problems import HANDLERS, ProblemError, problem_response, problems
 from api.routes import router
 from jobs import logs
@@ -130,8 +130,7 @@ def create_app(
     for exc, handler in HANDLERS.items():
         app.add_exception_handler(exc, handler)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body)
-    app.add_middleware(MetricsMiddleware, registry=registry)
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(RequestLogMiddleware, latency=http_latency_histogram(registry))
     app.include_router(router)
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])

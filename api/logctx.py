@@ -1,5 +1,6 @@
-"""Per-request log context: the job id of `/v1/jobs/{id}…` and `/v1/artifacts/{tenant}/{id}/…`
-requests is bound to every log line of the request, and each request is logged once (JSON)."""
+"""Per-request observation: the job id of `/v1/jobs/{id}…` and `/v1/artifacts/{tenant}/{id}/…`
+requests is bound to every log line of the request, each request is logged once (JSON), and its
+latency is observed in the Prometheus histogram."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import re
 import time
 
+from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.logs import reset_job_id, set_job_id
@@ -16,10 +18,11 @@ _JOB_PATH = re.compile(r"^/v1/(?:jobs|artifacts/[^/]+)/([0-9a-f]{20})(?:/|$)")
 
 
 class RequestLogMiddleware:
-    """Bind the path's job id to the request's context and log method, path, status and latency."""
+    """Bind the path's job id to the request's context; log and observe method, route, status, latency."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, latency: Histogram | None = None) -> None:
         self.app = app
+        self.latency = latency
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,6 +41,10 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, _send)
         finally:
+            elapsed = time.perf_counter() - start
+            if self.latency is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.latency.labels(scope["method"], route, str(status[0])).observe(elapsed)
             log.info(
                 "%s %s %d",
                 scope["method"],
@@ -47,7 +54,7 @@ class RequestLogMiddleware:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status[0],
-                    "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                    "duration_ms": round(elapsed * 1000, 2),
                 },
             )
             reset_job_id(token)

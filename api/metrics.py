@@ -4,14 +4,12 @@ read from Redis at scrape time (the worker runs in other processes)."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from api.deps import Services
@@ -53,34 +51,12 @@ class JobsCollector(Collector):
         )
 
 
-class MetricsMiddleware:
-    """Observe every HTTP request's latency by method, route template and status."""
-
-    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
-        self.app = app
-        self.latency = Histogram(
-            "prune_http_request_duration_seconds",
-            "HTTP request latency.",
-            ["method", "route", "status"],
-            registry=registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = [500]
-
-        async def _send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.latency.labels(scope["method"], path, str(status[0])).observe(time.perf_counter() - start)
+def http_latency_histogram(registry: CollectorRegistry) -> Histogram:
+    """The HTTP latency histogram (method, route template, status), observed by the request middleware."""
+    return Histogram(
+        "prune_http_request_duration_seconds",
+        "HTTP request latency.",
+        ["method", "route", "status"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    )
