@@ -227,6 +227,7 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         infos = _upload(ctx, out, prefix, rep)
         files = [{"name": i.name, "size": i.size, "sha256": i.sha256} for i in infos]
         ctx.events.publish(job_id, "artifacts", {"files": files})
+        shutil.rmtree(work, ignore_errors=True)  # scratch is gone before the job reads as finished
         try:
             ctx.store.transition(
                 job_id,
@@ -244,6 +245,7 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         return JobStatus.succeeded.value
     except Cancelled:
         ctx.artifacts.delete_prefix(prefix)
+        shutil.rmtree(work, ignore_errors=True)
         _finish(ctx, job_id, JobStatus.cancelled)
         log.info("job %s: cancelled", job_id)
         return JobStatus.cancelled.value
@@ -254,6 +256,7 @@ def run_job(job_id: str, ctx: Context | None = None) -> str:
         else:
             log.warning("job %s: failed: %s", job_id, err.message)
         ctx.artifacts.delete_prefix(prefix)
+        shutil.rmtree(work, ignore_errors=True)
         ctx.events.publish(job_id, "error", err.model_dump())
         _finish(ctx, job_id, JobStatus.failed, error=err)
         return JobStatus.failed.value
