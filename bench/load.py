@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20, help="length of the mixed phase (others: half)")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--out", type=Path, default=Path("docs/bench/load.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp), env={"PRUNE_SIGNING_KEY": "bench"}) as stack:
