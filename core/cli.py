@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
     pr.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     pr.add_argument("--device", default="cpu", help="cpu | cuda")
+    pr.add_argument(
+        "--stream",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="prune block by block from the safetensors files (auto: when the checkpoint is large "
+        "for the available RAM; streaming runs skip perplexity evaluation)",
+    )
     pr.add_argument("--eval-data", default="wikitext2", help="evaluation text (wikitext2 | c4 | file)")
     pr.add_argument("--eval-seqlen", type=int, help="evaluation window length (default: calibration seqlen)")
     pr.add_argument("--eval-windows", type=int, help="at most this many evaluation windows")
@@ -92,6 +99,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
                 "gguf_file": args.gguf_file,
                 "dtype": args.dtype,
                 "device": args.device,
+                "stream": args.stream,
             },
             "prune": {
                 "method": args.method,

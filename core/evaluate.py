@@ -24,7 +24,7 @@ from core import families
 from core.errors import CalibrationError
 from core.spec import PruneSpec
 
-__all__ = ["FORMULA", "perplexity", "sparsity_report"]
+__all__ = ["FORMULA", "SparsityCounter", "perplexity", "sparsity_report"]
 
 FORMULA = (
     "W = min(floor(T / seqlen), max_windows) non-overlapping windows of the tokenized text (T tokens); "
@@ -79,6 +79,49 @@ def perplexity(
     }
 
 
+class SparsityCounter:
+    """Accumulates :func:`sparsity_report` over groups of linears (e.g. one block at a time)."""
+
+    def __init__(self, spec: PruneSpec | None = None) -> None:
+        self.spec = spec
+        self.layers: dict[str, float] = {}
+        self.ignored: list[str] = []
+        self.nm_ok: bool | None = True if spec is not None and spec.nm is not None else None
+        self._zeros = self._numel = self._all_zeros = self._all_numel = 0
+
+    @torch.no_grad()
+    def add(self, linears: dict[str, nn.Module]) -> None:
+        """Count the zeros of ``{qualified name: linear}``."""
+        from core.masks import check_nm
+
+        ignore = self.spec.ignore if self.spec is not None else []
+        nm = self.spec.nm if self.spec is not None else None
+        for name, mod in linears.items():
+            w = families.get_weight(mod)
+            z = int((w == 0).sum().item())
+            self._all_zeros += z
+            self._all_numel += w.numel()
+            if families.is_ignored(name, ignore):
+                self.ignored.append(name)
+                continue
+            self.layers[name] = z / w.numel()
+            self._zeros += z
+            self._numel += w.numel()
+            if nm is not None and not check_nm(w, nm[0], nm[1]):
+                self.nm_ok = False
+
+    def report(self) -> dict[str, Any]:
+        """The :func:`sparsity_report` dict of everything added so far."""
+        return {
+            "target": self.spec.target_sparsity if self.spec is not None else None,
+            "overall": self._zeros / self._numel if self._numel else 0.0,
+            "all_linears": self._all_zeros / self._all_numel if self._all_numel else 0.0,
+            "layers": self.layers,
+            "ignored": self.ignored,
+            "nm_ok": self.nm_ok,
+        }
+
+
 @torch.no_grad()
 def sparsity_report(model: nn.Module, spec: PruneSpec | None = None) -> dict[str, Any]:
     """Measured zeros of every prunable linear inside the decoder blocks.
@@ -87,32 +130,6 @@ def sparsity_report(model: nn.Module, spec: PruneSpec | None = None) -> dict[str
     whether every group of M consecutive input columns of those layers has at least M-N zeros
     (None for unstructured). ``all_linears`` is the zero fraction including ignored layers.
     """
-    from core.masks import check_nm
-
-    ignore = spec.ignore if spec is not None else []
-    nm = spec.nm if spec is not None else None
-    layers: dict[str, float] = {}
-    zeros = numel = all_zeros = all_numel = 0
-    nm_ok: bool | None = True if nm is not None else None
-    ignored: list[str] = []
-    for name, mod in families.prunable_linears(model).items():
-        w = families.get_weight(mod)
-        z = int((w == 0).sum().item())
-        all_zeros += z
-        all_numel += w.numel()
-        if families.is_ignored(name, ignore):
-            ignored.append(name)
-            continue
-        layers[name] = z / w.numel()
-        zeros += z
-        numel += w.numel()
-        if nm is not None and not check_nm(w, nm[0], nm[1]):
-            nm_ok = False
-    return {
-        "target": spec.target_sparsity if spec is not None else None,
-        "overall": zeros / numel if numel else 0.0,
-        "all_linears": all_zeros / all_numel if all_numel else 0.0,
-        "layers": layers,
-        "ignored": ignored,
-        "nm_ok": nm_ok,
-    }
+    counter = SparsityCounter(spec)
+    counter.add(families.prunable_linears(model))
+    return counter.report()

@@ -94,6 +94,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f"; N:M pattern holds: {s['nm_ok']}" if s.get("nm_ok") is not None else ""),
         "",
     ]
+    streamed = report.get("streaming") or {}
+    if streamed.get("used"):
+        lines[-1:-1] = [
+            f"- Streaming mode (block by block from the checkpoint); perplexity {streamed['evaluation']}"
+        ]
     if e:
         lines += [
             "## Perplexity",

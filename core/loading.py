@@ -15,7 +15,14 @@ from core import families
 from core.errors import CoreError, InvalidInput, ModelLoadError
 from core.spec import ModelSpec
 
-__all__ = ["Loaded", "hub_online", "load_model", "model_context", "resolve_source"]
+__all__ = [
+    "Loaded",
+    "hub_online",
+    "load_config_and_tokenizer",
+    "load_model",
+    "model_context",
+    "resolve_source",
+]
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -197,6 +204,29 @@ def load_model(spec: ModelSpec) -> Loaded:
     model.to(spec.device)
     model.eval()
     return Loaded(model=model, tokenizer=tokenizer, family=family, source=where, gguf=bool(src.gguf_file))
+
+
+def load_config_and_tokenizer(spec: ModelSpec) -> tuple[Any, Any, families.Family, str]:
+    """``(config, tokenizer, family, where)`` without reading any weight (streaming mode).
+
+    Same checks and errors as :func:`load_model`: the architecture from the config, the
+    safetensors headers of a local directory, then the tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    src = resolve_source(spec)
+    config = _load_config(src)
+    family = families.family_for(config)
+    if src.local and not src.gguf_file:
+        _check_safetensors(Path(src.path))
+    where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
+    try:
+        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(src.path, **tok_kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load tokenizer from {where}: {first}") from None
+    return config, tokenizer, family, where
 
 
 def strip_quantization(model: Any) -> None:

@@ -2,6 +2,12 @@
 
 Progress is reported with overall fractions in [0, 1]; cancellation is checked between stages
 and (inside the engine) between blocks. Artifacts appear in ``out_dir`` only when complete.
+
+Streaming mode (``ModelSpec.stream``, see :func:`use_streaming`) prunes a local safetensors
+checkpoint block by block with :func:`core.streaming.prune_streaming` instead: only the config
+and tokenizer are loaded, there is no perplexity evaluation (the model is assumed not to fit in
+memory), and the output has the same layout (``model/``, ``report.json``, ``report.md``,
+``manifest.json``).
 """
 
 from __future__ import annotations
@@ -13,11 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import data, engine, evaluate, export, families
+from core import data, engine, evaluate, export, families, streaming
+from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
-from core.spec import RunSpec
+from core.spec import ModelSpec, RunSpec
 
-__all__ = ["STAGE_WEIGHTS", "run"]
+__all__ = ["STAGE_WEIGHTS", "run", "use_streaming"]
+
+STREAMING_EVAL_NOTE = (
+    "not evaluated: streaming mode never holds the whole model in memory, so perplexity "
+    "(dense or pruned) is not measured; evaluate the exported model separately if it fits"
+)
 
 # Relative share of the progress bar given to each stage (only enabled stages count).
 STAGE_WEIGHTS: dict[str, float] = {
@@ -117,6 +129,29 @@ def _eval_batch(seqlen: int, vocab: int) -> int:
     return max(1, min(8, (256 * 2**20) // max(1, seqlen * vocab * 4)))
 
 
+def use_streaming(model: ModelSpec) -> bool:
+    """Whether to prune in streaming mode.
+
+    ``never``: no. ``always``: yes, but only for a local directory of safetensors weights on the
+    CPU (else :class:`InvalidInput`). ``auto``: for such a directory when
+    :func:`core.streaming.should_stream` says the checkpoint is large for the available RAM.
+    """
+    if model.stream == "never":
+        return False
+    src = Path(model.source).expanduser()
+    local = model.gguf_file is None and src.is_dir() and any(src.glob("*.safetensors"))
+    if model.stream == "always":
+        if not local:
+            raise InvalidInput(
+                "stream='always' needs a local Hugging Face directory with safetensors weights "
+                f"(got {model.source!r})"
+            )
+        if model.device != "cpu":
+            raise InvalidInput("streaming mode runs on the CPU: use device 'cpu' or stream 'never'")
+        return True
+    return local and model.device == "cpu" and streaming.should_stream(src)
+
+
 def run(
     spec: RunSpec,
     out_dir: str | Path,
@@ -131,6 +166,12 @@ def run(
     """
     t_start = time.perf_counter()
     out = export.check_out_dir(out_dir)
+    if spec.model.stream != "never":
+        from core.loading import resolve_source
+
+        resolve_source(spec.model)  # a missing source is reported as such, not as a streaming error
+        if use_streaming(spec.model):
+            return _run_streaming(spec, out, on_progress, should_cancel, data_dir, t_start)
     ev = spec.evaluation
     enabled = ["loading", "calibrating"]
     if ev.enabled and ev.dense_baseline:
@@ -248,6 +289,7 @@ def run(
             "evaluation": evaluation,
             "timings": timings,
             "peak_rss_mb": None,
+            "streaming": {"used": False, "mode": spec.model.stream},
         }
 
         check_cancel(should_cancel)
@@ -260,6 +302,116 @@ def run(
             rss._sample()
             report["peak_rss_mb"] = round(rss.mb, 1)
             _cuda_peak(report, spec.model.device)
+            export.write_reports(tmp, report, spec.outputs)
+            check_cancel(should_cancel)
+        stages.emit("exporting", 1.0, "exporting", "done")
+    return report
+
+
+def _run_streaming(
+    spec: RunSpec,
+    out: Path,
+    on_progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+    data_dir: str | Path | None,
+    t_start: float,
+) -> dict[str, Any]:
+    """:func:`run` in streaming mode: tokenizer-only calibration, ``prune_streaming``, reports."""
+    import shutil
+
+    import torch
+
+    from core.loading import load_config_and_tokenizer, model_context
+
+    stages = _Stages(["loading", "calibrating", "pruning", "exporting"], on_progress)
+    timings: dict[str, float] = {}
+    with _PeakRSS() as rss:
+        check_cancel(should_cancel)
+        stages.emit("loading", 0.0, "loading", f"reading config and tokenizer of {spec.model.source}")
+        t = time.perf_counter()
+        config, tok, family, where = load_config_and_tokenizer(spec.model)
+        timings["load_s"] = time.perf_counter() - t
+        stages.emit("loading", 1.0, "loading", "config and tokenizer loaded (streaming mode)")
+
+        check_cancel(should_cancel)
+        stages.emit("calibrating", 0.0, "calibrating", f"reading {spec.calibration.source}")
+        t = time.perf_counter()
+        cal = spec.calibration
+        seqlen = data.resolve_seqlen(cal.seqlen, model_context(config))
+        calibration, cal_source = data.calibration_windows(
+            cal.source, tok, cal.nsamples, seqlen, cal.seed, cal.text_field, data_dir
+        )
+        timings["calibrate_s"] = time.perf_counter() - t
+        stages.emit("calibrating", 1.0, "calibrating", f"{calibration.shape[0]} windows x {seqlen} tokens")
+
+        def on_stream(p: Progress) -> None:
+            if p.stage == "pruning":
+                stages.emit("pruning", p.fraction, "pruning", p.message, block=p.block, nblocks=p.nblocks)
+            else:
+                stages.emit("exporting", 0.0, "exporting", p.message)
+
+        check_cancel(should_cancel)
+        stages.emit("pruning", 0.0, "pruning", f"pruning with {spec.prune.method} (streaming)")
+        with export.staging_dir(out) as tmp:
+            info = streaming.prune_streaming(
+                spec.model.source,
+                tmp / "streamed",
+                calibration,
+                spec.prune,
+                on_stream,
+                should_cancel,
+                dtype=getattr(torch, spec.model.dtype),
+            )
+            t = time.perf_counter()
+            (tmp / "streamed" / "report.json").unlink()
+            if spec.outputs.model:
+                (tmp / "streamed" / "model").rename(tmp / "model")
+            shutil.rmtree(tmp / "streamed")
+            st = info["timings"]
+            timings["prune_s"] = info["prune_s"]
+            timings["mask_s"] = info["mask_s"]
+            timings["eval_s"] = 0.0
+            archs = getattr(config, "architectures", None) or ["?"]
+            report: dict[str, Any] = {
+                "spec": spec.model_dump(mode="json"),
+                "versions": _versions(),
+                "model": {
+                    "source": where,
+                    "family": family.name,
+                    "architecture": archs[0],
+                    "model_type": config.model_type,
+                    "nblocks": info["nblocks"],
+                    "params": info["params"],
+                    "dtype": spec.model.dtype,
+                    "device": spec.model.device,
+                    "gguf": False,
+                },
+                "calibration": {
+                    "source": cal_source,
+                    "nsamples": int(calibration.shape[0]),
+                    "seqlen": seqlen,
+                    "seed": cal.seed,
+                },
+                "sparsity": info["sparsity"],
+                "evaluation": None,
+                "timings": timings,
+                "peak_rss_mb": None,
+                "streaming": {
+                    "used": True,
+                    "mode": spec.model.stream,
+                    "evaluation": STREAMING_EVAL_NOTE if spec.evaluation.enabled else "disabled",
+                    "checkpoint_bytes": info["checkpoint_bytes"],
+                    "output_bytes": info["output_bytes"],
+                    "spilled": info["spilled"],
+                    "capture_s": st["capture_s"],
+                    "blocks_s": st["blocks_s"],
+                },
+            }
+            check_cancel(should_cancel)
+            timings["export_s"] = st["export_s"] + time.perf_counter() - t
+            timings["total_s"] = time.perf_counter() - t_start
+            rss._sample()
+            report["peak_rss_mb"] = round(rss.mb, 1)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")

@@ -113,6 +113,12 @@ class ModelSpec(_Strict):
     gguf_file: str | None = Field(default=None, max_length=512, description="GGUF file name inside `source`.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
+    stream: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Prune block by block from the safetensors files without loading the model whole. "
+        "'auto': when a local safetensors checkpoint exceeds 40% of available RAM (CPU only). "
+        "Streaming runs skip perplexity evaluation.",
+    )
 
 
 class CalibrationSpec(_Strict):

@@ -396,7 +396,8 @@ def prune_streaming(
     atomically. ``spill``: True keeps block activations on disk (under ``spill_dir``, default
     beside ``out_dir``), False in memory, None decides: spill when they exceed 10% of available
     RAM. Returns the engine's keys (``layers``, ``ignored``, ``mask_s``, ``prune_s``...) plus
-    ``streaming``, ``sparsity``, ``timings`` (``capture_s``, ``blocks_s``, ``export_s``,
+    ``streaming``, ``params``, ``sparsity`` (measured zeros, as ``core.evaluate.sparsity_report``),
+    ``timings`` (``capture_s``, ``blocks_s``, ``export_s``,
     ``total_s``), ``checkpoint_bytes``, ``output_bytes`` and ``spilled``.
 
     ``tune_malloc`` (glibc only) makes large allocations use mmap for the rest of the process
@@ -406,6 +407,7 @@ def prune_streaming(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from core import export
+    from core.evaluate import SparsityCounter
     from core.methods import get_method
 
     t_start = time.perf_counter()
@@ -430,6 +432,7 @@ def prune_streaming(
     model.tie_weights()  # not done on meta by from_config; tied tensors are then written once
     model.eval()
     ckpt = Checkpoint(model_dir, model)
+    params = sum(p.numel() for p in model.parameters())
     blocks = families.get_blocks(model, family)
     nblocks = len(blocks)
     nm = spec.nm
@@ -453,8 +456,8 @@ def prune_streaming(
 
     timings: dict[str, Any] = {}
     layers: dict[str, float] = {}
-    numel: dict[str, int] = {}
     ignored: list[str] = []
+    measured = SparsityCounter(spec)
     mask_s = 0.0
     weight_map: dict[str, str] = {}
     total_size = 0
@@ -494,9 +497,9 @@ def prune_streaming(
                 _materialize(block, names, ckpt, dtype)
                 res = engine.prune_block(block, f"{family.blocks}.{i}", store, method, spec)
                 layers.update(res.layers)
-                numel.update(res.numel)
                 ignored.extend(res.ignored)
                 mask_s += res.mask_s
+                measured.add(families.block_linears(block, f"{family.blocks}.{i}"))
                 if i + 1 < nblocks:
                     for j in range(len(store)):
                         store.replace_hidden(j, engine.run_block(block, store[j]))
@@ -543,7 +546,6 @@ def prune_streaming(
         timings["total_s"] = time.perf_counter() - t_start
         peak_rss = max(peak_rss, _rss_mb() or 0.0)
 
-        total = sum(numel.values())
         report: dict[str, Any] = {
             "streaming": True,
             "method": spec.method,
@@ -555,11 +557,8 @@ def prune_streaming(
             "ignored": ignored,
             "mask_s": mask_s,
             "prune_s": prune_s,
-            "sparsity": {
-                "target": spec.target_sparsity,
-                "overall": sum(v * numel[n] for n, v in layers.items()) / total if total else 0.0,
-                "layers": layers,
-            },
+            "params": params,
+            "sparsity": measured.report(),
             "calibration": {"nsamples": int(cal.shape[0]), "seqlen": int(cal.shape[1])},
             "timings": timings,
             "checkpoint_bytes": checkpoint_bytes(model_dir),

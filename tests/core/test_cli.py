@@ -27,6 +27,7 @@ from tests.tiny_models import REPO
         (["prune", "--model", "/does/not/exist", "--out", "o"], "model path not found"),
         (["eval", "--model", "/does/not/exist"], "model path not found"),
         (["frobnicate"], "invalid choice"),
+        (["prune", "--model", "m", "--out", "o", "--stream", "sometimes"], "invalid choice"),
     ],
 )
 def test_bad_arguments_exit_2_one_line(argv, message, tmp_path: Path, capsys) -> None:
@@ -69,3 +70,10 @@ def test_subprocess_prune_and_eval(tiny_model_dir, small_text: Path, tmp_path: P
         text=True,
     )
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "not empty" in res.stderr
+
+
+def test_stream_flag() -> None:
+    args = cli.build_parser().parse_args(["prune", "--model", "m", "--out", "o", "--stream", "always"])
+    assert cli.spec_from_args(args).model.stream == "always"
+    args = cli.build_parser().parse_args(["prune", "--model", "m", "--out", "o"])
+    assert cli.spec_from_args(args).model.stream == "auto"

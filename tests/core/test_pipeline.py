@@ -210,3 +210,92 @@ def test_smollm2_gguf_short_run(smollm2_gguf: Path, data_dir: Path, tmp_path: Pa
     # dequantized Q4_1 weights may already hold a few exact zeros
     assert 0.5 <= (w == 0).float().mean().item() < 0.51
     assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_streaming_mode_matches_in_memory(family: str, small_text: Path, tmp_path: Path) -> None:
+    from tests import tiny_models
+
+    src = tmp_path / "sharded"
+    tiny_models.build(family, layers=3).save_pretrained(src, max_shard_size="100KB")
+    tiny_models.tokenizer().save_pretrained(src)
+    assert len(list(src.glob("*.safetensors"))) > 1
+
+    def spec(stream: str, evaluate: bool) -> RunSpec:
+        return RunSpec.model_validate(
+            {
+                "model": {"source": str(src), "stream": stream},
+                "prune": {"method": "wanda", "pattern": "2:4", "batch_size": 3},
+                "calibration": {"source": str(small_text), "nsamples": 4, "seqlen": 32},
+                "evaluation": {"enabled": evaluate, "source": str(small_text), "max_windows": 1},
+                "outputs": {"max_shard_size": "100KB"},
+            }
+        )
+
+    events: list[Progress] = []
+    rs = pipeline.run(spec("always", True), tmp_path / "s", events.append)
+    rm = pipeline.run(spec("never", False), tmp_path / "m")
+
+    a, b = _tensors(tmp_path / "s" / "model"), _tensors(tmp_path / "m" / "model")
+    assert set(a) == set(b)
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    assert REPORT_KEYS <= set(rs) and TIMINGS <= set(rs["timings"])
+    assert rs["streaming"]["used"] is True and rm["streaming"] == {"used": False, "mode": "never"}
+    assert rs["evaluation"] is None and "not evaluated" in rs["streaming"]["evaluation"]
+    assert rs["sparsity"] == rm["sparsity"] and rs["sparsity"]["nm_ok"] is True
+    assert rs["model"]["params"] == rm["model"]["params"] and rs["model"]["nblocks"] == 3
+    assert rs["calibration"] == rm["calibration"]
+    assert {p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").iterdir()} == {
+        "model",
+        "report.json",
+        "report.md",
+        "manifest.json",
+    }
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())["files"]
+    files = {p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    assert set(manifest) == files - {"manifest.json"}
+    assert "Streaming mode" in (tmp_path / "s" / "report.md").read_text()
+    fracs = [p.fraction for p in events]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
+    assert [p.block for p in events if p.stage == "pruning" and p.block] == [1, 2, 3]
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+def test_stream_auto_and_refusals(tiny_model_dir, smollm2_gguf_or_file, monkeypatch, tmp_path: Path) -> None:
+    from core import streaming
+
+    src = tiny_model_dir("llama")
+    assert pipeline.use_streaming(ModelSpec(source=str(src), stream="never")) is False
+    monkeypatch.setattr(streaming, "should_stream", lambda d: True)
+    assert pipeline.use_streaming(ModelSpec(source=str(src))) is True
+    assert pipeline.use_streaming(ModelSpec(source=str(src), device="cuda")) is False
+    monkeypatch.setattr(streaming, "should_stream", lambda d: False)
+    assert pipeline.use_streaming(ModelSpec(source=str(src))) is False
+    assert pipeline.use_streaming(ModelSpec(source=str(src), stream="always")) is True
+    with pytest.raises(InvalidInput, match="streaming mode runs on the CPU"):
+        pipeline.use_streaming(ModelSpec(source=str(src), stream="always", device="cuda"))
+    with pytest.raises(InvalidInput, match="needs a local Hugging Face directory"):
+        pipeline.use_streaming(ModelSpec(source=str(smollm2_gguf_or_file), stream="always"))
+    with pytest.raises(ModelLoadError, match="not found"):
+        pipeline.run(
+            RunSpec.model_validate({"model": {"source": str(tmp_path / "nope"), "stream": "always"}}),
+            tmp_path / "o",
+        )
+
+
+@pytest.fixture
+def smollm2_gguf_or_file(tmp_path: Path) -> Path:
+    """Any .gguf path (only its suffix matters to ``use_streaming``)."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    return path
