@@ -5,6 +5,8 @@ optimisations"). ``--repo DIR`` imports ``core`` from another checkout (e.g. a `
 of the previous commit), so both versions run with the same script. Prints one JSON object:
 wall times of ``--repeats`` runs, a cProfile summary of one more run (own time of the
 statistics' ``square``/``sum`` calls and of the whole prune) and a SHA-256 of every layer's mask.
+``--ab N``: instead, N interleaved repetitions of one statistics pass over the blocks with no
+hooks, per-layer hooks (the previous engine) and shared-input hooks (the current one).
 """
 
 from __future__ import annotations
@@ -32,6 +34,54 @@ def _mask_digest(model: Any) -> str:
     return h.hexdigest()
 
 
+def _ab_hooks(model: Any, ids: Any, reps: int, nblocks: int) -> dict[str, Any]:
+    """Interleaved A/B timing of one statistics pass over ``nblocks`` blocks (same process):
+    ``plain`` (no hooks), ``per_layer`` (every linear squares its input: the previous engine)
+    and ``shared`` (:class:`core.stats.SharedInputs`, the current engine). Medians in seconds."""
+    import statistics
+
+    import torch
+
+    from core import engine, families
+    from core.stats import SharedInputs, StatsAccumulator
+
+    fam = families.family_for(model)
+    blocks = families.get_blocks(model, fam)[:nblocks]
+    batches = engine.capture_block_inputs(model, ids, 8, fam)
+
+    def one(block: Any, prefix: str, mode: str) -> float:
+        lin = families.block_linears(block, prefix)
+        accs = {n: StatsAccumulator(families.in_features(m), True, False) for n, m in lin.items()}
+        shared = SharedInputs()
+        if mode == "per_layer":
+            hooks = [
+                m.register_forward_hook(lambda _m, inp, _o, acc=accs[n]: acc.add(inp[0]))
+                for n, m in lin.items()
+            ]
+        elif mode == "shared":
+            hooks = [m.register_forward_hook(shared.hook(accs[n])) for n, m in lin.items()]
+        else:
+            hooks = []
+        t = time.perf_counter()
+        with torch.no_grad():
+            for b in batches:
+                engine.run_block(block, b)
+                shared.clear()
+        dt = time.perf_counter() - t
+        for h in hooks:
+            h.remove()
+        return dt
+
+    times: dict[str, list[float]] = {"plain": [], "per_layer": [], "shared": []}
+    for r in range(reps):
+        order = ["plain", "per_layer", "shared"] if r % 2 == 0 else ["shared", "per_layer", "plain"]
+        for mode in order:
+            times[mode].append(sum(one(b, f"{fam.blocks}.{i}", mode) for i, b in enumerate(blocks)))
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    over = {k: round(med[k] - med["plain"], 3) for k in ("per_layer", "shared")}
+    return {"blocks": nblocks, "reps": reps, "median_s": med, "stats_overhead_s": over, "all_s": times}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repo", help="checkout to import core from (default: this one)")
@@ -39,6 +89,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--baseline", action="store_true", help="also compare masks with bench/baseline_wanda")
+    ap.add_argument("--ab", type=int, default=0, help="only the interleaved hook A/B timing, this many reps")
+    ap.add_argument("--ab-blocks", type=int, default=30, help="blocks per A/B pass")
     args = ap.parse_args()
     repo = Path(args.repo).resolve() if args.repo else Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
@@ -55,6 +107,9 @@ def main() -> None:
     dense = loaded.model.eval()
     ids, _ = data.calibration_windows("wikitext2", loaded.tokenizer, args.nsamples, args.seqlen, 0)
     spec = PruneSpec(method="wanda", pattern="2:4", batch_size=8)
+    if args.ab:
+        print(json.dumps(_ab_hooks(dense, ids, args.ab, args.ab_blocks), indent=2))
+        return
 
     walls: list[float] = []
     digest = ""
