@@ -19,6 +19,8 @@ log = logging.getLogger("worker.webhooks")
 MAX_ATTEMPTS = 5
 """Tries per `started` / `completed` delivery (backoff 1, 2, 4, 8 s); `progress` is tried once."""
 MAX_BACKOFF_S = 60.0
+MAX_PENDING_PROGRESS = 32
+"""Progress messages are shed only when this many deliveries are already waiting (a slow receiver)."""
 DRAIN_TIMEOUT_S = 120.0
 """How long the end of a job waits for pending deliveries before the worker process moves on."""
 
@@ -52,11 +54,12 @@ class Notifier:
         return bool(self.url and self.secret)
 
     def send(self, kind: str, event_type: str, data: dict[str, Any]) -> None:
-        """Queue `event_type` (e.g. `job.started`) if the job subscribed to `kind`. A progress event is
-        dropped while an earlier delivery is still pending (progress is only ever a snapshot)."""
+        """Queue `event_type` (e.g. `job.started`) if the job subscribed to `kind`. Progress events are
+        shed only behind a backlog of MAX_PENDING_PROGRESS deliveries (each is only a snapshot), so a
+        responsive receiver gets every stage and block."""
         if not self.enabled or kind not in self.subscribed:
             return
-        if kind == "progress" and not self._queue.empty():
+        if kind == "progress" and self._queue.qsize() >= MAX_PENDING_PROGRESS:
             return
         payload = {"job_id": self.job_id, "tenant": self.tenant, **data}
         self._queue.put((event_type, payload, 1 if kind == "progress" else self.max_attempts))
