@@ -163,6 +163,19 @@ def prune_block(
     return res
 
 
+def check_nm_shapes(model: nn.Module, family: families.Family, spec: PruneSpec) -> None:
+    """Refuse, before any work, an N:M pattern whose M does not divide a pruned layer's inputs."""
+    nm = spec.nm
+    if nm is None:
+        return
+    for name, mod in families.prunable_linears(model, family).items():
+        if not families.is_ignored(name, spec.ignore) and families.in_features(mod) % nm[1]:
+            raise InvalidInput(
+                f"layer {name} has {families.in_features(mod)} input features, "
+                f"not a multiple of M={nm[1]} for pattern {spec.pattern}"
+            )
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -187,14 +200,7 @@ def prune(
     family = families.family_for(model)
     blocks = families.get_blocks(model, family)
     nblocks = len(blocks)
-    nm = spec.nm
-    if nm is not None:
-        for name, mod in families.prunable_linears(model, family).items():
-            if not families.is_ignored(name, spec.ignore) and families.in_features(mod) % nm[1]:
-                raise InvalidInput(
-                    f"layer {name} has {families.in_features(mod)} input features, "
-                    f"not a multiple of M={nm[1]} for pattern {spec.pattern}"
-                )
+    check_nm_shapes(model, family, spec)
     was_training = model.training
     model.eval()
     check_cancel(should_cancel)

@@ -435,14 +435,7 @@ def prune_streaming(
     params = sum(p.numel() for p in model.parameters())
     blocks = families.get_blocks(model, family)
     nblocks = len(blocks)
-    nm = spec.nm
-    if nm is not None:
-        for name, mod in families.prunable_linears(model, family).items():
-            if not families.is_ignored(name, spec.ignore) and families.in_features(mod) % nm[1]:
-                raise InvalidInput(
-                    f"layer {name} has {families.in_features(mod)} input features, "
-                    f"not a multiple of M={nm[1]} for pattern {spec.pattern}"
-                )
+    engine.check_nm_shapes(model, family, spec)
 
     # Output shard plan: non-block groups first, then one shard per block.
     block_bytes = max(sum(_nbytes(t, dtype) for t in b.state_dict().values()) for b in blocks)
