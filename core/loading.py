@@ -169,23 +169,39 @@ def model_context(model_or_config: Any) -> int | None:
     return None
 
 
-def load_model(spec: ModelSpec) -> Loaded:
-    """Load the model (in ``spec.dtype`` on ``spec.device``, eval mode) and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _checked_source(spec: ModelSpec) -> tuple[_Source, Any, families.Family, str]:
+    """Resolve the source and run every check that needs no weight: config, architecture, headers."""
     src = resolve_source(spec)
     config = _load_config(src)
     family = families.family_for(config)  # refuse unsupported architectures before reading weights
     if src.local and not src.gguf_file:
         _check_safetensors(Path(src.path))
+    where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
+    return src, config, family, where
+
+
+def _load_tokenizer(src: _Source, where: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        return AutoTokenizer.from_pretrained(src.path, **tok_kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load tokenizer from {where}: {first}") from None
+
+
+def load_model(spec: ModelSpec) -> Loaded:
+    """Load the model (in ``spec.dtype`` on ``spec.device``, eval mode) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src, _config, family, where = _checked_source(spec)
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("device 'cuda' requested but no CUDA device is available")
-    dtype = getattr(torch, _DTYPES[spec.dtype])
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, _DTYPES[spec.dtype])}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
-    where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except CoreError:
@@ -193,12 +209,7 @@ def load_model(spec: ModelSpec) -> Loaded:
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"cannot load model weights from {where}: {first}") from None
-    try:
-        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(src.path, **tok_kwargs)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot load tokenizer from {where}: {first}") from None
+    tokenizer = _load_tokenizer(src, where)
     if src.gguf_file:
         strip_quantization(model)
     model.to(spec.device)
@@ -212,21 +223,8 @@ def load_config_and_tokenizer(spec: ModelSpec) -> tuple[Any, Any, families.Famil
     Same checks and errors as :func:`load_model`: the architecture from the config, the
     safetensors headers of a local directory, then the tokenizer.
     """
-    from transformers import AutoTokenizer
-
-    src = resolve_source(spec)
-    config = _load_config(src)
-    family = families.family_for(config)
-    if src.local and not src.gguf_file:
-        _check_safetensors(Path(src.path))
-    where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
-    try:
-        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(src.path, **tok_kwargs)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot load tokenizer from {where}: {first}") from None
-    return config, tokenizer, family, where
+    src, config, family, where = _checked_source(spec)
+    return config, _load_tokenizer(src, where), family, where
 
 
 def strip_quantization(model: Any) -> None:
