@@ -194,32 +194,52 @@ def render_markdown(out: dict, path: Path) -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """Perplexity against unstructured sparsity, one line per method (log scale)."""
+    """Left: perplexity against unstructured sparsity per method. Right: 50% by pattern (log scales)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dense = next((r["ppl"] for r in results if r["dense"]), None)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    main = [r for r in results if not r["dense"] and r["group"] == "main"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[str, list[tuple[float, float]]] = {}
-    for r in results:
-        if r["dense"] or r["group"] != "main" or r["pattern"] != "unstructured":
-            continue
-        name = r["method"] + (" (variant)" if r["variant"] else "")
-        series.setdefault(name, []).append((r["sparsity"], r["ppl"]))
+    for r in main:
+        if r["pattern"] == "unstructured":
+            name = r["method"] + (" (variant)" if r["variant"] else "")
+            series.setdefault(name, []).append((r["sparsity"], r["ppl"]))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if dense:
-        ax.axhline(dense, color="grey", linestyle="--", label=f"dense ({dense:.1f})")
-    ax.set_yscale("log")
+    patterns = ["unstructured", "4:8", "2:4"]
+    methods = ["magnitude", "wanda", "sparsegpt"]
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        vals = []
+        for pattern in patterns:
+            hit = [
+                r["ppl"]
+                for r in main
+                if r["method"] == method
+                and r["pattern"] == pattern
+                and not r["variant"]
+                and (pattern != "unstructured" or r["sparsity"] == 0.5)
+            ]
+            vals.append(hit[0] if hit else float("nan"))
+        bx.bar([j + i * width for j in range(len(patterns))], vals, width, label=method)
+    bx.set_xticks([j + width for j in range(len(patterns))], ["50% unstructured", "4:8", "2:4"])
+    for a in (ax, bx):
+        if dense:
+            a.axhline(dense, color="grey", linestyle="--", label=f"dense ({dense:.1f})")
+        a.set_yscale("log")
+        a.set_ylabel("WikiText-2 test perplexity (log)")
+        a.legend(fontsize=8)
     ax.set_xlabel("unstructured sparsity")
-    ax.set_ylabel("WikiText-2 test perplexity (log)")
-    ax.set_title("SmolLM2-135M: perplexity vs sparsity")
-    ax.legend()
+    ax.set_title("perplexity vs sparsity")
+    bx.set_title("50% sparsity by pattern")
+    fig.suptitle("SmolLM2-135M, calibrated on WikiText-2 valid, evaluated on test")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
