@@ -24,7 +24,7 @@ from torch import nn
 
 from core import families
 from core.errors import InvalidInput
-from core.progress import CancelFn, Progress, ProgressFn, check_cancel
+from core.progress import CancelFn, ProgressFn, check_cancel, report_block
 from core.spec import PruneSpec
 
 if TYPE_CHECKING:
@@ -220,16 +220,7 @@ def prune(
             mask_s += res.mask_s
             if need_stats and i + 1 < nblocks:
                 batches = [(run_block(block, b), b[1], b[2]) for b in batches]
-            if on_progress is not None:
-                on_progress(
-                    Progress(
-                        stage="pruning",
-                        fraction=(i + 1) / nblocks,
-                        block=i + 1,
-                        nblocks=nblocks,
-                        message=f"pruned block {i + 1}/{nblocks}",
-                    )
-                )
+            report_block(on_progress, i + 1, nblocks)
     finally:
         model.train(was_training)
     return {

@@ -32,3 +32,17 @@ def check_cancel(should_cancel: CancelFn | None) -> None:
     """Raise Cancelled if the caller asked to stop."""
     if should_cancel is not None and should_cancel():
         raise Cancelled("cancelled by request")
+
+
+def report_block(on_progress: ProgressFn | None, block: int, nblocks: int, note: str = "") -> None:
+    """Report that decoder block `block` (1-based) of `nblocks` is pruned."""
+    if on_progress is not None:
+        on_progress(
+            Progress(
+                stage="pruning",
+                fraction=block / nblocks,
+                block=block,
+                nblocks=nblocks,
+                message=f"pruned block {block}/{nblocks}{note}",
+            )
+        )

@@ -37,7 +37,7 @@ from torch import nn
 
 from core import engine, families
 from core.errors import InvalidInput, ModelLoadError
-from core.progress import CancelFn, Progress, ProgressFn, check_cancel
+from core.progress import CancelFn, Progress, ProgressFn, check_cancel, report_block
 from core.spec import PruneSpec
 
 __all__ = [
@@ -504,16 +504,7 @@ def prune_streaming(
                 peak_rss = max(peak_rss, _rss_mb() or 0.0)
                 _to_meta(block)
                 blocks_s.append(time.perf_counter() - tb)
-                if on_progress is not None:
-                    on_progress(
-                        Progress(
-                            stage="pruning",
-                            fraction=(i + 1) / nblocks,
-                            block=i + 1,
-                            nblocks=nblocks,
-                            message=f"pruned block {i + 1}/{nblocks} (streaming)",
-                        )
-                    )
+                report_block(on_progress, i + 1, nblocks, " (streaming)")
             del store
         timings["blocks_s"] = blocks_s
         prune_s = time.perf_counter() - t_start
