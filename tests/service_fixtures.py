@@ -7,6 +7,10 @@ Every process runs in its own process group under a temp dir and is stopped at t
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from scripts.stack import REPO, Stack
+from scripts.stack import REPO, Stack, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA_DIR = Path(os.environ.get("PRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -84,3 +88,31 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield Service(stack, stack.api_url, stack.redis_url or "", home)
     finally:
         stack.stop()
+
+
+def start_nanio(data: Path, access: str, secret: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A real S3-compatible server (nanio: verifies SigV4 signatures and expiry) on a free loopback port.
+
+    Returns the process (its own session, so it can be killed as a group) and its endpoint URL.
+    """
+    port = free_port()
+    env = {**os.environ, "NANIO_ACCESS_KEY": access, "NANIO_SECRET_KEY": secret}
+    cmd = [sys.executable, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--data-dir", str(data), "--log-level", "warning", "--no-access-log"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"nanio did not start: {err}") from None
+            time.sleep(0.1)

@@ -6,10 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,10 +16,10 @@ import httpx
 import pytest
 
 from prunectl.cli import EXIT_BAD_INPUT, main
-from scripts.stack import Stack, free_port
+from scripts.stack import Stack
 from tests import tiny_models
 from tests.e2e.test_service import PROBLEM, small_request
-from tests.service_fixtures import DATA_DIR
+from tests.service_fixtures import DATA_DIR, start_nanio
 
 pytest.importorskip("boto3")
 pytest.importorskip("nanio")
@@ -40,29 +36,6 @@ class KeyedStack:
     models: Path
 
 
-def _nanio(data: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "NANIO_ACCESS_KEY": ACCESS, "NANIO_SECRET_KEY": SECRET}
-    cmd = [sys.executable, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--data-dir", str(data), "--log-level", "warning", "--no-access-log"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("nanio did not start") from None
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedStack]:
     """Redis + nanio + API + worker with PRUNE_STORAGE=s3 and two tenants (alpha, beta)."""
@@ -70,7 +43,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedStack]:
 
     models = tmp_path_factory.mktemp("keyed-models")
     tiny_models.save("llama", models / "small")
-    nanio, s3_url = _nanio(tmp_path_factory.mktemp("nanio-data"))
+    nanio, s3_url = start_nanio(tmp_path_factory.mktemp("nanio-data"), ACCESS, SECRET)
     boto3.client(
         "s3",
         endpoint_url=s3_url,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,40 +18,16 @@ pytest.importorskip("nanio")
 
 from jobs.storage.base import StorageError
 from jobs.storage.s3 import INDEX_NAME, S3ArtifactStore
+from scripts.stack import free_port
+from tests.service_fixtures import start_nanio
 
 ACCESS, SECRET, BUCKET = "prunetest", "prunetest-secret-key", "artifacts"
 MIB = 1024 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    data = tmp_path_factory.mktemp("nanio-data")
-    env = {**os.environ, "NANIO_ACCESS_KEY": ACCESS, "NANIO_SECRET_KEY": SECRET}
-    cmd = [sys.executable, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--data-dir", str(data), "--log-level", "warning", "--no-access-log"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"nanio did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-            time.sleep(0.1)
+    proc, url = start_nanio(tmp_path_factory.mktemp("nanio-data"), ACCESS, SECRET)
     try:
         yield url
     finally:
@@ -203,7 +177,7 @@ def test_check_ok_and_missing_bucket(store: S3ArtifactStore, endpoint: str) -> N
 
 
 def test_unreachable_endpoint_retries_then_storage_error(tmp_path: Path) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     s = S3ArtifactStore(
         BUCKET,
         f"http://127.0.0.1:{port}",
