@@ -206,13 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "prune":
             return _cmd_prune(args)
         return _cmd_eval(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except ValidationError as exc:
         print(f"error: invalid arguments: {_validation_message(exc)}", file=sys.stderr)
         return 2
-    except InvalidInput as exc:
+    except (UsageError, InvalidInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except CoreError as exc:

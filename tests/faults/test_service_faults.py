@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.e2e.test_service import sse
 from tests.faults.conftest import STAGES, FaultStack
 
 pytestmark = pytest.mark.faults
@@ -68,27 +67,11 @@ def test_unwritable_artifact_storage_fails_cleanly_then_a_retry_succeeds(faults:
     assert faults.http.get("/readyz").status_code == 200
 
 
-def sse_events(fs: FaultStack, job_id: str, last_id: str | None) -> Iterator[dict[str, Any]]:
-    """Events of one SSE connection, as {id, event, data}."""
-    headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
-    with fs.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
-        assert r.status_code == 200
-        ev: dict[str, Any] = {}
-        for line in r.iter_lines():
-            if not line:
-                if "data" in ev:
-                    yield ev
-                ev = {}
-            elif line.startswith(("id: ", "event: ", "data: ")):
-                k, v = line.split(": ", 1)
-                ev[k] = json.loads(v) if k == "data" else v
-
-
 def test_api_restart_mid_stream_resumes_with_last_event_id(faults: FaultStack) -> None:
     job_id = faults.submit("pause-sse")  # holds 3 s at pruning block 1: the API dies mid-job
     got: list[dict[str, Any]] = []
     with pytest.raises(httpx.TransportError):
-        for ev in sse_events(faults, job_id, None):
+        for ev in sse(faults.http, job_id):
             got.append(ev)
             if ev["event"] == "progress" and ev["data"]["stage"] == "pruning" and ev["data"]["block"] == 1:
                 faults.restart_api()  # SIGKILL the server under the open stream
@@ -97,7 +80,7 @@ def test_api_restart_mid_stream_resumes_with_last_event_id(faults: FaultStack) -
     while not got or got[-1]["event"] != "status" or got[-1]["data"]["status"] != "succeeded":
         try:
             connections += 1
-            got.extend(sse_events(faults, job_id, got[-1]["id"]))
+            got.extend(sse(faults.http, job_id, got[-1]["id"]))
         except httpx.TransportError:
             continue
     full = faults.http.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["items"]
