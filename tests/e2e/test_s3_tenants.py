@@ -156,15 +156,17 @@ def test_s3_job_presigned_downloads_and_tenant_isolation(keyed: KeyedStack, tmp_
         ]
         for bad in tampered:
             assert httpx.get(bad).status_code == 403, bad
-        # expired: signed with the same credentials, 1 s lifetime
+        # expired: signed with the same credentials and a 4 s lifetime. X-Amz-Date is floored to
+        # the second, so the usable window is between 3 and 4 s: long enough for the first GET on a
+        # loaded machine (a 1 s lifetime made this flaky), short enough to wait out.
         from jobs.storage.s3 import S3ArtifactStore
 
         store = S3ArtifactStore(
             BUCKET, endpoint_url=keyed.s3_url, access_key=ACCESS, secret_key=SECRET, key_prefix="e2e/"
         )
-        short = store.download_url(f"alpha/{job_id}", "report.json", expires_in=1)
+        short = store.download_url(f"alpha/{job_id}", "report.json", expires_in=4)
         assert httpx.get(short).status_code == 200
-        time.sleep(2.2)
+        time.sleep(5.2)
         assert httpx.get(short).status_code == 403
 
 
