@@ -22,9 +22,10 @@ from jobs.redisconn import connect
 from jobs.settings import Settings, get_settings
 from jobs.spec import TERMINAL, Job, JobError, JobProgress, JobStatus, JobSummary
 from jobs.storage import ArtifactStore, StorageError, make_store
+from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher
 from jobs.store import InvalidTransition, JobStore, now
 from jobs.webhooks import WebhookError, secret_from_env
-from worker import faults
+from worker import faults, inputs
 from worker.notify import Notifier
 
 log = logging.getLogger("worker.runner")
@@ -304,8 +305,12 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
 def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any]:
     from core import pipeline  # torch lives behind this import
 
+    spec = run_spec(job)
+    if inputs.has_s3(spec):
+        fetcher = S3InputFetcher.from_env()
+        spec = inputs.localize(spec, out.parent, fetcher, rep.progress, rep.should_cancel)
     report = pipeline.run(
-        run_spec(job),
+        spec,
         out,
         on_progress=rep.progress,
         should_cancel=rep.should_cancel,
@@ -334,6 +339,10 @@ def run_spec(job: Job) -> RunSpec:
 def _error_of(e: BaseException, ctx: Context) -> JobError:
     if isinstance(e, CoreError):
         return JobError(code=e.code, message=str(e) or type(e).__name__)
+    if isinstance(e, InputNotFound):
+        return JobError(code="source_not_found", message=str(e))
+    if isinstance(e, InputRefused):
+        return JobError(code="source_refused", message=str(e))
     if isinstance(e, StorageError):
         return JobError(code="storage_error", message=str(e))
     if isinstance(e, SoftTimeLimitExceeded):

@@ -37,6 +37,61 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)
 
 
+def s3_session(
+    region: str,
+    access_key: str | None,
+    secret_key: str | None,
+    endpoint_url: str | None,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 60.0,
+) -> tuple[Any, Any]:
+    """A boto3 session and client config: SigV4, path-style addressing for custom endpoints, and a
+    single botocore attempt (retries are `retrying`'s: exponential backoff, then StorageError)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        signature_version="s3v4",
+        region_name=region,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session(
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name=region
+    )
+    return session, config
+
+
+def retrying(what: str, fn: Callable[[], T], max_attempts: int, backoff: float) -> T:
+    """Run `fn`, retrying transient (connection/timeout) errors with exponential backoff; every
+    failure ends as StorageError naming `what` (a refusal such as NoSuchKey is not retried)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    transient = _transient_errors()
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return fn()
+        except transient as exc:
+            if attempt == max_attempts:
+                raise StorageError(
+                    f"S3 {what} failed after {attempt} attempts: {type(exc).__name__}: {exc}"
+                ) from exc
+            delay = backoff * 2 ** (attempt - 1)
+            log.warning("S3 %s attempt %d failed (%s); retrying in %.2fs", what, attempt, exc, delay)
+            time.sleep(delay)
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            raise StorageError(f"S3 {what} refused: {err.get('Code')}: {err.get('Message')}") from exc
+        except (BotoCoreError, S3UploadFailedError) as exc:
+            raise StorageError(f"S3 {what} failed: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
 class _HashingReader(io.RawIOBase):
     """A file wrapper that feeds sha256 with each byte the first time it is read.
 
@@ -128,9 +183,7 @@ class S3ArtifactStore:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
     ) -> None:
-        import boto3
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
 
         if not bucket:
             raise StorageError("S3 bucket name is empty")
@@ -140,19 +193,8 @@ class S3ArtifactStore:
         self.key_prefix = key_prefix
         self.max_attempts = max_attempts
         self.backoff = backoff
-        # Retries are ours (exponential backoff, then StorageError), so botocore makes one attempt.
-        config = Config(
-            signature_version="s3v4",
-            region_name=region,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        session = boto3.session.Session(
-            aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name=region
+        session, config = s3_session(
+            region, access_key, secret_key, endpoint_url, connect_timeout, read_timeout
         )
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
         # SigV4 signs the Host header: URLs handed to clients must be signed for the public host.
@@ -198,28 +240,7 @@ class S3ArtifactStore:
         return self._base(prefix) + _check_part(name, "name")
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        """Run `fn`, retrying transient (connection/timeout) errors with exponential backoff."""
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        transient = _transient_errors()
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                return fn()
-            except transient as exc:
-                if attempt == self.max_attempts:
-                    raise StorageError(
-                        f"S3 {what} failed after {attempt} attempts: {type(exc).__name__}: {exc}"
-                    ) from exc
-                delay = self.backoff * 2 ** (attempt - 1)
-                log.warning("S3 %s attempt %d failed (%s); retrying in %.2fs", what, attempt, exc, delay)
-                time.sleep(delay)
-            except ClientError as exc:
-                err = exc.response.get("Error", {})
-                raise StorageError(f"S3 {what} refused: {err.get('Code')}: {err.get('Message')}") from exc
-            except (BotoCoreError, S3UploadFailedError) as exc:
-                raise StorageError(f"S3 {what} failed: {exc}") from exc
-        raise AssertionError("unreachable")
+        return retrying(what, fn, self.max_attempts, self.backoff)
 
     def _list_keys(self, base: str) -> list[str]:
         def run() -> list[str]:

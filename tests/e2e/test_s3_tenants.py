@@ -26,6 +26,7 @@ pytest.importorskip("nanio")
 pytestmark = pytest.mark.e2e
 
 ACCESS, SECRET, BUCKET = "prunee2e", "prunee2e-secret-key", "artifacts"
+MODEL_BUCKET = "models"
 KEYS = {"alpha": "alpha-key-0123456789abcdef", "beta": "beta-key-0123456789abcdef"}
 
 
@@ -44,13 +45,20 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedStack]:
     models = tmp_path_factory.mktemp("keyed-models")
     tiny_models.save("llama", models / "small")
     nanio, s3_url = start_nanio(tmp_path_factory.mktemp("nanio-data"), ACCESS, SECRET)
-    boto3.client(
+    s3 = boto3.client(
         "s3",
         endpoint_url=s3_url,
         aws_access_key_id=ACCESS,
         aws_secret_access_key=SECRET,
         region_name="us-east-1",
-    ).create_bucket(Bucket=BUCKET)
+    )
+    s3.create_bucket(Bucket=BUCKET)
+    # a model published to object storage, for jobs that name it by s3:// URI
+    s3.create_bucket(Bucket=MODEL_BUCKET)
+    for path in (models / "small").rglob("*"):
+        if path.is_file():
+            key = f"approved/small/{path.relative_to(models / 'small').as_posix()}"
+            s3.upload_file(str(path), MODEL_BUCKET, key)
     env = {
         "PRUNE_DATA_DIR": str(DATA_DIR),
         "PRUNE_MODEL_ROOTS": str(models),
@@ -60,6 +68,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedStack]:
         "PRUNE_S3_ACCESS_KEY": ACCESS,
         "PRUNE_S3_SECRET_KEY": SECRET,
         "PRUNE_S3_PREFIX": "e2e/",
+        "PRUNE_S3_MODEL_PREFIXES": f"s3://{MODEL_BUCKET}/approved/",
         "PRUNE_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
         "PRUNE_DEFAULT_MAX_ACTIVE_JOBS": "3",
         "PRUNE_URL_TTL": "600",
@@ -195,3 +204,35 @@ def test_source_outside_roots_is_422(keyed: KeyedStack, tmp_path: Path) -> None:
             body = r.json()
             assert body["errors"][0]["loc"] == ["body", "model", "source"]
             assert "model source refused" in body["detail"]
+
+
+def test_model_from_s3_source(keyed: KeyedStack) -> None:
+    """A job naming an allowed s3:// model: the worker copies it from the object store and prunes it;
+    a URI with nothing behind it fails the job cleanly, naming the URI, with no artifacts."""
+    with _client(keyed, "alpha") as alpha:
+        ok = alpha.post("/v1/jobs", json=small_request(f"s3://{MODEL_BUCKET}/approved/small"))
+        missing = alpha.post("/v1/jobs", json=small_request(f"s3://{MODEL_BUCKET}/approved/missing"))
+        assert ok.status_code == 201 and missing.status_code == 201, (ok.text, missing.text)
+        job = _wait(alpha, ok.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert job["request"]["model"]["source"] == f"s3://{MODEL_BUCKET}/approved/small"
+        names = {a["name"] for a in alpha.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]}
+        assert {"model/config.json", "model/model.safetensors", "report.json"} <= names
+
+        failed = _wait(alpha, missing.json()["id"])
+        assert failed["status"] == "failed", failed
+        assert failed["error"]["code"] == "source_not_found"
+        assert f"s3://{MODEL_BUCKET}/approved/missing" in failed["error"]["message"]
+        assert alpha.get(f"/v1/jobs/{failed['id']}/artifacts").status_code == 409
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=keyed.s3_url,
+        aws_access_key_id=ACCESS,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    )
+    left = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"e2e/alpha/{failed['id']}/").get("Contents", [])
+    assert left == []
