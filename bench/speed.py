@@ -79,7 +79,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/bench/speed.json"))
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8, help="engine batch size (PruneSpec.batch_size)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="engine batch size (PruneSpec.batch_size; default: the engine's own, ~1024 tokens on the CPU)",
+    )
+    ap.add_argument(
+        "--sweep",
+        default="1,2,4,8",
+        help="engine batch sizes to time on the 2:4 headline calibration ('' to skip)",
+    )
     ap.add_argument(
         "--other-nsamples",
         type=int,
@@ -101,7 +111,9 @@ def main() -> None:
         "machine": machine(),
         "model": f"SmolLM2-135M ({SMOLLM2_FILE}, dequantised to fp32)",
         "calibration": {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
-        "engine_batch_size": args.batch_size,
+        "engine_batch_size": PruneSpec(method="wanda", batch_size=args.batch_size).batch_for(
+            args.seqlen, "cpu"
+        ),
         "load_s": round(load_s, 2),
         "wanda": {},
     }
@@ -128,6 +140,17 @@ def main() -> None:
         print(pattern, result["wanda"][pattern], file=sys.stderr, flush=True)
         save(args.out, result)
         del base_masks, eng_masks
+
+    # The engine's speed against its batch size (what the CPU default is chosen from).
+    sweep = {}
+    for bs in [int(b) for b in args.sweep.split(",") if b.strip()]:
+        spec = PruneSpec(method="wanda", pattern="2:4", batch_size=bs)
+        _, sweep[str(bs)] = timed(engine.prune, copy.deepcopy(dense), cal, spec)
+        sweep[str(bs)] = round(sweep[str(bs)], 2)
+    if sweep:
+        result["batch_size_sweep"] = {"pattern": "2:4", "nsamples": int(cal.shape[0]), "engine_s": sweep}
+        print(result["batch_size_sweep"], file=sys.stderr, flush=True)
+        save(args.out, result)
 
     # Wanda vs SparseGPT: metric-and-mask time (the engine's mask_s: method.prune over all layers).
     sg_cal = cal[: args.other_nsamples]

@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     pr.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, model context))")
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward")
+    pr.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="calibration samples per forward (default: ~1024 tokens on the CPU, 8 on CUDA)",
+    )
     pr.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
     pr.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening")
     pr.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")

@@ -15,7 +15,7 @@ passes the same ones to every block for the supported families).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +114,42 @@ class BlockResult:
     """Seconds spent in the method's score-and-mask step and the mask application."""
 
 
+class _StatsComplete(Exception):
+    """Raised by the statistics pre-hook of a block's last linear once its input is recorded."""
+
+
+class _CallOrder:
+    """Ends a statistics pass as soon as every target linear has recorded its input.
+
+    The statistics pass needs the *inputs* of a block's linears, not the block's output: the
+    last linear's matmul and whatever follows it (residual add, dropout) are wasted work — about
+    a quarter of a LLaMA block's linear FLOPs (``down_proj``). The first batch runs whole and
+    records the call order; when it called each target exactly once, later batches stop in the
+    pre-hook of the last one (statistics unchanged: every input is recorded before the stop).
+    """
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.stop_at: str | None = None
+        self.learning = True
+
+    def pre_hook(self, name: str, feed: Callable[[Any, tuple[Any, ...], Any], None]) -> Callable[..., None]:
+        def fn(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            feed(module, inputs, None)
+            if self.learning:
+                self.order.append(name)
+            elif name == self.stop_at:
+                raise _StatsComplete
+
+        return fn
+
+    def batch_done(self, ntargets: int) -> None:
+        if self.learning:
+            self.learning = False
+            if len(self.order) == ntargets == len(set(self.order)):
+                self.stop_at = self.order[-1]
+
+
 @torch.no_grad()
 def prune_block(
     block: nn.Module, block_prefix: str, batches: Iterable[Batch], method: Method, spec: PruneSpec
@@ -139,10 +175,17 @@ def prune_block(
         }
         # Linears fed the same tensor (q/k/v, gate/up) share its fp32 cast and squared sums.
         shared = SharedInputs()
-        handles = [m.register_forward_hook(shared.hook(accs[n])) for n, m in targets.items()]
+        calls = _CallOrder()
+        handles = [
+            m.register_forward_pre_hook(calls.pre_hook(n, shared.hook(accs[n]))) for n, m in targets.items()
+        ]
         try:
             for b in batches:
-                run_block(block, b)
+                try:
+                    run_block(block, b)
+                except _StatsComplete:
+                    pass
+                calls.batch_done(len(targets))
                 shared.clear()
         finally:
             shared.clear()
@@ -204,9 +247,11 @@ def prune(
     was_training = model.training
     model.eval()
     check_cancel(should_cancel)
+    device = next(model.parameters()).device
+    batch_size = spec.batch_for(calibration.shape[-1], device.type)
     # Methods that read no statistics (magnitude) need no forward passes at all.
     batches = (
-        capture_block_inputs(model, calibration.to(torch.long), spec.batch_size, family) if need_stats else []
+        capture_block_inputs(model, calibration.to(torch.long), batch_size, family) if need_stats else []
     )
     layers: dict[str, float] = {}
     ignored: list[str] = []

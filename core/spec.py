@@ -18,6 +18,9 @@ DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 NAMED_DATASETS: tuple[str, ...] = ("wikitext2", "c4")
 
 _NM = re.compile(r"^(\d+):(\d+)$")
+CPU_BATCH_TOKENS = 1024
+"""Tokens per calibration forward on the CPU when ``PruneSpec.batch_size`` is unset (measured
+fastest on SmolLM2-135M: 1 or 2 samples of 512 tokens beat 8; docs/benchmarks.md)."""
 
 
 class _Strict(BaseModel):
@@ -52,9 +55,23 @@ class PruneSpec(_Strict):
         default_factory=list,
         description="fnmatch patterns over qualified layer names (e.g. 'model.layers.0.*') to leave dense.",
     )
-    batch_size: int = Field(default=8, ge=1, le=4096, description="Calibration samples per forward pass.")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Calibration samples per forward pass. Default: about 1024 tokens per forward on the "
+        "CPU (cache-sized activations run fastest there), 8 samples on CUDA.",
+    )
     blocksize: int = Field(default=128, ge=1, le=8192, description="SparseGPT column block size.")
     percdamp: float = Field(default=0.01, gt=0, lt=1, description="SparseGPT Hessian dampening fraction.")
+
+    def batch_for(self, seqlen: int, device_type: str) -> int:
+        """The batch size to use: ``batch_size`` if set, else the default for the device."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if device_type == "cpu":
+            return max(1, CPU_BATCH_TOKENS // max(1, seqlen))
+        return 8
 
     @field_validator("pattern")
     @classmethod

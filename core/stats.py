@@ -21,6 +21,21 @@ from torch import Tensor
 __all__ = ["InputPartial", "LayerStats", "SharedInputs", "StatsAccumulator"]
 
 
+SUM_ROWS = 256
+"""Rows per chunk of the fp64 sum of squares: a cache-sized chunk is reduced about 4x faster on
+CPU than a whole batch of thousands of tokens at once (the result differs only in fp64 rounding)."""
+
+
+def _sum_of_squares(x: Tensor) -> Tensor:
+    """fp64 ``sum_t x_t ** 2`` over the rows of fp32 ``x`` ``[t, in]``, reduced chunk by chunk."""
+    if x.shape[0] <= SUM_ROWS:
+        return x.square().sum(dim=0, dtype=torch.float64)
+    out = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for chunk in x.split(SUM_ROWS):
+        out += chunk.square().sum(dim=0, dtype=torch.float64)
+    return out
+
+
 @dataclass
 class LayerStats:
     """Statistics of one layer's calibration inputs.
@@ -83,7 +98,7 @@ class StatsAccumulator:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         x2 = x.detach().reshape(-1, self.in_features).to(device=self._target(x), dtype=torch.float32)
-        sq = x2.square().sum(dim=0, dtype=torch.float64) if self.need_xnorm and x2.shape[0] else None
+        sq = _sum_of_squares(x2) if self.need_xnorm and x2.shape[0] else None
         return InputPartial(x=x2, xnorm_sq=sq)
 
     def accepts(self, p: InputPartial) -> bool:

@@ -464,7 +464,7 @@ def prune_streaming(
         t = time.perf_counter()
         _materialize(model, before, ckpt, dtype)
         cal = calibration.to(torch.long)
-        bs = spec.batch_size
+        bs = spec.batch_for(cal.shape[-1], "cpu")  # streaming runs on the CPU
         first = engine.capture_block_inputs(model, cal[:bs], bs, family)
         act_bytes = first[0][0].numel() * first[0][0].element_size() * -(-cal.shape[0] // bs)
         if spill is None:

@@ -205,3 +205,42 @@ def test_unsupported_architecture_and_bad_nm() -> None:
         engine.prune(model, calib()[:, :8] % 64, PruneSpec())
     with pytest.raises(InvalidInput, match="multiple of M=3"):
         engine.prune(tiny_models.build("llama"), calib(), PruneSpec(pattern="2:3"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_statistics_pass_stops_at_the_last_linear(family: str) -> None:
+    """After the first batch, the statistics pass skips each block's last linear (its output is
+    never needed); the masks still equal the slow reference (the tests above) and this counts
+    the calls: per block, the last linear runs once in the first statistics batch and once per
+    batch in the re-run that feeds the next block (none for the last block)."""
+    model = tiny_models.build(family, seed=4)
+    fam = families.family_for(model)
+    blocks = families.get_blocks(model, fam)
+    bs = 2
+    nbatches = math.ceil(NSAMPLES / bs)
+    counts: dict[int, int] = {}
+    handles = []
+    for i, blk in enumerate(blocks):
+        last = list(families.block_linears(blk, "b").values())[-1]
+        handles.append(
+            last.register_forward_hook(lambda *_a, i=i: counts.__setitem__(i, counts.get(i, 0) + 1))
+        )
+    engine.prune(model, calib(), PruneSpec(method="wanda", batch_size=bs))
+    for h in handles:
+        h.remove()
+    n = len(blocks)
+    assert counts == {i: 1 + (nbatches if i + 1 < n else 0) for i in range(n)}
+    # without the early stop it would have been 2 * nbatches per block
+    assert nbatches > 1
+
+
+def test_default_batch_size_depends_on_device() -> None:
+    spec = PruneSpec(method="wanda")
+    assert spec.batch_size is None
+    assert (
+        spec.batch_for(512, "cpu") == 2
+        and spec.batch_for(2048, "cpu") == 1
+        and spec.batch_for(64, "cpu") == 16
+    )
+    assert spec.batch_for(512, "cuda") == 8
+    assert PruneSpec(method="wanda", batch_size=3).batch_for(512, "cpu") == 3
