@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,7 @@ from api.routes import router
 from jobs import logs
 from jobs.auth import KeyRing
 from jobs.events import EventLog
+from jobs.outbox import run_sweeper
 from jobs.queue import Queue
 from jobs.redisconn import API_RETRIES, aconnect, connect
 from jobs.settings import Settings, get_settings
@@ -110,9 +113,18 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc.aredis = aconnect(settings.redis_url)
+        sweeper = None
+        if settings.outbox_interval > 0:  # re-send jobs a dead API process created but never sent
+            sweeper = asyncio.create_task(
+                run_sweeper(svc.store, svc.queue, settings.outbox_interval, settings.outbox_age)
+            )
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await svc.aredis.aclose()
             svc.aredis = None
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import Services, authenticated, current_tenant, services
 from api.problems import ProblemError, problems
+from jobs import faults
 from jobs.auth import Tenant as AuthTenant
 from jobs.events import Event, check_id
 from jobs.logs import set_job_id
@@ -121,13 +122,14 @@ def create_job(
     set_job_id(job.id)
     if created:
         log.info("job %s: created for tenant %s", job.id, tenant)
+        faults.after_create(body.model.source)  # no-op unless PRUNE_FAULTS=1 (tests: the API dies here)
     response.headers["Location"] = str(request.url_for("get_job", job_id=job.id).path)
     if not created:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
         return job
     try:
-        svc.queue.enqueue(job.id)
+        svc.queue.enqueue(job.id, job.delivery)
     except Exception as e:
         log.exception("enqueue failed for job %s", job.id)
         svc.store.transition(
@@ -137,6 +139,10 @@ def create_job(
             error=JobError(code="queue_unavailable", message="the job queue is unavailable"),
         )
         raise ProblemError(503, f"could not queue the job: {type(e).__name__}", "queue-unavailable") from None
+    try:
+        svc.store.confirm_sent(job.id, job.delivery)
+    except Exception as e:  # the task is sent: the outbox sweeper sends it again, superseding this one
+        log.warning("job %s: sent but not confirmed (%s)", job.id, e)
     return job
 
 

@@ -61,9 +61,10 @@ class Queue:
         self.app = make_celery(settings)
         self.r = client or redis.Redis.from_url(settings.redis_url)
 
-    def enqueue(self, job_id: str) -> None:
-        """Send the run task for `job_id` to the GPU queue."""
-        self.app.send_task(RUN_TASK, args=[job_id], queue=self.settings.queue)
+    def enqueue(self, job_id: str, token: str | None = None) -> None:
+        """Send the run task for `job_id` to the GPU queue, carrying the job's delivery token (a worker
+        skips a message whose token is no longer the record's: it was superseded by a re-send)."""
+        self.app.send_task(RUN_TASK, args=[job_id, token], queue=self.settings.queue, ignore_result=True)
 
     def depth(self) -> int:
         """Messages waiting in the broker queue (not counting the one being run)."""

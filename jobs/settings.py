@@ -25,7 +25,9 @@ class Settings:
     PRUNE_MAX_ATTEMPTS, PRUNE_URL_TTL (signed URL lifetime, seconds), PRUNE_MAX_BODY (bytes),
     PRUNE_VISIBILITY_TIMEOUT (seconds), PRUNE_STORAGE_RETRIES and PRUNE_STORAGE_BACKOFF (upload retries
     and the first backoff delay in seconds, doubled after each failed try), PRUNE_STORAGE (`local` or
-    `s3`; the S3 store reads its own PRUNE_S3_* variables).
+    `s3`; the S3 store reads its own PRUNE_S3_* variables), PRUNE_OUTBOX_INTERVAL and PRUNE_OUTBOX_AGE
+    (the API's outbox sweeper: seconds between sweeps, 0 = off; age after which a job whose task was
+    never confirmed sent is sent again).
     """
 
     redis_url: str = "redis://localhost:6379/0"
@@ -43,6 +45,8 @@ class Settings:
     visibility_timeout_s: int | None = None
     storage_retries: int = 3
     storage_backoff: float = 1.0
+    outbox_interval: float = 30.0
+    outbox_age: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -63,6 +67,8 @@ class Settings:
             storage_retries=_int("PRUNE_STORAGE_RETRIES", cls.storage_retries),
             storage_backoff=float(os.environ.get("PRUNE_STORAGE_BACKOFF") or cls.storage_backoff),
             storage=(os.environ.get("PRUNE_STORAGE") or cls.storage).strip().lower(),
+            outbox_interval=float(os.environ.get("PRUNE_OUTBOX_INTERVAL") or cls.outbox_interval),
+            outbox_age=float(os.environ.get("PRUNE_OUTBOX_AGE") or cls.outbox_age),
         )
 
     @property

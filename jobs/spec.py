@@ -109,6 +109,11 @@ class Job(_Record):
         default_factory=dict,
         description="Checked locations (model, calibration, evaluation) the worker loads.",
     )
+    delivery: str | None = Field(
+        default=None,
+        description="Token of the job's current task message; it changes when a job whose first "
+        "enqueue was never confirmed is sent again, and workers skip messages carrying an older one.",
+    )
 
 
 class JobPage(_Record):

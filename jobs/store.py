@@ -9,10 +9,17 @@ Layout (prefix "prune"):
 - `prune:durations`                hash of job duration histogram buckets (metrics)
 - `prune:blocks`                   hash of per-block pruning time histogram buckets (metrics, worker)
 - `prune:active:<tenant>`          set of the tenant's queued/running/cancelling job ids (quota)
+- `prune:outbox`                   sorted set of queued jobs whose task message is not known to be sent
+                                   (score: Unix time of creation or of the last re-send; jobs.outbox)
 - `prune:events:<id>`              the job's event stream (jobs.events)
 
 Every status change is a WATCH/MULTI transaction that also appends a `status` event, so a
 concurrent cancel and start can never both win, and the stream and record always agree.
+
+Outbox: `create` records the job in `prune:outbox` and gives it a delivery token (`Job.delivery`) in
+the same script; the API sends the task with that token, then `confirm_sent` drops the entry. A job
+leaving `queued` leaves the outbox in the same transaction. `jobs.outbox.sweep` re-sends old entries
+with a fresh token (`reissue`), so a job whose API died before sending it still runs, once.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +45,8 @@ BLOCK_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300,
 IDEMPOTENCY_TTL = 24 * 3600
 ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.queued, JobStatus.running, JobStatus.cancelling})
 
-# KEYS: idem, job, idx, idx:queued, counts, events, active; ARGV[8]: max active jobs (0 = no limit)
+# KEYS: idem, job, idx, idx:queued, counts, events, active, outbox
+# ARGV: id, record, digest, ttl, idem?, event, maxlen, max active jobs (0 = no limit), outbox score
 _CREATE = """
 if ARGV[5] == '1' then
   local existing = redis.call('GET', KEYS[1])
@@ -56,8 +65,17 @@ redis.call('SET', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('ZADD', KEYS[4], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'queued', 1)
+redis.call('ZADD', KEYS[8], ARGV[9], ARGV[1])
 local eid = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'status', 'data', ARGV[6])
 return {1, eid}
+"""
+
+# Drop a job's outbox entry unless the record has moved on to another delivery token.
+# KEYS: job, outbox; ARGV: id, token
+_CONFIRM = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['delivery'] ~= ARGV[2] then return 0 end
+return redis.call('ZREM', KEYS[2], ARGV[1])
 """
 
 
@@ -108,6 +126,11 @@ def new_job_id() -> str:
     return f"{us:014x}{os.urandom(3).hex()}"
 
 
+def new_delivery_token() -> str:
+    """A fresh token for a job's task message (16 hex characters)."""
+    return secrets.token_hex(8)
+
+
 def request_digest(request: JobRequest) -> str:
     """sha256 of the normalised request (field order and defaults do not matter)."""
     canon = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -115,6 +138,7 @@ def request_digest(request: JobRequest) -> str:
 
 
 Mutation = Callable[[Job], "tuple[Job, list[tuple[str, dict[str, Any]]]] | None"]
+Extra = Callable[[Any], None]
 
 
 class JobStore:
@@ -124,6 +148,7 @@ class JobStore:
         self.r = client
         self.prefix = prefix
         self._create = client.register_script(_CREATE)
+        self._confirm = client.register_script(_CONFIRM)
 
     # keys
     def job_key(self, job_id: str) -> str:
@@ -150,6 +175,11 @@ class JobStore:
 
     def _active(self, tenant: str) -> str:
         return f"{self.prefix}:active:{tenant}"
+
+    @property
+    def outbox_key(self) -> str:
+        """Sorted set of queued jobs whose task message is not confirmed sent (score: Unix time)."""
+        return f"{self.prefix}:outbox"
 
     # reads
     def ping(self) -> None:
@@ -181,6 +211,11 @@ class JobStore:
         raws = self.r.mget([self.job_key(i) for i in ids]) if ids else []
         items = [Job.model_validate_json(raw) for raw in raws if raw is not None]
         return JobPage(items=items, next=ids[-1] if more and ids else None)
+
+    def outbox(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
+        """(job id, score) of outbox entries with a score up to `before`, oldest first."""
+        rows = self.r.zrangebyscore(self.outbox_key, "-inf", before, start=0, num=limit, withscores=True)
+        return [(k.decode() if isinstance(k, bytes) else k, float(v)) for k, v in rows]
 
     def status_counts(self) -> dict[str, int]:
         """Number of jobs per status, across tenants."""
@@ -244,6 +279,7 @@ class JobStore:
             request=request,
             created_at=now(),
             sources=sources or {},
+            delivery=new_delivery_token(),
         )
         keys = [
             self._idem(tenant, idempotency_key or ""),
@@ -253,10 +289,11 @@ class JobStore:
             self._counts,
             events_key(self.prefix, job.id),
             self._active(tenant),
+            self.outbox_key,
         ]
         event = encode("status", {"status": "queued", "previous": None})["data"]
         idem = "1" if idempotency_key else "0"
-        args = [job.id, job.model_dump_json(), digest, ttl, idem, event, MAXLEN, max_active or 0]
+        args = [job.id, job.model_dump_json(), digest, ttl, idem, event, MAXLEN, max_active or 0, time.time()]
         created, value = self._create(keys=keys, args=args)
         if created == 2:
             raise TooManyActiveJobs(tenant, int(value), int(max_active or 0))
@@ -267,11 +304,46 @@ class JobStore:
             raise IdempotencyConflict(existing_id)
         return self.require(existing_id), False
 
-    def mutate(self, job_id: str, fn: Mutation) -> tuple[Job, bool]:
+    def confirm_sent(self, job_id: str, token: str | None) -> bool:
+        """The task message carrying `token` was sent: drop the job's outbox entry, unless the record
+        already carries another token (a sweeper re-sent it meanwhile and confirms its own send)."""
+        return bool(self._confirm(keys=[self.job_key(job_id), self.outbox_key], args=[job_id, token or ""]))
+
+    def reissue(self, job_id: str, before: float) -> str | None:
+        """Give a queued job whose outbox entry is not newer than `before` a new delivery token, and
+        move the entry to now, in one transaction; return the token (send it, then `confirm_sent`).
+
+        None when the entry is newer or gone (another sweeper handled it) or the job is no longer
+        queued or no longer exists; the entry of such a job is dropped.
+        """
+        token = new_delivery_token()
+
+        def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]] | None:
+            # a sweeper moves the entry only together with the (watched) record, so two sweepers
+            # cannot both re-send it; a confirm_sent landing meanwhile costs one superseded message
+            score = self.r.zscore(self.outbox_key, job_id)
+            if job.status != JobStatus.queued or score is None or score > before:
+                return None
+            message = "re-enqueued: the first task message was never confirmed sent"
+            return job.model_copy(update={"delivery": token}), [("log", {"message": message})]
+
+        try:
+            job, changed = self.mutate(
+                job_id, fn, extra=lambda pipe: pipe.zadd(self.outbox_key, {job_id: time.time()})
+            )
+        except JobNotFound:
+            self.r.zrem(self.outbox_key, job_id)
+            return None
+        if not changed and job.status != JobStatus.queued:  # a job never becomes queued again
+            self.r.zrem(self.outbox_key, job_id)
+        return token if changed else None
+
+    def mutate(self, job_id: str, fn: Mutation, *, extra: Extra | None = None) -> tuple[Job, bool]:
         """Apply `fn` to the record atomically (optimistic WATCH/MULTI, retried on conflicts).
 
-        `fn` returns None to leave the job as is, or (new job, events to append). Returns the
-        resulting job and whether it changed.
+        `fn` returns None to leave the job as is, or (new job, events to append). `extra(pipe)` adds
+        commands to the same transaction when the job changes. Returns the resulting job and whether
+        it changed.
         """
         key = self.job_key(job_id)
         with self.r.pipeline() as pipe:
@@ -291,6 +363,8 @@ class JobStore:
                     pipe.set(key, new.model_dump_json())
                     if new.status != old.status:
                         self._reindex(pipe, old, new)
+                    if extra is not None:
+                        extra(pipe)
                     for type_, data in events:
                         pipe.xadd(
                             events_key(self.prefix, job_id),
@@ -308,6 +382,8 @@ class JobStore:
         pipe.zadd(self._idx(new.tenant, new.status), {new.id: 0})
         pipe.hincrby(self._counts, old.status.value, -1)
         pipe.hincrby(self._counts, new.status.value, 1)
+        if old.status == JobStatus.queued:  # claimed, cancelled or failed: never to be re-sent
+            pipe.zrem(self.outbox_key, new.id)
         if new.status in ACTIVE:
             pipe.sadd(self._active(new.tenant), new.id)
         else:

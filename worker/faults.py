@@ -11,34 +11,21 @@ PRUNE_FAULT_PLAN is a JSON object mapping a substring of a job's model source to
   test can act (cancel, kill, restart a service) while the job is known to be in that stage.
 - `max_attempt`: only fire while the job's attempt counter is at most this (default: always).
 
+The plan is read by `jobs/faults.py` (which also holds the API's `kill_api` fault).
 Production workers never set PRUNE_FAULTS, and then nothing here runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
+from jobs.faults import fault_for, plan
 
-@lru_cache(maxsize=1)
-def plan() -> dict[str, dict[str, Any]]:
-    """The fault plan from the environment (empty unless PRUNE_FAULTS=1)."""
-    if os.environ.get("PRUNE_FAULTS") != "1":
-        return {}
-    return json.loads(os.environ.get("PRUNE_FAULT_PLAN") or "{}")
-
-
-def fault_for(source: str, attempt: int) -> dict[str, Any] | None:
-    """The fault planned for a job with this model source on this attempt, if any."""
-    for needle, fault in plan().items():
-        if needle in source and attempt <= int(fault.get("max_attempt", 1 << 30)):
-            return dict(fault)  # a private copy: `hold` marks it as done
-    return None
+__all__ = ["fault_for", "maybe_fire", "plan"]
 
 
 def maybe_fire(

@@ -68,11 +68,22 @@ def context() -> Context:
     )
 
 
-def _claim(ctx: Context, job_id: str) -> Job:
-    """Atomically move the job to running (counting the attempt) or to its final state."""
+class Superseded(Exception):
+    """The message carries a delivery token the job no longer has: the job was sent again."""
+
+
+def _claim(ctx: Context, job_id: str, token: str | None = None) -> Job:
+    """Atomically move the job to running (counting the attempt) or to its final state.
+
+    Raises Superseded, changing nothing, when `token` is given and is not the record's (a message
+    without a token, sent before tokens existed, is accepted). A redelivered message carries the
+    token of the claim it repeats, so a job whose worker died is claimed again as before.
+    """
     cap = ctx.settings.max_attempts
 
     def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]] | None:
+        if token is not None and token != job.delivery:
+            raise Superseded(job_id)
         if job.status in TERMINAL:
             return None  # e.g. cancelled while queued: skip, the task is acked
         if job.status == JobStatus.cancelling:  # its worker died after a cancel request
@@ -192,13 +203,20 @@ def _finish(ctx: Context, job_id: str, to: JobStatus, **changes: Any) -> None:
         log.warning("job %s: %s", job_id, e)
 
 
-def run_job(job_id: str, ctx: Context | None = None) -> str:
-    """Run a job end to end and return its final status (or 'skipped' / 'missing')."""
+def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -> str:
+    """Run a job end to end and return its final status (or 'skipped' / 'superseded' / 'missing').
+
+    `token` is the message's delivery token: a message superseded by a re-send is acked and ignored
+    (no state change, no file touched)."""
     ctx = ctx or context()
     if ctx.store.get(job_id) is None:
         log.error("job %s: no such job; dropping the task", job_id)
         return "missing"
-    job = _claim(ctx, job_id)
+    try:
+        job = _claim(ctx, job_id, token)
+    except Superseded:
+        log.info("job %s: message superseded by a re-send (token %s); skipping it", job_id, token)
+        return "superseded"
     prefix = f"{job.tenant}/{job.id}"
     if job.status != JobStatus.running:
         if job.status in (JobStatus.cancelled, JobStatus.failed):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from jobs.queue import Queue
 from jobs.settings import Settings
 from jobs.signing import Signer
+from jobs.sources import SourcePolicy
 from jobs.storage.local import LocalArtifactStore
 from scripts.stack import REPO
 
@@ -53,6 +58,37 @@ def test_idempotent_retry_and_conflict(client: TestClient, settings: Settings, r
     other = submit(client, {**BODY, "prune": {"method": "magnitude"}}, key="abc")
     body = assert_problem(other, 409)
     assert body["job_id"] == first.json()["id"] and "Idempotency-Key" in body["detail"]
+
+
+def broker_args(redis_client, settings: Settings) -> list[list]:
+    """The task arguments of the messages waiting in the broker queue."""
+    return [
+        json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+        for raw in redis_client.lrange(settings.queue, 0, -1)
+    ]
+
+
+def test_create_sends_the_delivery_token_and_leaves_no_outbox_entry(
+    client: TestClient, settings: Settings, redis_client
+) -> None:
+    job = submit(client).json()
+    record = client.app.state.services.store.require(job["id"])
+    assert job["delivery"] == record.delivery and len(record.delivery) == 16
+    assert broker_args(redis_client, settings) == [[job["id"], record.delivery]]
+    assert redis_client.zcard(f"{settings.key_prefix}:outbox") == 0  # the send was confirmed
+
+
+def test_enqueue_failure_is_503_and_fails_the_job(settings: Settings, redis_client) -> None:
+    app = create_app(settings, sources=SourcePolicy(model_roots=[Path("/models")]))
+    svc = app.state.services
+    svc.queue = Queue(replace(settings, redis_url="redis://127.0.0.1:1/0"), redis_client)  # no broker there
+    with TestClient(app, raise_server_exceptions=False) as c:
+        body = assert_problem(submit(c), 503)
+        assert body["detail"].startswith("could not queue the job")
+        [job] = c.get("/v1/jobs").json()["items"]
+    assert job["status"] == "failed" and job["error"]["code"] == "queue_unavailable"
+    assert redis_client.zcard(f"{settings.key_prefix}:outbox") == 0  # a failed job is never re-sent
+    assert svc.store.active_count("default") == 0
 
 
 def test_validation_problem(client: TestClient) -> None:

@@ -1,7 +1,8 @@
 """A private stack for fault injection: redis-server (AOF, fsync always), uvicorn API, Celery worker.
 
-The worker runs with PRUNE_FAULTS=1 and the `PLAN` below (see `worker/faults.py`): a job whose model
-source contains a plan key (a symlink to the tiny model named after the fault) gets that fault.
+The worker and the API run with PRUNE_FAULTS=1 and the `PLAN` below (see `worker/faults.py`,
+`jobs/faults.py`): a job whose model source contains a plan key (a symlink to the tiny model named
+after the fault) gets that fault. The API's outbox sweeper runs every 0.5 s with a 3 s age.
 Tests kill and restart these processes; every test leaves the stack running for the next one.
 """
 
@@ -30,6 +31,7 @@ from tests.service_fixtures import DATA_DIR, SIGNING_KEY
 TERMINAL = {"succeeded", "failed", "cancelled"}
 STAGES = ("loading", "calibrating", "pruning", "evaluating", "exporting", "uploading")
 VISIBILITY_TIMEOUT = 8
+OUTBOX = "prune:outbox"
 
 PLAN: dict[str, dict[str, Any]] = {
     "poison": {"action": "kill", "stage": "pruning", "block": 1},
@@ -38,6 +40,7 @@ PLAN: dict[str, dict[str, Any]] = {
     "pause-redis": {"action": "hold", "stage": "pruning", "block": 1, "hold_s": 4},
     "pause-sse": {"action": "hold", "stage": "pruning", "block": 1, "hold_s": 3},
     **{f"hold-{s}": {"action": "hold", "stage": s} for s in STAGES},
+    "api-dies": {"action": "kill_api"},  # the API is SIGKILLed between creating the job and sending it
 }
 
 
@@ -208,6 +211,8 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
         "PRUNE_MAX_ATTEMPTS": "3",
         "PRUNE_STORAGE_RETRIES": "2",
         "PRUNE_STORAGE_BACKOFF": "0.2",
+        "PRUNE_OUTBOX_AGE": "3",
+        "PRUNE_OUTBOX_INTERVAL": "0.5",
     }
     redis_port, api_port = free_port(), free_port()
     stack = Stack(home, redis_url=f"redis://127.0.0.1:{redis_port}/0", env=env)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.e2e.test_service import sse
-from tests.faults.conftest import STAGES, FaultStack
+from tests.faults.conftest import OUTBOX, STAGES, FaultStack
+from tests.faults.test_worker_faults import assert_one_clean_artifact_set
 
 pytestmark = pytest.mark.faults
 
@@ -87,6 +89,64 @@ def test_api_restart_mid_stream_resumes_with_last_event_id(faults: FaultStack) -
     assert [e["id"] for e in got] == [e["id"] for e in full]  # every event exactly once, no gap
     assert [e["data"] for e in got] == [e["data"] for e in full]
     assert connections >= 2
+
+
+def create_then_die(fs: FaultStack, key: str) -> str:
+    """POST an `api-dies` job: the API is SIGKILLed after creating the record, before sending the task.
+    Returns the id of the job it left behind (found in the outbox: the client never got an answer)."""
+    before = set(fs.r.zrange(OUTBOX, 0, -1))
+    body = {
+        "model": {"source": fs.source("api-dies")},
+        "prune": {"method": "wanda", "pattern": "2:4"},
+        "calibration": {"source": str(fs.text), "nsamples": 4, "seqlen": 32},
+        "evaluation": {"source": str(fs.text), "max_windows": 2},
+    }
+    with pytest.raises(httpx.TransportError):
+        fs.http.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+    [job_id] = [m.decode() for m in set(fs.r.zrange(OUTBOX, 0, -1)) - before]
+    assert b'"status":"queued"' in fs.r.get(f"prune:job:{job_id}")
+    assert job_id not in fs.broker_job_ids()  # nothing was sent: without the outbox, stuck forever
+    return job_id
+
+
+def test_api_killed_between_create_and_send_the_job_is_swept_and_runs_once(faults: FaultStack) -> None:
+    # No API runs between the kill and the restart, so nothing can sweep; the test holds each entry
+    # back (score in the future) across the restart so GET sees the job still queued, then gives it
+    # back its real age: no assertion depends on how long anything takes.
+    swept = create_then_die(faults, "outbox-run")
+    created = faults.r.zscore(OUTBOX, swept)
+    faults.r.zadd(OUTBOX, {swept: time.time() + 3600}, xx=True)
+    faults.restart_api()
+    job = faults.job(swept)
+    assert job["status"] == "queued" and job["attempts"] == 0
+    token = job["delivery"]
+    retry = faults.http.post("/v1/jobs", json=job["request"], headers={"Idempotency-Key": "outbox-run"})
+    assert retry.status_code == 200 and retry.json()["id"] == swept  # the client's retry: the same job
+
+    cancelled = create_then_die(faults, "outbox-cancel")  # a second one, cancelled while still unsent
+    faults.r.zadd(OUTBOX, {cancelled: time.time() + 3600}, xx=True)
+    faults.restart_api()
+    r = faults.http.post(f"/v1/jobs/{cancelled}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert faults.r.zscore(OUTBOX, cancelled) is None  # a cancelled job is never sent
+
+    faults.r.zadd(OUTBOX, {swept: created}, xx=True)  # as old as it really is: the sweeper sends it
+    job = faults.wait_done(swept)
+    assert job["status"] == "succeeded", (job, faults.logs("worker"), faults.logs("api"))
+    assert job["attempts"] == 1 and job["delivery"] != token  # run once, from the sweeper's message
+    assert statuses(faults, swept) == ["queued", "running", "succeeded"]
+    items = faults.http.get(f"/v1/jobs/{swept}/events?limit=1000").json()["items"]
+    assert [e["data"]["message"] for e in items if e["type"] == "log"] == [
+        "re-enqueued: the first task message was never confirmed sent"
+    ]
+    assert_one_clean_artifact_set(faults, swept)
+    assert faults.r.zscore(OUTBOX, swept) is None
+    assert faults.job(cancelled)["status"] == "cancelled" and statuses(faults, cancelled) == [
+        "queued",
+        "cancelled",
+    ]
+    assert not {swept, cancelled} & set(faults.broker_job_ids())  # no message left behind
+    assert faults.job_files(cancelled) == []
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,51 @@ def test_engine_error_fails_cleanly_and_restart_clears_stale_outputs(ctx: Contex
     assert not stale.exists() and not (ctx.settings.work_dir / job_id).exists()
     assert statuses(ctx, job_id) == ["queued", "running", "running", "failed"]
     assert any(e.type == "error" for e in ctx.events.page(job_id, limit=1000))
+
+
+def test_a_superseded_delivery_is_skipped_and_the_job_runs_once(
+    ctx: Context, tiny_model_dir, small_text: Path
+) -> None:
+    req = JobRequest.model_validate(
+        {
+            "model": {"source": str(tiny_model_dir("llama"))},
+            "prune": {"method": "wanda", "pattern": "2:4"},
+            "calibration": {"source": str(small_text), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"source": str(small_text), "max_windows": 2},
+        }
+    )
+    job, _ = ctx.store.create("default", req)
+    first = job.delivery  # the message the (dead) API may still have sent
+    second = ctx.store.reissue(job.id, time.time() + 1)  # the sweeper's re-send
+    assert first and second and first != second
+    mark = ctx.settings.artifacts_dir / "default" / job.id / "left-alone"
+    mark.parent.mkdir(parents=True)
+    mark.write_text("a superseded message must not touch the job's files")
+    record, events = ctx.store.require(job.id), ctx.events.page(job.id, limit=1000)
+
+    assert run_job(job.id, ctx, token=first) == "superseded"
+    assert ctx.store.require(job.id) == record and record.status == S.queued  # no state change
+    assert ctx.events.page(job.id, limit=1000) == events and mark.exists()  # nothing written or removed
+
+    assert run_job(job.id, ctx, token=second) == "succeeded"
+    assert run_job(job.id, ctx, token=first) == "superseded"  # arriving late changes nothing either
+    assert run_job(job.id, ctx, token=second) == "skipped"  # a redelivery of a finished job
+    done = ctx.store.require(job.id)
+    assert done.status == S.succeeded and done.attempts == 1
+    assert statuses(ctx, job.id) == ["queued", "running", "succeeded"]
+    names = sorted(a.name for a in ctx.artifacts.list(f"default/{job.id}"))
+    assert "manifest.json" in names and "report.json" in names and "left-alone" not in names
+    assert ctx.store.outbox() == []
+
+
+def test_a_redelivered_message_keeps_its_token_and_is_claimed_again(ctx: Context) -> None:
+    job_id = new_job(ctx)
+    token = ctx.store.require(job_id).delivery
+    ctx.store.transition(job_id, [S.queued], S.running, attempts=1)  # its worker died mid-job
+    assert run_job(job_id, ctx, token=token) == "failed"  # claimed again: attempt 2 (the model is missing)
+    job = ctx.store.require(job_id)
+    assert job.attempts == 2 and job.error is not None and job.error.code == "model_load_error"
+    capped = new_job(ctx)
+    ctx.store.transition(capped, [S.queued], S.running, attempts=3)
+    assert run_job(capped, ctx, token=ctx.store.require(capped).delivery) == "skipped"
+    assert ctx.store.require(capped).error.code == "worker_lost"  # the redelivery cap still holds
