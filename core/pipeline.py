@@ -158,9 +158,12 @@ def run(
     on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     data_dir: str | Path | None = None,
+    reported_spec: RunSpec | None = None,
 ) -> dict[str, Any]:
     """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report dict.
 
+    ``reported_spec`` is what the report records as its ``spec`` when it differs from what ran
+    (e.g. the ``s3://`` URIs whose local copies ``spec`` names); default ``spec``.
     ``out_dir`` must not exist or be an empty directory. Raises :class:`core.errors.CoreError`
     subclasses for user-facing failures (``Cancelled`` when ``should_cancel()`` turns True).
     """
@@ -171,7 +174,7 @@ def run(
 
         resolve_source(spec.model)  # a missing source is reported as such, not as a streaming error
         if use_streaming(spec.model):
-            return _run_streaming(spec, out, on_progress, should_cancel, data_dir, t_start)
+            return _run_streaming(spec, out, on_progress, should_cancel, data_dir, t_start, reported_spec)
     ev = spec.evaluation
     enabled = ["loading", "calibrating"]
     if ev.enabled and ev.dense_baseline:
@@ -266,7 +269,7 @@ def run(
             }
         cfg = model.config
         report: dict[str, Any] = {
-            "spec": spec.model_dump(mode="json"),
+            "spec": (reported_spec or spec).model_dump(mode="json"),
             "versions": _versions(),
             "model": {
                 "source": loaded.source,
@@ -315,6 +318,7 @@ def _run_streaming(
     should_cancel: CancelFn | None,
     data_dir: str | Path | None,
     t_start: float,
+    reported_spec: RunSpec | None = None,
 ) -> dict[str, Any]:
     """:func:`run` in streaming mode: tokenizer-only calibration, ``prune_streaming``, reports."""
     import shutil
@@ -373,7 +377,7 @@ def _run_streaming(
             timings["eval_s"] = 0.0
             archs = getattr(config, "architectures", None) or ["?"]
             report: dict[str, Any] = {
-                "spec": spec.model_dump(mode="json"),
+                "spec": (reported_spec or spec).model_dump(mode="json"),
                 "versions": _versions(),
                 "model": {
                     "source": where,

@@ -323,13 +323,15 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
 def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any]:
     from core import pipeline  # torch lives behind this import
 
-    spec = run_spec(job)
-    if inputs.has_s3(spec):
+    checked = run_spec(job)
+    spec = checked
+    if inputs.has_s3(checked):
         fetcher = S3InputFetcher.from_env()
-        spec = inputs.localize(spec, out.parent, fetcher, rep.progress, rep.should_cancel)
+        spec = inputs.localize(checked, out.parent, fetcher, rep.progress, rep.should_cancel)
     report = pipeline.run(
         spec,
         out,
+        reported_spec=checked,  # the report names the s3:// URIs, not the scratch copies
         on_progress=rep.progress,
         should_cancel=rep.should_cancel,
         data_dir=ctx.settings.data_dir,

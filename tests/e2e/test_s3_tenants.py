@@ -217,8 +217,12 @@ def test_model_from_s3_source(keyed: KeyedStack) -> None:
         assert job["status"] == "succeeded", job
         assert job["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
         assert job["request"]["model"]["source"] == f"s3://{MODEL_BUCKET}/approved/small"
-        names = {a["name"] for a in alpha.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]}
-        assert {"model/config.json", "model/model.safetensors", "report.json"} <= names
+        listing = alpha.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]
+        assert {"model/config.json", "model/model.safetensors", "report.json"} <= {a["name"] for a in listing}
+        report = httpx.get(next(a["url"] for a in listing if a["name"] == "report.json")).json()
+        assert (
+            report["spec"]["model"]["source"] == f"s3://{MODEL_BUCKET}/approved/small"
+        )  # not the scratch copy
 
         failed = _wait(alpha, missing.json()["id"])
         assert failed["status"] == "failed", failed
