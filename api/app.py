@@ -26,6 +26,7 @@ from jobs.events import EventLog
 from jobs.outbox import run_sweeper
 from jobs.queue import Queue
 from jobs.redisconn import API_RETRIES, aconnect, connect
+from jobs.retention import run_retention
 from jobs.settings import Settings, get_settings
 from jobs.sources import SourcePolicy, service_policy
 from jobs.storage import make_store
@@ -113,18 +114,27 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc.aredis = aconnect(settings.redis_url)
-        sweeper = None
+        tasks = []
         if settings.outbox_interval > 0:  # re-send jobs a dead API process created but never sent
-            sweeper = asyncio.create_task(
-                run_sweeper(svc.store, svc.queue, settings.outbox_interval, settings.outbox_age)
+            tasks.append(
+                asyncio.create_task(
+                    run_sweeper(svc.store, svc.queue, settings.outbox_interval, settings.outbox_age)
+                )
+            )
+        retention_s = settings.retention_s
+        if settings.retention_interval > 0 and retention_s is not None:  # delete old finished jobs
+            tasks.append(
+                asyncio.create_task(
+                    run_retention(svc.store, svc.artifacts, settings.retention_interval, retention_s)
+                )
             )
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                    await task
             await svc.aredis.aclose()
             svc.aredis = None
 

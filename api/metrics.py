@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -29,13 +29,19 @@ class JobsCollector(Collector):
             depth = self.svc.queue.depth()
             buckets, total = self.svc.store.duration_histogram()
             block_buckets, block_total = self.svc.store.block_histogram()
+            deleted = self.svc.store.deleted_count()
         except Exception as e:  # a scrape must not fail because Redis is down
             log.warning("metrics unavailable: %s", e)
             return
-        jobs = GaugeMetricFamily("prune_jobs", "Jobs by status.", labels=["status"])
+        jobs = GaugeMetricFamily(
+            "prune_jobs", "Stored jobs by status (jobs deleted by retention leave it).", labels=["status"]
+        )
         for status, n in sorted(counts.items()):
             jobs.add_metric([status], n)
         yield jobs
+        yield CounterMetricFamily(
+            "prune_jobs_deleted", "Finished jobs deleted by retention (PRUNE_RETENTION_DAYS).", value=deleted
+        )
         yield GaugeMetricFamily("prune_queue_depth", "Tasks waiting in the broker queue.", value=depth)
         yield HistogramMetricFamily(
             "prune_job_duration_seconds",

@@ -23,7 +23,7 @@ from jobs.logs import set_job_id
 from jobs.sources import SourceRefused
 from jobs.spec import TERMINAL, Job, JobError, JobPage, JobRequest, JobStatus
 from jobs.storage.local import LocalArtifactStore, safe_name
-from jobs.store import IdempotencyConflict, InvalidTransition, TooManyActiveJobs
+from jobs.store import IdempotencyConflict, InvalidTransition, JobNotFound, TooManyActiveJobs
 from jobs.webhooks import WebhookError, validate_url
 
 log = logging.getLogger("api")
@@ -62,11 +62,15 @@ class ArtifactList(BaseModel):
     artifacts: list[Artifact]
 
 
+def _not_found(job_id: str) -> ProblemError:
+    return ProblemError(404, f"no job {job_id}", "job-not-found", "Job not found")
+
+
 def _job(svc: Services, tenant: str, job_id: str) -> Job:
     """The tenant's job; another tenant's job is answered exactly like a missing one (404)."""
     job = svc.store.get(job_id)
     if job is None or job.tenant != tenant:
-        raise ProblemError(404, f"no job {job_id}", "job-not-found", "Job not found")
+        raise _not_found(job_id)
     return job
 
 
@@ -230,6 +234,8 @@ def cancel_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
             )
         except InvalidTransition as e:  # it moved meanwhile (e.g. started): retry on its new status
             job = e.job
+        except JobNotFound:  # deleted by retention meanwhile
+            raise _not_found(job_id) from None
     raise ProblemError(409, f"job {job_id} changed too often; retry", "conflict")
 
 

@@ -16,6 +16,17 @@ def _int(name: str, default: int) -> int:
     return int(raw) if raw not in (None, "") else default
 
 
+def _retention_days() -> float:
+    """PRUNE_RETENTION_DAYS: unset = the default (30); empty or 0 = keep finished jobs forever."""
+    raw = os.environ.get("PRUNE_RETENTION_DAYS")
+    if raw is None:
+        return Settings.retention_days
+    days = float(raw) if raw.strip() else 0.0
+    if days < 0 or days != days:
+        raise ValueError(f"PRUNE_RETENTION_DAYS must be a number of days >= 0, got {raw!r}")
+    return days
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment.
@@ -27,7 +38,9 @@ class Settings:
     and the first backoff delay in seconds, doubled after each failed try), PRUNE_STORAGE (`local` or
     `s3`; the S3 store reads its own PRUNE_S3_* variables), PRUNE_OUTBOX_INTERVAL and PRUNE_OUTBOX_AGE
     (the API's outbox sweeper: seconds between sweeps, 0 = off; age after which a job whose task was
-    never confirmed sent is sent again).
+    never confirmed sent is sent again), PRUNE_RETENTION_DAYS (finished jobs older than this are
+    deleted with their artifacts; 0 or empty = kept forever) and PRUNE_RETENTION_INTERVAL (seconds
+    between the API's retention sweeps, 0 = off).
     """
 
     redis_url: str = "redis://localhost:6379/0"
@@ -47,6 +60,8 @@ class Settings:
     storage_backoff: float = 1.0
     outbox_interval: float = 30.0
     outbox_age: float = 60.0
+    retention_days: float = 30.0
+    retention_interval: float = 3600.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -69,6 +84,8 @@ class Settings:
             storage=(os.environ.get("PRUNE_STORAGE") or cls.storage).strip().lower(),
             outbox_interval=float(os.environ.get("PRUNE_OUTBOX_INTERVAL") or cls.outbox_interval),
             outbox_age=float(os.environ.get("PRUNE_OUTBOX_AGE") or cls.outbox_age),
+            retention_days=_retention_days(),
+            retention_interval=float(os.environ.get("PRUNE_RETENTION_INTERVAL") or cls.retention_interval),
         )
 
     @property
@@ -76,6 +93,11 @@ class Settings:
         """Broker redelivery delay for unacked tasks: PRUNE_VISIBILITY_TIMEOUT, else one hour above the
         longest allowed job (a whole worker killed mid-job is redelivered after this delay)."""
         return self.visibility_timeout_s or self.job_time_limit + HOUR
+
+    @property
+    def retention_s(self) -> float | None:
+        """Age in seconds after which a finished job is deleted; None when jobs are kept forever."""
+        return self.retention_days * 24 * HOUR if self.retention_days > 0 else None
 
     @property
     def artifacts_dir(self) -> Path:

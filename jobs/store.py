@@ -5,7 +5,13 @@ Layout (prefix "prune"):
 - `prune:idx:<tenant>`             sorted set of the tenant's job ids (score 0, ids sort by creation time)
 - `prune:idx:<tenant>:<status>`    the same per status (listing filter)
 - `prune:idem:<tenant>:<key>`      "<job id> <request sha256>" with a TTL (Idempotency-Key)
-- `prune:counts`                   hash status -> number of jobs (metrics)
+- `prune:idemref:<id>`             name of the job's `prune:idem:…` key, with the same TTL (retention
+                                   deletes the key with the job while it still points at it)
+- `prune:counts`                   hash status -> number of stored jobs in that status (metrics;
+                                   jobs deleted by retention leave it)
+- `prune:finished`                 sorted set of finished (succeeded, failed, cancelled) jobs, score:
+                                   Unix time they finished (retention, jobs.retention)
+- `prune:deleted`                  number of finished jobs deleted by retention (metrics)
 - `prune:durations`                hash of job duration histogram buckets (metrics)
 - `prune:blocks`                   hash of per-block pruning time histogram buckets (metrics, worker)
 - `prune:active:<tenant>`          set of the tenant's queued/running/cancelling job ids (quota)
@@ -20,6 +26,11 @@ Outbox: `create` records the job in `prune:outbox` and gives it a delivery token
 the same script; the API sends the task with that token, then `confirm_sent` drops the entry. A job
 leaving `queued` leaves the outbox in the same transaction. `jobs.outbox.sweep` re-sends old entries
 with a fresh token (`reissue`), so a job whose API died before sending it still runs, once.
+
+Retention: every transition into a terminal status adds the job to `prune:finished` in the same
+transaction. `delete_finished` removes a finished job's record, event stream, index entries and
+idempotency key and takes it out of `prune:counts`, in one WATCH/MULTI transaction that re-checks the
+job is finished before the cutoff (`jobs.retention.sweep` deletes its artifacts first).
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ BLOCK_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300,
 IDEMPOTENCY_TTL = 24 * 3600
 ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.queued, JobStatus.running, JobStatus.cancelling})
 
-# KEYS: idem, job, idx, idx:queued, counts, events, active, outbox
+# KEYS: idem, job, idx, idx:queued, counts, events, active, outbox, idemref
 # ARGV: id, record, digest, ttl, idem?, event, maxlen, max active jobs (0 = no limit), outbox score
 _CREATE = """
 if ARGV[5] == '1' then
@@ -59,6 +70,7 @@ if limit > 0 then
 end
 if ARGV[5] == '1' then
   redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'EX', tonumber(ARGV[4]))
+  redis.call('SET', KEYS[9], KEYS[1], 'EX', tonumber(ARGV[4]))
 end
 redis.call('SADD', KEYS[7], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
@@ -76,6 +88,12 @@ _CONFIRM = """
 local raw = redis.call('GET', KEYS[1])
 if raw and cjson.decode(raw)['delivery'] ~= ARGV[2] then return 0 end
 return redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+# Delete a key only while it holds the given value. KEYS: key; ARGV: value
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -149,6 +167,7 @@ class JobStore:
         self.prefix = prefix
         self._create = client.register_script(_CREATE)
         self._confirm = client.register_script(_CONFIRM)
+        self._delete_if = client.register_script(_DELETE_IF)
 
     # keys
     def job_key(self, job_id: str) -> str:
@@ -160,6 +179,9 @@ class JobStore:
 
     def _idem(self, tenant: str, key: str) -> str:
         return f"{self.prefix}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def _idemref(self, job_id: str) -> str:
+        return f"{self.prefix}:idemref:{job_id}"
 
     @property
     def _counts(self) -> str:
@@ -175,6 +197,15 @@ class JobStore:
 
     def _active(self, tenant: str) -> str:
         return f"{self.prefix}:active:{tenant}"
+
+    @property
+    def finished_key(self) -> str:
+        """Sorted set of finished jobs (score: Unix time they finished)."""
+        return f"{self.prefix}:finished"
+
+    @property
+    def _deleted(self) -> str:
+        return f"{self.prefix}:deleted"
 
     @property
     def outbox_key(self) -> str:
@@ -214,11 +245,22 @@ class JobStore:
 
     def outbox(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
         """(job id, score) of outbox entries with a score up to `before`, oldest first."""
-        rows = self.r.zrangebyscore(self.outbox_key, "-inf", before, start=0, num=limit, withscores=True)
+        return self._up_to(self.outbox_key, before, limit)
+
+    def finished(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
+        """(job id, finish time) of jobs that finished up to `before` (Unix time), oldest first."""
+        return self._up_to(self.finished_key, before, limit)
+
+    def _up_to(self, key: str, before: float, limit: int) -> list[tuple[str, float]]:
+        rows = self.r.zrangebyscore(key, "-inf", before, start=0, num=limit, withscores=True)
         return [(k.decode() if isinstance(k, bytes) else k, float(v)) for k, v in rows]
 
+    def deleted_count(self) -> int:
+        """How many finished jobs retention has deleted."""
+        return int(self.r.get(self._deleted) or 0)
+
     def status_counts(self) -> dict[str, int]:
-        """Number of jobs per status, across tenants."""
+        """Number of stored jobs per status, across tenants (deleted jobs are not counted)."""
         raw = self.r.hgetall(self._counts)
         counts = {s.value: 0 for s in JobStatus}
         for k, v in raw.items():
@@ -290,19 +332,26 @@ class JobStore:
             events_key(self.prefix, job.id),
             self._active(tenant),
             self.outbox_key,
+            self._idemref(job.id),
         ]
         event = encode("status", {"status": "queued", "previous": None})["data"]
         idem = "1" if idempotency_key else "0"
-        args = [job.id, job.model_dump_json(), digest, ttl, idem, event, MAXLEN, max_active or 0, time.time()]
-        created, value = self._create(keys=keys, args=args)
-        if created == 2:
-            raise TooManyActiveJobs(tenant, int(value), int(max_active or 0))
-        if created:
-            return job, True
-        existing_id, existing_digest = (value.decode() if isinstance(value, bytes) else value).split(" ")
-        if existing_digest != digest:
-            raise IdempotencyConflict(existing_id)
-        return self.require(existing_id), False
+        args = [job.id, job.model_dump_json(), digest, ttl, idem, event, MAXLEN, max_active or 0]
+        while True:
+            created, value = self._create(keys=keys, args=[*args, time.time()])
+            if created == 2:
+                raise TooManyActiveJobs(tenant, int(value), int(max_active or 0))
+            if created:
+                return job, True
+            value = value.decode() if isinstance(value, bytes) else value
+            existing_id, existing_digest = value.split(" ")
+            if existing_digest != digest:
+                raise IdempotencyConflict(existing_id)
+            existing = self.get(existing_id)
+            if existing is not None:
+                return existing, False
+            # the key outlived its job (deleted by retention meanwhile): drop it and create anew
+            self._delete_if(keys=[keys[0]], args=[value])
 
     def confirm_sent(self, job_id: str, token: str | None) -> bool:
         """The task message carrying `token` was sent: drop the job's outbox entry, unless the record
@@ -388,6 +437,8 @@ class JobStore:
             pipe.sadd(self._active(new.tenant), new.id)
         else:
             pipe.srem(self._active(new.tenant), new.id)
+        if new.status in TERMINAL:  # retention deletes it once it is older than the cutoff
+            pipe.zadd(self.finished_key, {new.id: (new.finished_at or now()).timestamp()})
         if new.status in TERMINAL and new.started_at and new.finished_at:
             seconds = (new.finished_at - new.started_at).total_seconds()
             le = next(b for b in DURATION_BUCKETS if seconds <= b)
@@ -430,3 +481,83 @@ class JobStore:
             return job.model_copy(update={"progress": progress}), [("progress", progress.model_dump())]
 
         return self.mutate(job_id, fn)[1]
+
+    def delete_finished(self, job_id: str, before: float = math.inf) -> bool:
+        """Delete a job that finished at or before `before` (Unix time): its record, event stream,
+        index entries and idempotency key (while it points at this job), and take it out of the
+        per-status counts; all in one WATCH/MULTI transaction. True when this call deleted it.
+
+        A job that is not finished, finished later, or is already gone is left alone (False); a
+        `prune:finished` entry whose record is gone is dropped. Concurrent callers delete a job once.
+        The caller deletes the job's artifacts first (`jobs.retention.sweep`).
+        """
+        key, ref = self.job_key(job_id), self._idemref(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key, ref)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        self.r.zrem(self.finished_key, job_id)
+                        return False
+                    job = Job.model_validate_json(raw)
+                    score = pipe.zscore(self.finished_key, job_id)
+                    if job.status not in TERMINAL or score is None or score > before:
+                        pipe.unwatch()
+                        return False
+                    idem = pipe.get(ref)
+                    points = False
+                    if idem is not None:
+                        pipe.watch(idem)
+                        value = pipe.get(idem)
+                        if isinstance(value, bytes):
+                            value = value.decode()
+                        points = value is not None and value.split(" ", 1)[0] == job_id
+                    pipe.multi()
+                    pipe.delete(key, events_key(self.prefix, job_id), ref)
+                    if points:
+                        pipe.delete(idem)
+                    pipe.zrem(self._idx(job.tenant), job_id)
+                    for status in JobStatus:  # its own status' index, and any stray entry
+                        pipe.zrem(self._idx(job.tenant, status), job_id)
+                    pipe.zrem(self.finished_key, job_id)
+                    pipe.zrem(self.outbox_key, job_id)
+                    pipe.srem(self._active(job.tenant), job_id)
+                    pipe.hincrby(self._counts, job.status.value, -1)
+                    pipe.incr(self._deleted)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def backfill_finished(self, batch: int = 500) -> int:
+        """Add finished jobs missing from `prune:finished` (recorded before retention existed, or by
+        an older process) with their finish time; return how many were added."""
+        added = 0
+        for status in TERMINAL:
+            for idx in self.r.scan_iter(match=f"{self.prefix}:idx:*:{status.value}", count=batch):
+                ids: list[str] = []
+                for member, _ in self.r.zscan_iter(idx, count=batch):
+                    ids.append(member.decode() if isinstance(member, bytes) else member)
+                    if len(ids) >= batch:
+                        added += self._backfill(ids)
+                        ids = []
+                added += self._backfill(ids)
+        return added
+
+    def _backfill(self, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        scores = self.r.zmscore(self.finished_key, ids)
+        missing = [i for i, sc in zip(ids, scores, strict=True) if sc is None]
+        if not missing:
+            return 0
+        entries: dict[str, float] = {}
+        for job_id, raw in zip(missing, self.r.mget([self.job_key(i) for i in missing]), strict=True):
+            if raw is None:
+                continue
+            job = Job.model_validate_json(raw)
+            if job.status in TERMINAL:
+                entries[job_id] = (job.finished_at or job.created_at).timestamp()
+        return int(self.r.zadd(self.finished_key, entries, nx=True)) if entries else 0

@@ -111,6 +111,8 @@ class LocalArtifactStore:
         if d.exists():
             try:
                 self._remove(d)
+            except FileNotFoundError:  # a concurrent delete (another retention sweeper) got it first
+                pass
             except OSError as e:
                 raise StorageError(f"could not delete {prefix}: {e}") from e
 

@@ -89,6 +89,7 @@ def test_enqueue_failure_is_503_and_fails_the_job(settings: Settings, redis_clie
     assert job["status"] == "failed" and job["error"]["code"] == "queue_unavailable"
     assert redis_client.zcard(f"{settings.key_prefix}:outbox") == 0  # a failed job is never re-sent
     assert svc.store.active_count("default") == 0
+    assert [i for i, _ in svc.store.finished()] == [job["id"]]  # retention will delete it in time
 
 
 def test_validation_problem(client: TestClient) -> None:

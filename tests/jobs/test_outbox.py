@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 import redis
 
 from jobs.events import EventLog
@@ -32,11 +31,6 @@ class Recorder:
             raise ConnectionError("broker unreachable")
         with self.lock:
             self.sent.append((job_id, token))
-
-
-@pytest.fixture
-def store(redis_client: redis.Redis, key_prefix: str) -> JobStore:
-    return JobStore(redis_client, key_prefix)
 
 
 def new_job(store: JobStore, age_s: float = 0.0) -> str:

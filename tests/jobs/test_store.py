@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import redis
 
 from jobs.events import EventLog, check_id
 from jobs.spec import Job, JobError, JobProgress, JobRequest, JobStatus
@@ -17,16 +16,6 @@ S = JobStatus
 
 def req(source: str = "/models/a", **kw: object) -> JobRequest:
     return JobRequest.model_validate({"model": {"source": source}, **kw})
-
-
-@pytest.fixture
-def store(redis_client: redis.Redis, key_prefix: str) -> JobStore:
-    return JobStore(redis_client, key_prefix)
-
-
-@pytest.fixture
-def events(redis_client: redis.Redis, key_prefix: str) -> EventLog:
-    return EventLog(redis_client, key_prefix)
 
 
 def test_create_get_and_status_event(store: JobStore, events: EventLog) -> None:
