@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -23,16 +24,17 @@ from api.routes import router
 from jobs import logs
 from jobs.auth import KeyRing
 from jobs.events import EventLog
-from jobs.outbox import run_sweeper
+from jobs.outbox import sweep as sweep_outbox
 from jobs.queue import Queue
 from jobs.redisconn import API_RETRIES, aconnect, connect
-from jobs.retention import run_retention
+from jobs.retention import sweep_all as sweep_retention
 from jobs.settings import Settings, get_settings
 from jobs.sources import SourcePolicy, service_policy
 from jobs.storage import make_store
 from jobs.store import JobStore
 from jobs.webhooks import secret_from_env
 
+log = logging.getLogger("api.app")
 BODY_METHODS = {"POST", "PUT", "PATCH"}
 Svc = Annotated[Services, Depends(services)]
 
@@ -97,6 +99,17 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+async def _every(interval_s: float, what: str, fn: Callable[..., object], *args: object) -> None:
+    """Run `fn(*args)` in a thread now and then every `interval_s` seconds, until cancelled; errors
+    are logged, not raised (Redis away: the next run tries again)."""
+    while True:
+        try:
+            await asyncio.to_thread(fn, *args)
+        except Exception as e:
+            log.warning("%s failed: %s", what, e)
+        await asyncio.sleep(interval_s)
+
+
 def create_app(
     settings: Settings | None = None, *, keyring: KeyRing | None = None, sources: SourcePolicy | None = None
 ) -> FastAPI:
@@ -118,14 +131,28 @@ def create_app(
         if settings.outbox_interval > 0:  # re-send jobs a dead API process created but never sent
             tasks.append(
                 asyncio.create_task(
-                    run_sweeper(svc.store, svc.queue, settings.outbox_interval, settings.outbox_age)
+                    _every(
+                        settings.outbox_interval,
+                        "outbox sweep",
+                        sweep_outbox,
+                        svc.store,
+                        svc.queue,
+                        settings.outbox_age,
+                    )
                 )
             )
         retention_s = settings.retention_s
         if settings.retention_interval > 0 and retention_s is not None:  # delete old finished jobs
             tasks.append(
                 asyncio.create_task(
-                    run_retention(svc.store, svc.artifacts, settings.retention_interval, retention_s)
+                    _every(
+                        settings.retention_interval,
+                        "retention sweep",
+                        sweep_retention,
+                        svc.store,
+                        svc.artifacts,
+                        retention_s,
+                    )
                 )
             )
         try:

@@ -146,8 +146,7 @@ def main() -> None:
     sweep = {}
     for bs in [int(b) for b in args.sweep.split(",") if b.strip()]:
         spec = PruneSpec(method="wanda", pattern="2:4", batch_size=bs)
-        _, sweep[str(bs)] = timed(engine.prune, copy.deepcopy(dense), cal, spec)
-        sweep[str(bs)] = round(sweep[str(bs)], 2)
+        sweep[str(bs)] = round(timed(engine.prune, copy.deepcopy(dense), cal, spec)[1], 2)
     if sweep:
         result["batch_size_sweep"] = {"pattern": "2:4", "nsamples": int(cal.shape[0]), "engine_s": sweep}
         print(result["batch_size_sweep"], file=sys.stderr, flush=True)

@@ -133,9 +133,9 @@ class _CallOrder:
         self.stop_at: str | None = None
         self.learning = True
 
-    def pre_hook(self, name: str, feed: Callable[[Any, tuple[Any, ...], Any], None]) -> Callable[..., None]:
+    def pre_hook(self, name: str, feed: Callable[[Any, tuple[Any, ...]], None]) -> Callable[..., None]:
         def fn(module: nn.Module, inputs: tuple[Any, ...]) -> None:
-            feed(module, inputs, None)
+            feed(module, inputs)
             if self.learning:
                 self.order.append(name)
             elif name == self.stop_at:

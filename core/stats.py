@@ -1,7 +1,7 @@
 """Per-layer calibration statistics gathered from a linear layer's inputs.
 
 The engine creates one :class:`StatsAccumulator` per prunable layer, feeds it every layer
-input (any leading shape, any float dtype) from a forward hook, and hands
+input (any leading shape, any float dtype) from a forward (pre-)hook, and hands
 :meth:`StatsAccumulator.result` to the pruning method. Layers that receive the very same input
 tensor (q/k/v projections, gate/up) share one :class:`InputPartial` per batch through
 :class:`SharedInputs`: the input's fp32 cast and squared-norm sum are computed once, and every
@@ -165,10 +165,10 @@ class SharedInputs:
         self.computed += 1
         return p
 
-    def hook(self, acc: StatsAccumulator) -> Callable[[Any, tuple[Any, ...], Any], None]:
-        """A ``register_forward_hook`` callback feeding ``acc`` the layer's first input."""
+    def hook(self, acc: StatsAccumulator) -> Callable[..., None]:
+        """A forward hook or forward pre-hook callback feeding ``acc`` the layer's first input."""
 
-        def fn(_module: Any, inputs: tuple[Any, ...], _output: Any) -> None:
+        def fn(_module: Any, inputs: tuple[Any, ...], *_output: Any) -> None:
             acc.add_partial(self.partial_for(inputs[0], acc))
 
         return fn

@@ -12,7 +12,6 @@ token change is a WATCH/MULTI transaction that re-checks the entry's age, so one
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Protocol
@@ -47,13 +46,3 @@ def sweep(store: JobStore, queue: Sender, older_than_s: float) -> list[str]:
         log.warning("job %s: its task was never confirmed sent; sent it again", job_id)
         sent.append(job_id)
     return sent
-
-
-async def run_sweeper(store: JobStore, queue: Sender, interval_s: float, older_than_s: float) -> None:
-    """Sweep now, then every `interval_s` seconds, until cancelled; errors are logged, not raised."""
-    while True:
-        try:
-            await asyncio.to_thread(sweep, store, queue, older_than_s)
-        except Exception as e:  # Redis away: the next sweep tries again
-            log.warning("outbox sweep failed: %s", e)
-        await asyncio.sleep(interval_s)

@@ -14,7 +14,6 @@ delete the artifacts (idempotent), one transaction deletes the record, the other
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -24,10 +23,9 @@ from jobs.store import JobStore
 log = logging.getLogger("jobs.retention")
 
 BATCH = 500
-"""Jobs one `sweep` call looks at; `run_retention` sweeps batch after batch while they are full."""
+"""Jobs one `sweep` call looks at; `sweep_all` sweeps batch after batch while they are full."""
 MAX_STORAGE_FAILURES = 3
 """Consecutive StorageErrors after which a sweep stops (the store is probably down)."""
-DAY = 24 * 3600
 
 
 def sweep(store: JobStore, artifacts: ArtifactStore, older_than_s: float, limit: int = BATCH) -> list[str]:
@@ -70,22 +68,3 @@ def sweep_all(store: JobStore, artifacts: ArtifactStore, older_than_s: float, ba
         total += n
         if n < batch:
             return total
-
-
-async def run_retention(
-    store: JobStore, artifacts: ArtifactStore, interval_s: float, older_than_s: float
-) -> None:
-    """Record finished jobs an older version left out (once), then sweep now and every `interval_s`
-    seconds, until cancelled; each sweep runs in a thread. Errors are logged, not raised."""
-    backfilled = False
-    while True:
-        try:
-            if not backfilled:
-                added = await asyncio.to_thread(store.backfill_finished)
-                backfilled = True
-                if added:
-                    log.info("retention: recorded %d finished jobs that were not yet tracked", added)
-            await asyncio.to_thread(sweep_all, store, artifacts, older_than_s)
-        except Exception as e:  # Redis away: the next sweep tries again
-            log.warning("retention sweep failed: %s", e)
-        await asyncio.sleep(interval_s)

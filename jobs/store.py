@@ -530,34 +530,3 @@ class JobStore:
                     return True
                 except redis.WatchError:
                     continue
-
-    def backfill_finished(self, batch: int = 500) -> int:
-        """Add finished jobs missing from `prune:finished` (recorded before retention existed, or by
-        an older process) with their finish time; return how many were added."""
-        added = 0
-        for status in TERMINAL:
-            for idx in self.r.scan_iter(match=f"{self.prefix}:idx:*:{status.value}", count=batch):
-                ids: list[str] = []
-                for member, _ in self.r.zscan_iter(idx, count=batch):
-                    ids.append(member.decode() if isinstance(member, bytes) else member)
-                    if len(ids) >= batch:
-                        added += self._backfill(ids)
-                        ids = []
-                added += self._backfill(ids)
-        return added
-
-    def _backfill(self, ids: list[str]) -> int:
-        if not ids:
-            return 0
-        scores = self.r.zmscore(self.finished_key, ids)
-        missing = [i for i, sc in zip(ids, scores, strict=True) if sc is None]
-        if not missing:
-            return 0
-        entries: dict[str, float] = {}
-        for job_id, raw in zip(missing, self.r.mget([self.job_key(i) for i in missing]), strict=True):
-            if raw is None:
-                continue
-            job = Job.model_validate_json(raw)
-            if job.status in TERMINAL:
-                entries[job_id] = (job.finished_at or job.created_at).timestamp()
-        return int(self.r.zadd(self.finished_key, entries, nx=True)) if entries else 0

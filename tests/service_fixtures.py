@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +91,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         stack.stop()
 
 
-def start_nanio(data: Path, access: str, secret: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A real S3-compatible server (nanio: verifies SigV4 signatures and expiry) on a free loopback port.
-
-    Returns the process (its own session, so it can be killed as a group) and its endpoint URL.
-    """
+@contextmanager
+def nanio_server(data: Path, access: str, secret: str) -> Iterator[str]:
+    """A real S3-compatible server (nanio: verifies SigV4 signatures and expiry) on a free loopback
+    port, for the duration of the `with` block; yields its endpoint URL."""
     port = free_port()
     env = {**os.environ, "NANIO_ACCESS_KEY": access, "NANIO_SECRET_KEY": secret}
     cmd = [sys.executable, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -105,14 +105,22 @@ def start_nanio(data: Path, access: str, secret: str) -> tuple[subprocess.Popen[
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 30
-    while True:
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    raise RuntimeError(f"nanio did not start: {err}") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"nanio did not start: {err}") from None
-            time.sleep(0.1)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

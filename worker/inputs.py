@@ -18,9 +18,18 @@ from jobs.storage.s3_inputs import S3InputFetcher
 FIELDS = ("model", "calibration", "evaluation")
 
 
+def _s3_fields(spec: RunSpec) -> list[str]:
+    """The spec's fields whose source is an s3:// URI (evaluation only when enabled)."""
+    return [
+        f
+        for f in FIELDS
+        if getattr(spec, f).source.startswith("s3://") and (f != "evaluation" or spec.evaluation.enabled)
+    ]
+
+
 def has_s3(spec: RunSpec) -> bool:
-    """Whether any source of the spec is an s3:// URI."""
-    return any(getattr(spec, f).source.startswith("s3://") for f in FIELDS)
+    """Whether the spec reads any s3:// source."""
+    return bool(_s3_fields(spec))
 
 
 def localize(
@@ -35,11 +44,9 @@ def localize(
     Raises jobs.storage.StorageError subclasses (missing, refused, unreachable) and Cancelled."""
     update: dict[str, Any] = {}
     copied: dict[str, Path] = {}
-    for field in FIELDS:
+    for field in _s3_fields(spec):
         sub = getattr(spec, field)
         uri = sub.source
-        if not uri.startswith("s3://") or (field == "evaluation" and not spec.evaluation.enabled):
-            continue
         if uri in copied:  # e.g. calibration and evaluation from one file
             local = copied[uri]
         else:

@@ -155,9 +155,34 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_part(value: str, what: str) -> str:
+def unsafe_key_path(value: str) -> bool:
+    """Whether a relative object path is empty, absolute, or has '', '.', '..' segments, backslashes
+    or NULs (it could not be mapped safely onto a local directory)."""
     parts = value.split("/")
-    if not value or value.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in value:
+    return (
+        not value
+        or value.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or "\\" in value
+        or "\x00" in value
+    )
+
+
+def is_missing(exc: Exception) -> bool:
+    """Whether a botocore ClientError says the object does not exist."""
+    return exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")  # type: ignore[attr-defined]
+
+
+def list_objects(client: Any, bucket: str, prefix: str) -> list[tuple[str, int]]:
+    """(key, size) of every object below `prefix` in `bucket` (all pages; not retried)."""
+    found: list[tuple[str, int]] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", []))
+    return found
+
+
+def _check_part(value: str, what: str) -> str:
+    if unsafe_key_path(value):
         raise StorageError(f"invalid artifact {what}: {value!r}")
     return value
 
@@ -243,14 +268,7 @@ class S3ArtifactStore:
         return retrying(what, fn, self.max_attempts, self.backoff)
 
     def _list_keys(self, base: str) -> list[str]:
-        def run() -> list[str]:
-            keys: list[str] = []
-            paginator = self._client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
-                keys.extend(obj["Key"] for obj in page.get("Contents", []))
-            return keys
-
-        return self._retry("list", run)
+        return [k for k, _ in self._retry("list", lambda: list_objects(self._client, self.bucket, base))]
 
     def _delete_keys(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
@@ -327,7 +345,7 @@ class S3ArtifactStore:
             try:
                 return self._client.get_object(Bucket=self.bucket, Key=index_key)["Body"].read()
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                if is_missing(exc):
                     return None
                 raise
 

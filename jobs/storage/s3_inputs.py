@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jobs.storage.base import StorageError
-from jobs.storage.s3 import retrying, s3_session
+from jobs.storage.s3 import is_missing, list_objects, retrying, s3_session, unsafe_key_path
 
 GIB = 1024**3
 
@@ -51,10 +51,9 @@ def relative_name(key: str, base: str) -> str | None:
     rel = key[len(base) + 1 :]
     if not rel or rel.endswith("/"):
         return None
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts) or "\\" in rel or "\x00" in rel:
+    if unsafe_key_path(rel):
         raise InputRefused(f"refusing S3 object {key!r}: its name would leave the model directory")
-    return str(PurePosixPath(*parts))
+    return rel
 
 
 @dataclass(frozen=True)
@@ -106,14 +105,10 @@ class S3InputFetcher:
         return retrying(what, fn, self.max_attempts, self.backoff)
 
     def _objects(self, bucket: str, key: str) -> list[_Object]:
-        def run() -> list[_Object]:
-            found: list[_Object] = []
-            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/")
-            for page in pages:
-                found.extend(_Object(o["Key"], int(o["Size"])) for o in page.get("Contents", []))
-            return found
-
-        return self._retry(f"list of s3://{bucket}/{key}/", run)
+        listed = self._retry(
+            f"list of s3://{bucket}/{key}/", lambda: list_objects(self._client, bucket, key + "/")
+        )
+        return [_Object(k, size) for k, size in listed]
 
     def _single(self, bucket: str, key: str) -> _Object | None:
         from botocore.exceptions import ClientError
@@ -122,7 +117,7 @@ class S3InputFetcher:
             try:
                 head = self._client.head_object(Bucket=bucket, Key=key)
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                if is_missing(exc):
                     return None
                 raise
             return _Object(key, int(head["ContentLength"]))

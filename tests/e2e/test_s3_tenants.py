@@ -19,7 +19,7 @@ from prunectl.cli import EXIT_BAD_INPUT, main
 from scripts.stack import Stack
 from tests import tiny_models
 from tests.e2e.test_service import PROBLEM, small_request
-from tests.service_fixtures import DATA_DIR, start_nanio
+from tests.service_fixtures import DATA_DIR, nanio_server
 
 pytest.importorskip("boto3")
 pytest.importorskip("nanio")
@@ -44,43 +44,41 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedStack]:
 
     models = tmp_path_factory.mktemp("keyed-models")
     tiny_models.save("llama", models / "small")
-    nanio, s3_url = start_nanio(tmp_path_factory.mktemp("nanio-data"), ACCESS, SECRET)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_url,
-        aws_access_key_id=ACCESS,
-        aws_secret_access_key=SECRET,
-        region_name="us-east-1",
-    )
-    s3.create_bucket(Bucket=BUCKET)
-    # a model published to object storage, for jobs that name it by s3:// URI
-    s3.create_bucket(Bucket=MODEL_BUCKET)
-    for path in (models / "small").rglob("*"):
-        if path.is_file():
-            key = f"approved/small/{path.relative_to(models / 'small').as_posix()}"
-            s3.upload_file(str(path), MODEL_BUCKET, key)
-    env = {
-        "PRUNE_DATA_DIR": str(DATA_DIR),
-        "PRUNE_MODEL_ROOTS": str(models),
-        "PRUNE_STORAGE": "s3",
-        "PRUNE_S3_BUCKET": BUCKET,
-        "PRUNE_S3_ENDPOINT": s3_url,
-        "PRUNE_S3_ACCESS_KEY": ACCESS,
-        "PRUNE_S3_SECRET_KEY": SECRET,
-        "PRUNE_S3_PREFIX": "e2e/",
-        "PRUNE_S3_MODEL_PREFIXES": f"s3://{MODEL_BUCKET}/approved/",
-        "PRUNE_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
-        "PRUNE_DEFAULT_MAX_ACTIVE_JOBS": "3",
-        "PRUNE_URL_TTL": "600",
-    }
-    stack = Stack(tmp_path_factory.mktemp("keyed-home"), env=env)
-    try:
-        stack.start_all()
-        yield KeyedStack(stack.api_url, s3_url, models)
-    finally:
-        stack.stop()
-        nanio.terminate()
-        nanio.wait(10)
+    with nanio_server(tmp_path_factory.mktemp("nanio-data"), ACCESS, SECRET) as s3_url:
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=s3_url,
+            aws_access_key_id=ACCESS,
+            aws_secret_access_key=SECRET,
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket=BUCKET)
+        # a model published to object storage, for jobs that name it by s3:// URI
+        s3.create_bucket(Bucket=MODEL_BUCKET)
+        for path in (models / "small").rglob("*"):
+            if path.is_file():
+                key = f"approved/small/{path.relative_to(models / 'small').as_posix()}"
+                s3.upload_file(str(path), MODEL_BUCKET, key)
+        env = {
+            "PRUNE_DATA_DIR": str(DATA_DIR),
+            "PRUNE_MODEL_ROOTS": str(models),
+            "PRUNE_STORAGE": "s3",
+            "PRUNE_S3_BUCKET": BUCKET,
+            "PRUNE_S3_ENDPOINT": s3_url,
+            "PRUNE_S3_ACCESS_KEY": ACCESS,
+            "PRUNE_S3_SECRET_KEY": SECRET,
+            "PRUNE_S3_PREFIX": "e2e/",
+            "PRUNE_S3_MODEL_PREFIXES": f"s3://{MODEL_BUCKET}/approved/",
+            "PRUNE_API_KEYS": ",".join(f"{t}:{k}" for t, k in KEYS.items()),
+            "PRUNE_DEFAULT_MAX_ACTIVE_JOBS": "3",
+            "PRUNE_URL_TTL": "600",
+        }
+        stack = Stack(tmp_path_factory.mktemp("keyed-home"), env=env)
+        try:
+            stack.start_all()
+            yield KeyedStack(stack.api_url, s3_url, models)
+        finally:
+            stack.stop()
 
 
 def _client(keyed: KeyedStack, tenant: str | None) -> httpx.Client:

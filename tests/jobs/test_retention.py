@@ -288,18 +288,6 @@ def test_an_idempotency_key_left_pointing_at_a_deleted_job_creates_a_new_one(
     assert not created and again.id == job.id
 
 
-def test_backfill_records_finished_jobs_an_older_version_left_out(
-    store: JobStore, artifacts: LocalArtifactStore
-) -> None:
-    done = [new_job(store, S.succeeded), new_job(store, S.cancelled, tenant="acme"), new_job(store, S.failed)]
-    live = new_job(store, S.running)
-    store.r.delete(store.finished_key)
-    assert store.backfill_finished(batch=2) == 3
-    assert dict(store.finished()) == {i: store.require(i).finished_at.timestamp() for i in done}
-    assert store.backfill_finished() == 0 and store.r.zscore(store.finished_key, live) is None
-    assert sorted(sweep(store, artifacts, older_than_s=0)) == sorted(done)
-
-
 def test_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PRUNE_RETENTION_DAYS", raising=False)
     monkeypatch.delenv("PRUNE_RETENTION_INTERVAL", raising=False)

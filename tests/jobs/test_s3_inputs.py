@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ pytest.importorskip("nanio")
 
 from jobs.storage.base import StorageError
 from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher, relative_name, split_uri
-from tests.service_fixtures import start_nanio
+from tests.service_fixtures import nanio_server
 
 ACCESS, SECRET, BUCKET = "prunein", "prunein-secret-key", "models"
 FILES = {
@@ -25,15 +24,8 @@ FILES = {
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_nanio(tmp_path_factory.mktemp("nanio-in"), ACCESS, SECRET)
-    try:
+    with nanio_server(tmp_path_factory.mktemp("nanio-in"), ACCESS, SECRET) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

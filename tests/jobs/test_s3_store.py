@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ pytest.importorskip("nanio")
 from jobs.storage.base import StorageError
 from jobs.storage.s3 import INDEX_NAME, S3ArtifactStore
 from scripts.stack import free_port
-from tests.service_fixtures import start_nanio
+from tests.service_fixtures import nanio_server
 
 ACCESS, SECRET, BUCKET = "prunetest", "prunetest-secret-key", "artifacts"
 MIB = 1024 * 1024
@@ -27,15 +26,8 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_nanio(tmp_path_factory.mktemp("nanio-data"), ACCESS, SECRET)
-    try:
+    with nanio_server(tmp_path_factory.mktemp("nanio-data"), ACCESS, SECRET) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
