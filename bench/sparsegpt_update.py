@@ -61,7 +61,7 @@ def main() -> None:
         }
     )
     with tempfile.TemporaryDirectory() as tmp:
-        report = run(spec, Path(tmp) / "out")
+        report = run(spec, Path(tmp) / "out").model_dump(mode="json")
     out = {
         "benchmark": "sparsegpt mask without weight update",
         "pattern": args.pattern,

@@ -90,8 +90,8 @@ class SparsityCounter:
         self._zeros = self._numel = self._all_zeros = self._all_numel = 0
 
     @torch.no_grad()
-    def add(self, linears: dict[str, nn.Module]) -> None:
-        """Count the zeros of ``{qualified name: linear}``."""
+    def add(self, linears: dict[str, Any]) -> None:
+        """Count the zeros of ``{qualified name: linear or families.Target}``."""
         from core.masks import check_nm
 
         ignore = self.spec.ignore if self.spec is not None else []
@@ -131,5 +131,5 @@ def sparsity_report(model: nn.Module, spec: PruneSpec | None = None) -> dict[str
     (None for unstructured). ``all_linears`` is the zero fraction including ignored layers.
     """
     counter = SparsityCounter(spec)
-    counter.add(families.prunable_linears(model))
+    counter.add(families.prunable_targets(model, routers=bool(spec and spec.prune_routers)))
     return counter.report()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidInput
+from core.result import RunReport
 from core.spec import OutputSpec
 
 __all__ = ["check_out_dir", "manifest", "render_markdown", "save_model", "staging_dir", "write_reports"]
@@ -76,16 +77,16 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: RunReport) -> str:
     """A short human summary of ``report``."""
-    m, s, e, t = report["model"], report["sparsity"], report.get("evaluation") or {}, report["timings"]
-    spec = report["spec"]["prune"]
-    cal = report["calibration"]
+    m, s, e, t = report.model, report.sparsity, report.evaluation or {}, report.timings
+    spec = report.spec["prune"]
+    cal = report.calibration
     lines = [
         "# Pruning report",
         "",
-        f"- Model: `{m['source']}` ({m['architecture']}, family {m['family']}, {m['nblocks']} blocks, "
-        f"{m['params']:,} parameters)",
+        f"- Model: `{m.source}` ({m.architecture}, family {m.family}, {m.nblocks} blocks, "
+        f"{m.params:,} parameters)",
         f"- Method: **{spec['method']}**, pattern `{spec['pattern']}`, target sparsity {_fmt(s['target'])}"
         + (f", ignored {len(s.get('ignored', []))} layers" if s.get("ignored") else ""),
         f"- Calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens from `{cal['source']}`, "
@@ -94,7 +95,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f"; N:M pattern holds: {s['nm_ok']}" if s.get("nm_ok") is not None else ""),
         "",
     ]
-    streamed = report.get("streaming") or {}
+    streamed = report.streaming or {}
     if streamed.get("used"):
         lines[-1:-1] = [
             f"- Streaming mode (block by block from the checkpoint); perplexity {streamed['evaluation']}"
@@ -114,7 +115,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in t.items()]
-    lines += ["", f"Peak RSS: {_fmt(report.get('peak_rss_mb'), 0)} MB", ""]
+    for ex in report.experts:
+        lines.append(f"Calibration tokens per expert of `{ex.module}`: {ex.tokens}")
+    lines += [f"Warning: {w}" for w in report.warnings]
+    lines += ["", f"Peak RSS: {_fmt(report.peak_rss_mb, 0)} MB", ""]
     return "\n".join(lines)
 
 
@@ -128,13 +132,14 @@ def save_model(root: Path, model: Any, tokenizer: Any, outputs: OutputSpec) -> N
         tokenizer.save_pretrained(model_dir)
 
 
-def write_reports(root: Path, report: dict[str, Any], outputs: OutputSpec) -> dict[str, Any]:
+def write_reports(root: Path, report: RunReport, outputs: OutputSpec) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and finally ``manifest.json``; return the manifest.
 
     ``report.json`` is always written (it is the run's machine-readable record); ``report.md``
     only when ``outputs.report``.
     """
-    (root / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    data = report.model_dump(mode="json")
+    (root / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     if outputs.report:
         (root / "report.md").write_text(render_markdown(report), encoding="utf-8")
     man = manifest(root)

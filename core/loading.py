@@ -20,6 +20,7 @@ __all__ = [
     "hub_online",
     "load_config_and_tokenizer",
     "load_model",
+    "model_class",
     "model_context",
     "resolve_source",
 ]
@@ -144,15 +145,15 @@ def _load_config(src: _Source) -> Any:
             from core.errors import UnsupportedModel
 
             raise UnsupportedModel(
-                f"{where}: {msg.splitlines()[0]}; "
-                f"supported model types: {', '.join(families.supported_types())}"
+                f"{where}: {msg.splitlines()[0]}; only decoder-only causal LMs that transformers "
+                "builds (and multimodal wrappers around one) can be pruned"
             ) from None
         if "model_type" in msg or "Unrecognized model" in msg:
             from core.errors import UnsupportedModel
 
             raise UnsupportedModel(
-                f"{where}: unrecognized model type; "
-                f"supported model types: {', '.join(families.supported_types())}"
+                f"{where}: unrecognized model type (transformers cannot build it); only decoder-only "
+                "causal LMs that transformers builds can be pruned"
             ) from None
         raise ModelLoadError(
             f"cannot read model config from {where}: {msg.splitlines()[0] if msg else exc}"
@@ -173,7 +174,7 @@ def _checked_source(spec: ModelSpec) -> tuple[_Source, Any, families.Family, str
     """Resolve the source and run every check that needs no weight: config, architecture, headers."""
     src = resolve_source(spec)
     config = _load_config(src)
-    family = families.family_for(config)  # refuse unsupported architectures before reading weights
+    family = families.check_config(config)  # refuse what discovery cannot prune before reading weights
     if src.local and not src.gguf_file:
         _check_safetensors(Path(src.path))
     where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
@@ -194,7 +195,6 @@ def _load_tokenizer(src: _Source, where: str) -> Any:
 def load_model(spec: ModelSpec) -> Loaded:
     """Load the model (in ``spec.dtype`` on ``spec.device``, eval mode) and its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     src, _config, family, where = _checked_source(spec)
     if spec.device == "cuda" and not torch.cuda.is_available():
@@ -203,7 +203,7 @@ def load_model(spec: ModelSpec) -> Loaded:
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        model = model_class(_config).from_pretrained(src.path, **kwargs)
     except CoreError:
         raise
     except Exception as exc:
@@ -214,7 +214,24 @@ def load_model(spec: ModelSpec) -> Loaded:
         strip_quantization(model)
     model.to(spec.device)
     model.eval()
+    family = families.family_for(model)
     return Loaded(model=model, tokenizer=tokenizer, family=family, source=where, gguf=bool(src.gguf_file))
+
+
+def model_class(config: Any) -> Any:
+    """The transformers auto class building ``config``: a causal LM, else an image-text-to-text
+    wrapper (whose language model is pruned); UnsupportedModel when neither maps the config."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from core.errors import UnsupportedModel
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise UnsupportedModel(
+        f"model type {getattr(config, 'model_type', None)!r} ({type(config).__name__}) has no causal-LM "
+        "or image-text-to-text class in transformers: only decoder-only causal LMs can be pruned"
+    )
 
 
 def load_config_and_tokenizer(spec: ModelSpec) -> tuple[Any, Any, families.Family, str]:

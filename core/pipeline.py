@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import data, engine, evaluate, export, families, streaming
+from core import data, engine, evaluate, export, families, resume, streaming
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
+from core.result import ModelInfo, RunReport
 from core.spec import ModelSpec, RunSpec
 
 __all__ = ["STAGE_WEIGHTS", "run", "use_streaming"]
@@ -159,8 +160,13 @@ def run(
     should_cancel: CancelFn | None = None,
     data_dir: str | Path | None = None,
     reported_spec: RunSpec | None = None,
-) -> dict[str, Any]:
-    """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report dict.
+    resume_dir: str | Path | None = None,
+) -> RunReport:
+    """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report.
+
+    ``resume_dir``: block checkpoints (:mod:`core.resume`): every pruned block, the next block's
+    inputs and the dense perplexity are persisted there; a later run of the same spec continues
+    after the last finished block with bit-identical output. It is cleared on success.
 
     ``reported_spec`` is what the report records as its ``spec`` when it differs from what ran
     (e.g. the ``s3://`` URIs whose local copies ``spec`` names); default ``spec``.
@@ -174,7 +180,9 @@ def run(
 
         resolve_source(spec.model)  # a missing source is reported as such, not as a streaming error
         if use_streaming(spec.model):
-            return _run_streaming(spec, out, on_progress, should_cancel, data_dir, t_start, reported_spec)
+            return _run_streaming(
+                spec, out, on_progress, should_cancel, data_dir, t_start, reported_spec, resume_dir
+            )
     ev = spec.evaluation
     enabled = ["loading", "calibrating"]
     if ev.enabled and ev.dense_baseline:
@@ -231,9 +239,18 @@ def run(
 
         dense = None
         timings["eval_s"] = 0.0
+        rdir = Path(resume_dir) if resume_dir is not None else None
+        dense_fp = _dense_fingerprint(spec, eval_ids) if rdir is not None and eval_ids is not None else None
         if ev.enabled and ev.dense_baseline:
             t = time.perf_counter()
-            dense = _eval("dense_eval", "dense")
+            saved = resume.load_json(rdir / "dense.json") if rdir is not None else None
+            if saved and saved.get("fingerprint") == dense_fp:
+                dense = saved["result"]
+            else:
+                dense = _eval("dense_eval", "dense")
+                if rdir is not None:
+                    rdir.mkdir(parents=True, exist_ok=True)
+                    resume.save_json(rdir / "dense.json", {"fingerprint": dense_fp, "result": dense})
             timings["dense_eval_s"] = time.perf_counter() - t
             timings["eval_s"] += timings["dense_eval_s"]
 
@@ -243,9 +260,11 @@ def run(
             stages.emit("pruning", p.fraction, "pruning", p.message, block=p.block, nblocks=p.nblocks)
 
         stages.emit("pruning", 0.0, "pruning", f"pruning with {spec.prune.method}")
-        pruned_info = engine.prune(model, calibration, spec.prune, on_block, should_cancel)
-        timings["prune_s"] = pruned_info["prune_s"]
-        timings["mask_s"] = pruned_info["mask_s"]
+        pruned_info = engine.prune(
+            model, calibration, spec.prune, on_block, should_cancel, rdir / "blocks" if rdir else None
+        )
+        timings["prune_s"] = pruned_info.prune_s
+        timings["mask_s"] = pruned_info.mask_s
 
         pruned = None
         if ev.enabled:
@@ -268,32 +287,34 @@ def run(
                 "source": eval_source,
             }
         cfg = model.config
-        report: dict[str, Any] = {
-            "spec": (reported_spec or spec).model_dump(mode="json"),
-            "versions": _versions(),
-            "model": {
-                "source": loaded.source,
-                "family": loaded.family.name,
-                "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
-                "model_type": cfg.model_type,
-                "nblocks": len(families.get_blocks(model, loaded.family)),
-                "params": sum(p.numel() for p in model.parameters()),
-                "dtype": spec.model.dtype,
-                "device": spec.model.device,
-                "gguf": loaded.gguf,
-            },
-            "calibration": {
+        report = RunReport(
+            spec=(reported_spec or spec).model_dump(mode="json"),
+            versions=_versions(),
+            model=ModelInfo(
+                source=loaded.source,
+                family=loaded.family.name,
+                architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+                model_type=cfg.model_type,
+                nblocks=len(families.get_blocks(model, loaded.family)),
+                params=sum(p.numel() for p in model.parameters()),
+                dtype=spec.model.dtype,
+                device=spec.model.device,
+                gguf=loaded.gguf,
+            ),
+            calibration={
                 "source": cal_source,
                 "nsamples": int(calibration.shape[0]),
                 "seqlen": seqlen,
                 "seed": cal.seed,
             },
-            "sparsity": sparsity,
-            "evaluation": evaluation,
-            "timings": timings,
-            "peak_rss_mb": None,
-            "streaming": {"used": False, "mode": spec.model.stream},
-        }
+            sparsity=sparsity,
+            evaluation=evaluation,
+            timings=timings,
+            streaming={"used": False, "mode": spec.model.stream},
+            experts=pruned_info.experts,
+            warnings=pruned_info.warnings,
+        )
+        timings = report.timings  # (validated copy) later stages add to the report's own dict
 
         check_cancel(should_cancel)
         stages.emit("exporting", 0.0, "exporting", f"writing {out}")
@@ -303,11 +324,13 @@ def run(
             timings["export_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
-            report["peak_rss_mb"] = round(rss.mb, 1)
+            report.peak_rss_mb = round(rss.mb, 1)
             _cuda_peak(report, spec.model.device)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")
+    if rdir is not None:
+        resume.clear(rdir)
     return report
 
 
@@ -319,7 +342,8 @@ def _run_streaming(
     data_dir: str | Path | None,
     t_start: float,
     reported_spec: RunSpec | None = None,
-) -> dict[str, Any]:
+    resume_dir: str | Path | None = None,
+) -> RunReport:
     """:func:`run` in streaming mode: tokenizer-only calibration, ``prune_streaming``, reports."""
     import shutil
 
@@ -365,66 +389,83 @@ def _run_streaming(
                 on_stream,
                 should_cancel,
                 dtype=getattr(torch, spec.model.dtype),
+                resume_dir=Path(resume_dir) / "blocks" if resume_dir is not None else None,
             )
             t = time.perf_counter()
             (tmp / "streamed" / "report.json").unlink()
             if spec.outputs.model:
                 (tmp / "streamed" / "model").rename(tmp / "model")
             shutil.rmtree(tmp / "streamed")
-            st = info["timings"]
-            timings["prune_s"] = info["prune_s"]
-            timings["mask_s"] = info["mask_s"]
+            st = info.timings
+            timings["prune_s"] = info.prune_s
+            timings["mask_s"] = info.mask_s
             timings["eval_s"] = 0.0
             archs = getattr(config, "architectures", None) or ["?"]
-            report: dict[str, Any] = {
-                "spec": (reported_spec or spec).model_dump(mode="json"),
-                "versions": _versions(),
-                "model": {
-                    "source": where,
-                    "family": family.name,
-                    "architecture": archs[0],
-                    "model_type": config.model_type,
-                    "nblocks": info["nblocks"],
-                    "params": info["params"],
-                    "dtype": spec.model.dtype,
-                    "device": spec.model.device,
-                    "gguf": False,
-                },
-                "calibration": {
+            report = RunReport(
+                spec=(reported_spec or spec).model_dump(mode="json"),
+                versions=_versions(),
+                model=ModelInfo(
+                    source=where,
+                    family=family.name,
+                    architecture=archs[0],
+                    model_type=config.model_type,
+                    nblocks=info.nblocks,
+                    params=info.params or 0,
+                    dtype=spec.model.dtype,
+                    device=spec.model.device,
+                    gguf=False,
+                ),
+                calibration={
                     "source": cal_source,
                     "nsamples": int(calibration.shape[0]),
                     "seqlen": seqlen,
                     "seed": cal.seed,
                 },
-                "sparsity": info["sparsity"],
-                "evaluation": None,
-                "timings": timings,
-                "peak_rss_mb": None,
-                "streaming": {
+                sparsity=info.sparsity or {},
+                evaluation=None,
+                timings=timings,
+                streaming={
                     "used": True,
                     "mode": spec.model.stream,
                     "evaluation": STREAMING_EVAL_NOTE if spec.evaluation.enabled else "disabled",
-                    "checkpoint_bytes": info["checkpoint_bytes"],
-                    "output_bytes": info["output_bytes"],
-                    "spilled": info["spilled"],
+                    "checkpoint_bytes": info.checkpoint_bytes,
+                    "output_bytes": info.output_bytes,
+                    "spilled": info.spilled,
                     "capture_s": st["capture_s"],
                     "blocks_s": st["blocks_s"],
                 },
-            }
+                experts=info.experts,
+                warnings=info.warnings,
+            )
+            timings = report.timings
             check_cancel(should_cancel)
             timings["export_s"] = st["export_s"] + time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
-            report["peak_rss_mb"] = round(rss.mb, 1)
+            report.peak_rss_mb = round(rss.mb, 1)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")
+    if resume_dir is not None:
+        resume.clear(Path(resume_dir))
     return report
 
 
-def _cuda_peak(report: dict[str, Any], device: str) -> None:
+def _cuda_peak(report: RunReport, device: str) -> None:
     if device != "cuda":
         return
     import torch
 
-    report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    report.peak_cuda_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)  # type: ignore[attr-defined]
+
+
+def _dense_fingerprint(spec: RunSpec, eval_ids: Any) -> str:
+    """What the dense perplexity depends on: model, evaluation spec and the evaluation tokens."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(spec.model.model_dump_json().encode())
+    h.update(spec.evaluation.model_dump_json().encode())
+    h.update(spec.calibration.model_dump_json().encode())
+    h.update(eval_ids.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

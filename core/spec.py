@@ -55,6 +55,11 @@ class PruneSpec(_Strict):
         default_factory=list,
         description="fnmatch patterns over qualified layer names (e.g. 'model.layers.0.*') to leave dense.",
     )
+    prune_routers: bool = Field(
+        default=False,
+        description="Also prune MoE routers/gates (modules named gate/router beside an experts module); "
+        "kept dense by default.",
+    )
     batch_size: int | None = Field(
         default=None,
         ge=1,

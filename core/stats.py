@@ -18,7 +18,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["InputPartial", "LayerStats", "SharedInputs", "StatsAccumulator"]
+__all__ = ["KNOWN_NEEDS", "InputPartial", "LayerStats", "SharedInputs", "StatsAccumulator", "check_needs"]
+
+KNOWN_NEEDS = frozenset({"xnorm", "hessian"})
+"""Statistics a method may declare in ``Method.needs``; each maps to a field of :class:`LayerStats`."""
+
+
+def check_needs(needs: frozenset[str] | set[str]) -> None:
+    """Refuse a method that needs statistics the engine does not know how to collect."""
+    unknown = set(needs) - KNOWN_NEEDS
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; the engine collects {sorted(KNOWN_NEEDS)}")
 
 
 SUM_ROWS = 256

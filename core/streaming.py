@@ -1,13 +1,13 @@
-"""Streaming pruning for checkpoints larger than memory.
+"""Streaming pruning for checkpoints larger than memory: the engine's block loop over shards.
 
-The model skeleton is built with its parameters on the ``meta`` device; only what one step
-needs is ever materialised from the safetensors files:
+The model skeleton is built with its parameters on the ``meta`` device; :class:`ShardSource`
+(a :class:`core.engine.WeightSource`) materialises only what one step needs:
 
-1. the modules before block 0 (embeddings...) to capture block 0's inputs with
-   :func:`core.engine.capture_block_inputs`, batch by batch, then they go back to ``meta``;
-2. one decoder block at a time: load its tensors, collect statistics and prune with exactly the
-   engine's per-block procedure (:func:`core.engine.prune_block`), re-run it to produce the next block's
-   inputs, write its tensors to its own safetensors shard, and return it to ``meta``;
+1. for the argument capture, the modules before the blocks (embeddings, rotary buffers...) and
+   block 0, which go back to ``meta`` afterwards;
+2. one decoder block at a time: :func:`core.engine.run_blocks` loads it, prunes it exactly as
+   in memory, re-runs it for the next block's inputs; the source writes its tensors to its own
+   safetensors shard and returns it to ``meta``. Magnitude runs no forward pass at all;
 3. the non-block tensors (embeddings, final norm, untied ``lm_head``) are copied from the input
    checkpoint in dtype ``dtype``; tied weights are written once, as ``save_pretrained`` does.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import shutil
 import time
 import uuid
@@ -37,11 +36,11 @@ from torch import nn
 
 from core import engine, families
 from core.errors import InvalidInput, ModelLoadError
-from core.progress import CancelFn, Progress, ProgressFn, check_cancel, report_block
+from core.progress import CancelFn, Progress, ProgressFn, check_cancel
+from core.result import PruneResult
 from core.spec import PruneSpec
 
 __all__ = [
-    "ActivationStore",
     "Checkpoint",
     "checkpoint_bytes",
     "prune_streaming",
@@ -246,59 +245,6 @@ def _to_meta(module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Activations
-# --------------------------------------------------------------------------------------------
-
-
-class ActivationStore(Sequence[engine.Batch]):
-    """Block inputs per batch: ``(hidden, args, kwargs)``, hidden kept in memory or spilled.
-
-    With a ``spill_dir`` each batch's hidden state lives in its own ``torch.save`` file and is
-    read back on access (bit-exact), so only one batch's activations are resident at a time.
-    """
-
-    def __init__(self, spill_dir: Path | None = None) -> None:
-        self.spill_dir = spill_dir
-        self._hidden: list[torch.Tensor | Path] = []
-        self._rest: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def _put(self, i: int, hidden: torch.Tensor) -> torch.Tensor | Path:
-        if self.spill_dir is None:
-            return hidden
-        path = self.spill_dir / f"batch-{i:05d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(hidden.contiguous(), tmp)
-        os.replace(tmp, path)
-        return path
-
-    def append(self, batch: engine.Batch) -> None:
-        hidden, rest, kwargs = batch
-        self._hidden.append(self._put(len(self._hidden), hidden))
-        self._rest.append((rest, kwargs))
-
-    def replace_hidden(self, i: int, hidden: torch.Tensor) -> None:
-        """Replace batch ``i``'s hidden state (the next block's input)."""
-        self._hidden[i] = self._put(i, hidden)
-
-    def __len__(self) -> int:
-        return len(self._hidden)
-
-    def __getitem__(self, i: int) -> engine.Batch:  # type: ignore[override]
-        h = self._hidden[i]
-        hidden = torch.load(h, weights_only=True) if isinstance(h, Path) else h
-        rest, kwargs = self._rest[i]
-        return hidden, rest, kwargs
-
-    def __iter__(self) -> Iterator[engine.Batch]:
-        for i in range(len(self)):
-            yield self[i]
-
-    def nbytes(self) -> int:
-        """Bytes of hidden states held in memory (0 when spilled)."""
-        return sum(h.numel() * h.element_size() for h in self._hidden if isinstance(h, torch.Tensor))
-
-
-# --------------------------------------------------------------------------------------------
 # Streaming run
 # --------------------------------------------------------------------------------------------
 
@@ -388,7 +334,8 @@ def prune_streaming(
     dtype: torch.dtype = torch.float32,
     spill: bool | None = None,
     tune_malloc: bool = True,
-) -> dict[str, Any]:
+    resume_dir: str | Path | None = None,
+) -> PruneResult:
     """Prune the safetensors checkpoint in ``model_dir`` block by block without loading it whole.
 
     Writes ``out_dir/model/`` (one safetensors shard per block plus the non-block shards, a
@@ -404,7 +351,7 @@ def prune_streaming(
     (see :func:`_tune_malloc`) and trims the heap after every block; it bounds peak RSS.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from core import export
     from core.evaluate import SparsityCounter
@@ -426,11 +373,14 @@ def prune_streaming(
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as exc:
         raise ModelLoadError(f"cannot read model config from {model_dir / 'config.json'}: {exc}") from None
-    family = families.family_for(config)
+    from core.loading import model_class
+
+    families.check_config(config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_class(config).from_config(config, dtype=dtype)
     model.tie_weights()  # not done on meta by from_config; tied tensors are then written once
     model.eval()
+    family = families.family_for(model)
     ckpt = Checkpoint(model_dir, model)
     params = sum(p.numel() for p in model.parameters())
     blocks = families.get_blocks(model, family)
@@ -448,65 +398,77 @@ def prune_streaming(
     before = {n: n for n in non_block if head_name is None or not n.startswith(head_name + ".")}
 
     timings: dict[str, Any] = {}
-    layers: dict[str, float] = {}
-    ignored: list[str] = []
     measured = SparsityCounter(spec)
-    mask_s = 0.0
     weight_map: dict[str, str] = {}
-    total_size = 0
-    peak_rss = _rss_mb() or 0.0
+    sizes = [0]
+    peak = [_rss_mb() or 0.0]
+    blocks_s: list[float] = []
+
+    class ShardSource(engine.WeightSource):
+        """Blocks from the input shards; each pruned block written to its own output shard."""
+
+        def __init__(self, mdir: Path) -> None:
+            self.mdir = mdir
+            self.t = time.perf_counter()
+
+        @contextmanager
+        def capture_context(self) -> Iterator[None]:
+            t = time.perf_counter()
+            _materialize(model, before, ckpt, dtype)
+            self.load(0, blocks[0])
+            try:
+                yield
+            finally:
+                _unload(model, before)
+                _to_meta(blocks[0])
+                timings["capture_s"] = time.perf_counter() - t
+                self.t = time.perf_counter()
+
+        def load(self, index: int, block: nn.Module) -> None:
+            prefix = f"{family.blocks}.{index}."
+            _materialize(block, {k: prefix + k for k in block.state_dict()}, ckpt, dtype)
+
+        def done(self, index: int, block: nn.Module) -> None:
+            prefix = f"{family.blocks}.{index}."
+            measured.add(families.block_targets(block, prefix[:-1], routers=spec.prune_routers))
+            fname = shard_name(len(groups) + index + 1, nshards)
+            sd = {ckpt.saved_name(prefix + k): v for k, v in block.state_dict().items()}
+            sizes[0] += _save_shard(sd, self.mdir / fname)
+            weight_map.update(dict.fromkeys(sd, fname))
+            del sd
+            peak[0] = max(peak[0], _rss_mb() or 0.0)
+            _to_meta(block)
+            blocks_s.append(time.perf_counter() - self.t)
+            self.t = time.perf_counter()
 
     with export.staging_dir(out) as root:
         mdir = root / "model"
         mdir.mkdir()
-        # 1. block 0's inputs.
         check_cancel(should_cancel)
-        t = time.perf_counter()
-        _materialize(model, before, ckpt, dtype)
         cal = calibration.to(torch.long)
-        bs = spec.batch_for(cal.shape[-1], "cpu")  # streaming runs on the CPU
-        first = engine.capture_block_inputs(model, cal[:bs], bs, family)
-        act_bytes = first[0][0].numel() * first[0][0].element_size() * -(-cal.shape[0] // bs)
+        width = int(model.get_input_embeddings().weight.shape[-1])
+        act_bytes = cal.numel() * width * torch.empty(0, dtype=dtype).element_size()
         if spill is None:
             import psutil
 
             spill = act_bytes > 0.1 * psutil.virtual_memory().available
-        with _spill_area(spill_dir, out.parent, bool(spill)) as sdir:
-            store = ActivationStore(sdir)
-            store.append(first[0])
-            del first
-            for start in range(bs, cal.shape[0], bs):
-                store.append(engine.capture_block_inputs(model, cal[start : start + bs], bs, family)[0])
-            _unload(model, before)
-            timings["capture_s"] = time.perf_counter() - t
-
-            # 2. block by block.
-            blocks_s: list[float] = []
-            for i, block in enumerate(blocks):
-                check_cancel(should_cancel)
-                tb = time.perf_counter()
-                prefix = f"{family.blocks}.{i}."
-                names = {k: prefix + k for k in block.state_dict()}
-                _materialize(block, names, ckpt, dtype)
-                res = engine.prune_block(block, f"{family.blocks}.{i}", store, method, spec)
-                layers.update(res.layers)
-                ignored.extend(res.ignored)
-                mask_s += res.mask_s
-                measured.add(families.block_linears(block, f"{family.blocks}.{i}"))
-                if i + 1 < nblocks:
-                    for j in range(len(store)):
-                        store.replace_hidden(j, engine.run_block(block, store[j]))
-                fname = shard_name(len(groups) + i + 1, nshards)
-                sd = {ckpt.saved_name(prefix + k): v for k, v in block.state_dict().items()}
-                total_size += _save_shard(sd, mdir / fname)
-                weight_map.update(dict.fromkeys(sd, fname))
-                del sd
-                peak_rss = max(peak_rss, _rss_mb() or 0.0)
-                _to_meta(block)
-                blocks_s.append(time.perf_counter() - tb)
-                report_block(on_progress, i + 1, nblocks, " (streaming)")
-            del store
+        timings["capture_s"] = 0.0
+        with _spill_area(spill_dir, out.parent, bool(spill) and bool(method.needs)) as sdir:
+            result = engine.run_blocks(
+                model,
+                cal,
+                spec,
+                ShardSource(mdir),
+                on_progress,
+                should_cancel,
+                resume_dir=Path(resume_dir) if resume_dir is not None else None,
+                spill_dir=sdir,
+                device="cpu",  # streaming runs on the CPU
+                note=" (streaming)",
+            )
         timings["blocks_s"] = blocks_s
+        total_size = sizes[0]
+        peak_rss = peak[0]
         prune_s = time.perf_counter() - t_start
 
         # 3. non-block tensors, config and side files.
@@ -530,25 +492,20 @@ def prune_streaming(
         timings["total_s"] = time.perf_counter() - t_start
         peak_rss = max(peak_rss, _rss_mb() or 0.0)
 
-        report: dict[str, Any] = {
-            "streaming": True,
-            "method": spec.method,
-            "pattern": spec.pattern,
-            "target": spec.target_sparsity,
-            "nblocks": nblocks,
-            "family": family.name,
-            "layers": layers,
-            "ignored": ignored,
-            "mask_s": mask_s,
-            "prune_s": prune_s,
-            "params": params,
-            "sparsity": measured.report(),
-            "calibration": {"nsamples": int(cal.shape[0]), "seqlen": int(cal.shape[1])},
-            "timings": timings,
-            "checkpoint_bytes": checkpoint_bytes(model_dir),
-            "output_bytes": total_size,
-            "spilled": bool(spill),
-            "sampled_peak_rss_mb": peak_rss,
-        }
-        (root / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+        result = result.model_copy(
+            update={
+                "prune_s": prune_s,
+                "streaming": True,
+                "family": family.name,
+                "params": params,
+                "sparsity": measured.report(),
+                "calibration": {"nsamples": int(cal.shape[0]), "seqlen": int(cal.shape[1])},
+                "timings": timings,
+                "checkpoint_bytes": checkpoint_bytes(model_dir),
+                "output_bytes": total_size,
+                "spilled": bool(spill),
+                "sampled_peak_rss_mb": peak_rss,
+            }
+        )
+        (root / "report.json").write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return result

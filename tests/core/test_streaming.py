@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from core import engine, streaming
 from core.errors import Cancelled, InvalidInput
 from core.progress import Progress
+from core.result import PruneResult
 from core.spec import PruneSpec
 from tests import tiny_models
 
@@ -44,7 +45,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def in_memory(src: Path, out: Path, spec: PruneSpec) -> dict:
+def in_memory(src: Path, out: Path, spec: PruneSpec) -> PruneResult:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -74,7 +75,7 @@ def test_streaming_matches_in_memory(
         sources[family], tmp_path / "out", calib(), spec, on_progress=events.append
     )
 
-    assert rep["layers"] == ref["layers"]
+    assert rep.layers == ref.layers
     a, b = tensors(tmp_path / "out" / "model"), tensors(tmp_path / "mem")
     assert set(a) == set(b)
     for name in b:
@@ -83,9 +84,9 @@ def test_streaming_matches_in_memory(
     index = json.loads((tmp_path / "out" / "model" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(a)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in a.values())
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["layers"] == ref["layers"]
-    assert [e.block for e in events if e.stage == "pruning"] == list(range(1, rep["nblocks"] + 1))
-    assert len(rep["timings"]["blocks_s"]) == rep["nblocks"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["layers"] == ref.layers
+    assert [e.block for e in events if e.stage == "pruning"] == list(range(1, rep.nblocks + 1))
+    assert len(rep.timings["blocks_s"]) == rep.nblocks
 
 
 def test_streamed_output_reloads_and_spills(sources: dict[str, Path], tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_streamed_output_reloads_and_spills(sources: dict[str, Path], tmp_path: 
     rep = streaming.prune_streaming(
         sources["opt"], tmp_path / "b", calib(), spec, spill=True, spill_dir=tmp_path / "spill"
     )
-    assert rep["spilled"] and not rep_mem["spilled"]
+    assert rep.spilled and not rep_mem.spilled
     assert list((tmp_path / "spill").iterdir()) == []  # spill files removed
     a, b = tensors(tmp_path / "a" / "model"), tensors(tmp_path / "b" / "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
