@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core import data, engine, evaluate, export, families, streaming
+from core import report as report_doc
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.spec import ModelSpec, RunSpec
@@ -313,6 +314,7 @@ def run(
             rss._sample()
             report["peak_rss_mb"] = round(rss.mb, 1)
             _cuda_peak(report, spec.model.device)
+            report_doc.finish(tmp, report, spec)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")
@@ -425,6 +427,7 @@ def _run_streaming(
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
             report["peak_rss_mb"] = round(rss.mb, 1)
+            report_doc.finish(tmp, report, spec)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")

@@ -2,8 +2,9 @@
 
 Exit codes: 0 success (job succeeded), 1 job failed or was cancelled, 2 bad input (bad flags, 4xx
 from the API), 3 service unreachable (connection errors, 5xx after retries), 4 a downloaded
-artifact failed verification (nothing is kept). Server and key: --url/--api-key or PRUNE_URL and
-PRUNE_API_KEY.
+artifact failed verification (nothing is kept), 5 the job succeeded but missed its quality gate
+(`gate` in the spec; report and artifacts are kept and --download still fetches them). Server
+and key: --url/--api-key or PRUNE_URL and PRUNE_API_KEY.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, TextIO
 from prunectl.client import TERMINAL, ApiError, Client, CliError, Unreachable
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY = 0, 1, 2, 3, 4
+EXIT_GATE = 5
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
 DEFAULT_URL = "http://localhost:8000"
 
@@ -273,6 +275,12 @@ def _finish(args: argparse.Namespace, client: Client, job: dict[str, Any], out: 
     if getattr(args, "download", None):
         _download(args, client, job["id"], args.download, err)
     _emit(args, job, describe(job), out)
+    gate = (job.get("summary") or {}).get("gate")
+    if gate and not gate.get("passed"):
+        missed = [c for c in gate["checks"] if not c["passed"]]
+        failed = ", ".join(f"{c['name']} {c['value']} vs {c['limit']}" for c in missed)
+        err.write(f"prunectl: job {job['id']} missed its quality gate ({failed})\n")
+        return EXIT_GATE
     return EXIT_OK
 
 
