@@ -230,6 +230,11 @@ def run(
 
             return evaluate.perplexity(model, eval_ids, eval_seqlen, ev.max_windows, ebatch, on_window)
 
+        def _eval_model(m: Any) -> dict[str, Any]:  # an exported artifact loaded back (core.formats)
+            assert eval_ids is not None
+            check_cancel(should_cancel)
+            return evaluate.perplexity(m, eval_ids, eval_seqlen, ev.max_windows, ebatch)
+
         dense = None
         timings["eval_s"] = 0.0
         if ev.enabled and ev.dense_baseline:
@@ -301,6 +306,9 @@ def run(
         t = time.perf_counter()
         with export.staging_dir(out) as tmp:
             export.save_model(tmp, model, tok, spec.outputs)
+            report["artifacts"] = export.save_formats(
+                tmp, report, spec.outputs, (lambda m: _eval_model(m)["ppl"]) if ev.enabled else None
+            )
             timings["export_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
@@ -412,6 +420,7 @@ def _run_streaming(
                     "blocks_s": st["blocks_s"],
                 },
             }
+            report["artifacts"] = export.save_formats(tmp, report, spec.outputs)
             check_cancel(should_cancel)
             timings["export_s"] = st["export_s"] + time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start

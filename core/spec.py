@@ -172,6 +172,20 @@ class OutputSpec(_Strict):
     model: bool = Field(default=True, description="Export the pruned Hugging Face directory.")
     report: bool = True
     max_shard_size: str = Field(default="2GB", pattern=r"^\d+(KB|MB|GB)$")
+    formats: list[Literal["dense", "compact", "int8", "compact-int8"]] = Field(
+        default_factory=lambda: ["dense"],
+        min_length=1,
+        description="Model artifacts to write (docs/formats.md): 'dense' (model/, safetensors with zeros), "
+        "'compact' (compact/, lossless sparse), 'int8' (int8/, compressed-tensors int8 weight-only), "
+        "'compact-int8' (compact-int8/, int8 values + sparse mask).",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _unique_formats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"formats must not repeat, got {v}")
+        return v
 
 
 class RunSpec(_Strict):
