@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import data, engine, evaluate, export, families, streaming
+from core import data, engine, evaluate, export, families, hostinfo, preflight, streaming
 from core import report as report_doc
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
@@ -86,7 +86,7 @@ class _PeakRSS:
         return self.peak / 2**20
 
 
-def _versions() -> dict[str, str]:
+def _versions() -> dict[str, Any]:
     import torch
     import transformers
 
@@ -101,6 +101,7 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "host": hostinfo.describe(),
     }
 
 
@@ -170,6 +171,7 @@ def run(
     """
     t_start = time.perf_counter()
     out = export.check_out_dir(out_dir)
+    preflight.check(spec)  # what the config alone refuses, before any weight is read
     if spec.model.stream != "never":
         from core.loading import resolve_source
 
