@@ -36,6 +36,9 @@ def markdown_sections(report: dict[str, Any]) -> list[str]:
     v = report.get("verdict")
     if v:
         lines += ["## Verdict", "", f"**{v['label']}** — {v['text']}", ""]
+    if (report.get("evaluation") or {}).get("dense_cached"):
+        lines += ["The dense perplexity was reused from the cached dense baseline (same weights and "
+                  "evaluation tokens); it was not measured again by this run.", ""]  # fmt: skip
     g = report.get("gate")
     if g:
         lines += [f"## Quality gate: {'passed' if g['passed'] else 'FAILED'}", ""]

@@ -44,7 +44,8 @@ def render_html(root: Path, report: dict[str, Any]) -> str:
     )
     if ev:
         parts.append("<h2>Perplexity</h2>")
-        rows = [("dense", _num(ev.get("dense_ppl"))), ("pruned", _num(ev.get("pruned_ppl")))]
+        dense = _num(ev.get("dense_ppl")) + (" (cached baseline)" if ev.get("dense_cached") else "")
+        rows = [("dense", dense), ("pruned", _num(ev.get("pruned_ppl")))]
         parts.append(_table([*rows, ("ratio", _num(v.get("ratio")))]))
     g = report.get("gate")
     if g:

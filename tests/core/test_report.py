@@ -78,3 +78,34 @@ def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path
     assert "](plots/layer_sparsity.png)" in md and "## Verdict" in md
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"report.html", "plots/layer_sparsity.png"} <= set(manifest["files"])
+
+
+def seen_by(seen: list[str]):  # type: ignore[no-untyped-def]
+    return lambda p: seen.append(p.message)
+
+
+def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from core import baseline_cache
+
+    monkeypatch.setenv("PRUNE_BASELINE_CACHE", str(tmp_path / "cache"))
+    src = tiny_model_dir("llama")
+    messages: list[list[str]] = []
+    reports = []
+    for i in range(2):
+        seen: list[str] = []
+        on_progress = seen_by(seen)
+        reports.append(pipeline.run(spec(src, data_dir), tmp_path / f"o{i}", on_progress, data_dir=data_dir))
+        messages.append(seen)
+    first, second = (r["evaluation"] for r in reports)
+    assert first["dense_cached"] is False and second["dense_cached"] is True
+    assert second["dense_ppl"] == first["dense_ppl"] and second["pruned_ppl"] == first["pruned_ppl"]
+    assert any("dense perplexity: window" in m for m in messages[0])
+    assert not any("dense perplexity: window" in m for m in messages[1])
+    assert "dense perplexity: cached baseline" in messages[1]
+    assert "cached dense baseline" in (tmp_path / "o1" / "report.md").read_text()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    # other evaluation windows (or other weights) miss the cache
+    third = pipeline.run(spec(src, data_dir, max_windows=1), tmp_path / "o2", data_dir=data_dir)
+    assert third["evaluation"]["dense_cached"] is False
+    monkeypatch.setenv("PRUNE_BASELINE_CACHE", "off")
+    assert baseline_cache.cache_dir() is None
