@@ -55,7 +55,7 @@ def one(spec_json: str) -> None:
 
     spec = RunSpec.model_validate_json(spec_json)
     with tempfile.TemporaryDirectory() as tmp:
-        report = run(spec, Path(tmp) / "out").model_dump(mode="json")
+        report = run(spec, Path(tmp) / "out")
     print(json.dumps(report, default=str))
 
 

@@ -61,7 +61,7 @@ def main() -> None:
         }
     )
     with tempfile.TemporaryDirectory() as tmp:
-        report = run(spec, Path(tmp) / "out").model_dump(mode="json")
+        report = run(spec, Path(tmp) / "out")
     out = {
         "benchmark": "sparsegpt mask without weight update",
         "pattern": args.pattern,

@@ -20,10 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidInput
-from core.result import RunReport
+from core.report import markdown_sections
 from core.spec import OutputSpec
 
-__all__ = ["check_out_dir", "manifest", "render_markdown", "save_model", "staging_dir", "write_reports"]
+__all__ = [
+    "check_out_dir",
+    "manifest",
+    "render_markdown",
+    "save_formats",
+    "save_model",
+    "sha256_file",
+    "staging_dir",
+    "write_reports",
+]
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -51,7 +60,8 @@ def staging_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -65,7 +75,7 @@ def manifest(root: Path) -> dict[str, Any]:
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel != "manifest.json":
-            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return {"files": files}
 
 
@@ -77,16 +87,16 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def render_markdown(report: RunReport) -> str:
+def render_markdown(report: dict[str, Any]) -> str:
     """A short human summary of ``report``."""
-    m, s, e, t = report.model, report.sparsity, report.evaluation or {}, report.timings
-    spec = report.spec["prune"]
-    cal = report.calibration
+    m, s, e, t = report["model"], report["sparsity"], report.get("evaluation") or {}, report["timings"]
+    spec = report["spec"]["prune"]
+    cal = report["calibration"]
     lines = [
         "# Pruning report",
         "",
-        f"- Model: `{m.source}` ({m.architecture}, family {m.family}, {m.nblocks} blocks, "
-        f"{m.params:,} parameters)",
+        f"- Model: `{m['source']}` ({m['architecture']}, family {m['family']}, {m['nblocks']} blocks, "
+        f"{m['params']:,} parameters)",
         f"- Method: **{spec['method']}**, pattern `{spec['pattern']}`, target sparsity {_fmt(s['target'])}"
         + (f", ignored {len(s.get('ignored', []))} layers" if s.get("ignored") else ""),
         f"- Calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens from `{cal['source']}`, "
@@ -95,7 +105,7 @@ def render_markdown(report: RunReport) -> str:
         + (f"; N:M pattern holds: {s['nm_ok']}" if s.get("nm_ok") is not None else ""),
         "",
     ]
-    streamed = report.streaming or {}
+    streamed = report.get("streaming") or {}
     if streamed.get("used"):
         lines[-1:-1] = [
             f"- Streaming mode (block by block from the checkpoint); perplexity {streamed['evaluation']}"
@@ -113,13 +123,27 @@ def render_markdown(report: RunReport) -> str:
             f"Formula: {e['formula']}.",
             "",
         ]
+    lines += markdown_sections(report)
+    lines += _artifact_lines(report.get("artifacts"))
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in t.items()]
-    for ex in report.experts:
-        lines.append(f"Calibration tokens per expert of `{ex.module}`: {ex.tokens}")
-    lines += [f"Warning: {w}" for w in report.warnings]
-    lines += ["", f"Peak RSS: {_fmt(report.peak_rss_mb, 0)} MB", ""]
+    lines += ["", f"Peak RSS: {_fmt(report.get('peak_rss_mb'), 0)} MB", ""]
     return "\n".join(lines)
+
+
+def _artifact_lines(art: dict[str, Any] | None) -> list[str]:
+    if not art:
+        return []
+    lines = [
+        "## Artifacts",
+        "",
+        "| format | directory | size (bytes) | weights / dense fp16 | perplexity |",
+        "|---|---|---|---|---|",
+    ]
+    for fmt, a in art["formats"].items():
+        ratio, ppl = a["ratio_to_dense_fp16"], _fmt(a.get("ppl"))
+        lines.append(f"| {fmt} | `{a['dir']}/` | {a['bytes']:,} | {ratio:.3f}x | {ppl} |")
+    return [*lines, "", f"Dense fp16 size of the weights: {art['dense_fp16_bytes']:,} bytes.", ""]
 
 
 def save_model(root: Path, model: Any, tokenizer: Any, outputs: OutputSpec) -> None:
@@ -132,14 +156,27 @@ def save_model(root: Path, model: Any, tokenizer: Any, outputs: OutputSpec) -> N
         tokenizer.save_pretrained(model_dir)
 
 
-def write_reports(root: Path, report: RunReport, outputs: OutputSpec) -> dict[str, Any]:
+def save_formats(
+    root: Path, report: dict[str, Any], outputs: OutputSpec, perplexity: Any = None
+) -> dict[str, Any] | None:
+    """Turn ``root/model`` into the artifacts ``outputs.formats`` names (:func:`core.formats.export`)
+    and return the report's ``artifacts`` section; None when no model is exported."""
+    if not outputs.model:
+        return None
+    from core import formats
+
+    layers = list((report.get("sparsity") or {}).get("layers") or {})
+    pruned = (report.get("evaluation") or {}).get("pruned_ppl")
+    return formats.export(root, list(outputs.formats), layers, perplexity, pruned)
+
+
+def write_reports(root: Path, report: dict[str, Any], outputs: OutputSpec) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and finally ``manifest.json``; return the manifest.
 
     ``report.json`` is always written (it is the run's machine-readable record); ``report.md``
     only when ``outputs.report``.
     """
-    data = report.model_dump(mode="json")
-    (root / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    (root / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     if outputs.report:
         (root / "report.md").write_text(render_markdown(report), encoding="utf-8")
     man = manifest(root)

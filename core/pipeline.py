@@ -19,10 +19,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import data, engine, evaluate, export, families, resume, streaming
+from core import (
+    baseline_cache,
+    data,
+    engine,
+    evaluate,
+    export,
+    families,
+    hostinfo,
+    preflight,
+    resume,
+    streaming,
+)
+from core import report as report_doc
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
-from core.result import ModelInfo, RunReport
 from core.spec import ModelSpec, RunSpec
 
 __all__ = ["STAGE_WEIGHTS", "run", "use_streaming"]
@@ -86,7 +97,7 @@ class _PeakRSS:
         return self.peak / 2**20
 
 
-def _versions() -> dict[str, str]:
+def _versions() -> dict[str, Any]:
     import torch
     import transformers
 
@@ -101,6 +112,7 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "host": hostinfo.describe(),
     }
 
 
@@ -161,12 +173,12 @@ def run(
     data_dir: str | Path | None = None,
     reported_spec: RunSpec | None = None,
     resume_dir: str | Path | None = None,
-) -> RunReport:
-    """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report.
+) -> dict[str, Any]:
+    """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report dict.
 
-    ``resume_dir``: block checkpoints (:mod:`core.resume`): every pruned block, the next block's
-    inputs and the dense perplexity are persisted there; a later run of the same spec continues
-    after the last finished block with bit-identical output. It is cleared on success.
+    ``resume_dir``: block checkpoints (:mod:`core.resume`, under ``resume_dir/blocks``): every
+    pruned block and the next block's inputs are persisted; a later run of the same spec
+    continues after the last finished block with bit-identical output. Cleared on success.
 
     ``reported_spec`` is what the report records as its ``spec`` when it differs from what ran
     (e.g. the ``s3://`` URIs whose local copies ``spec`` names); default ``spec``.
@@ -175,6 +187,7 @@ def run(
     """
     t_start = time.perf_counter()
     out = export.check_out_dir(out_dir)
+    preflight.check(spec)  # what the config alone refuses, before any weight is read
     if spec.model.stream != "never":
         from core.loading import resolve_source
 
@@ -237,20 +250,24 @@ def run(
 
             return evaluate.perplexity(model, eval_ids, eval_seqlen, ev.max_windows, ebatch, on_window)
 
-        dense = None
+        def _eval_model(m: Any) -> dict[str, Any]:  # an exported artifact loaded back (core.formats)
+            assert eval_ids is not None
+            check_cancel(should_cancel)
+            return evaluate.perplexity(m, eval_ids, eval_seqlen, ev.max_windows, ebatch)
+
+        dense, dense_cached = None, False
         timings["eval_s"] = 0.0
-        rdir = Path(resume_dir) if resume_dir is not None else None
-        dense_fp = _dense_fingerprint(spec, eval_ids) if rdir is not None and eval_ids is not None else None
         if ev.enabled and ev.dense_baseline:
             t = time.perf_counter()
-            saved = resume.load_json(rdir / "dense.json") if rdir is not None else None
-            if saved and saved.get("fingerprint") == dense_fp:
-                dense = saved["result"]
-            else:
+            assert eval_ids is not None
+            bkey = baseline_cache.key(model, eval_ids, eval_seqlen, ev.max_windows, ebatch)
+            dense = baseline_cache.load(bkey)
+            dense_cached = dense is not None
+            if dense is None:
                 dense = _eval("dense_eval", "dense")
-                if rdir is not None:
-                    rdir.mkdir(parents=True, exist_ok=True)
-                    resume.save_json(rdir / "dense.json", {"fingerprint": dense_fp, "result": dense})
+                baseline_cache.store(bkey, dense)
+            else:
+                stages.emit("dense_eval", 1.0, "evaluating", "dense perplexity: cached baseline")
             timings["dense_eval_s"] = time.perf_counter() - t
             timings["eval_s"] += timings["dense_eval_s"]
 
@@ -261,7 +278,12 @@ def run(
 
         stages.emit("pruning", 0.0, "pruning", f"pruning with {spec.prune.method}")
         pruned_info = engine.prune(
-            model, calibration, spec.prune, on_block, should_cancel, rdir / "blocks" if rdir else None
+            model,
+            calibration,
+            spec.prune,
+            on_block,
+            should_cancel,
+            Path(resume_dir) / "blocks" if resume_dir is not None else None,
         )
         timings["prune_s"] = pruned_info.prune_s
         timings["mask_s"] = pruned_info.mask_s
@@ -279,6 +301,7 @@ def run(
             ref = pruned or dense or {}
             evaluation = {
                 "dense_ppl": dense["ppl"] if dense else None,
+                "dense_cached": dense_cached,
                 "pruned_ppl": pruned["ppl"] if pruned else None,
                 "windows": ref.get("windows"),
                 "seqlen": eval_seqlen,
@@ -287,50 +310,54 @@ def run(
                 "source": eval_source,
             }
         cfg = model.config
-        report = RunReport(
-            spec=(reported_spec or spec).model_dump(mode="json"),
-            versions=_versions(),
-            model=ModelInfo(
-                source=loaded.source,
-                family=loaded.family.name,
-                architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
-                model_type=cfg.model_type,
-                nblocks=len(families.get_blocks(model, loaded.family)),
-                params=sum(p.numel() for p in model.parameters()),
-                dtype=spec.model.dtype,
-                device=spec.model.device,
-                gguf=loaded.gguf,
-            ),
-            calibration={
+        report: dict[str, Any] = {
+            "spec": (reported_spec or spec).model_dump(mode="json"),
+            "versions": _versions(),
+            "model": {
+                "source": loaded.source,
+                "family": loaded.family.name,
+                "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+                "model_type": cfg.model_type,
+                "nblocks": len(families.get_blocks(model, loaded.family)),
+                "params": sum(p.numel() for p in model.parameters()),
+                "dtype": spec.model.dtype,
+                "device": spec.model.device,
+                "gguf": loaded.gguf,
+            },
+            "calibration": {
                 "source": cal_source,
                 "nsamples": int(calibration.shape[0]),
                 "seqlen": seqlen,
                 "seed": cal.seed,
             },
-            sparsity=sparsity,
-            evaluation=evaluation,
-            timings=timings,
-            streaming={"used": False, "mode": spec.model.stream},
-            experts=pruned_info.experts,
-            warnings=pruned_info.warnings,
-        )
-        timings = report.timings  # (validated copy) later stages add to the report's own dict
+            "sparsity": sparsity,
+            "evaluation": evaluation,
+            "timings": timings,
+            "peak_rss_mb": None,
+            "streaming": {"used": False, "mode": spec.model.stream},
+            "experts": [e.model_dump(mode="json") for e in pruned_info.experts],
+            "warnings": list(pruned_info.warnings),
+        }
 
         check_cancel(should_cancel)
         stages.emit("exporting", 0.0, "exporting", f"writing {out}")
         t = time.perf_counter()
         with export.staging_dir(out) as tmp:
             export.save_model(tmp, model, tok, spec.outputs)
+            report["artifacts"] = export.save_formats(
+                tmp, report, spec.outputs, (lambda m: _eval_model(m)["ppl"]) if ev.enabled else None
+            )
             timings["export_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
-            report.peak_rss_mb = round(rss.mb, 1)
+            report["peak_rss_mb"] = round(rss.mb, 1)
             _cuda_peak(report, spec.model.device)
+            report_doc.finish(tmp, report, spec)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")
-    if rdir is not None:
-        resume.clear(rdir)
+    if resume_dir is not None:
+        resume.clear(Path(resume_dir))
     return report
 
 
@@ -343,7 +370,7 @@ def _run_streaming(
     t_start: float,
     reported_spec: RunSpec | None = None,
     resume_dir: str | Path | None = None,
-) -> RunReport:
+) -> dict[str, Any]:
     """:func:`run` in streaming mode: tokenizer-only calibration, ``prune_streaming``, reports."""
     import shutil
 
@@ -388,61 +415,62 @@ def _run_streaming(
                 spec.prune,
                 on_stream,
                 should_cancel,
-                dtype=getattr(torch, spec.model.dtype),
                 resume_dir=Path(resume_dir) / "blocks" if resume_dir is not None else None,
+                dtype=getattr(torch, spec.model.dtype),
             )
             t = time.perf_counter()
             (tmp / "streamed" / "report.json").unlink()
             if spec.outputs.model:
                 (tmp / "streamed" / "model").rename(tmp / "model")
             shutil.rmtree(tmp / "streamed")
-            st = info.timings
-            timings["prune_s"] = info.prune_s
-            timings["mask_s"] = info.mask_s
+            info = info.model_dump(mode="json")  # typed PruneResult -> the report's dict
+            st = info["timings"]
+            timings["prune_s"] = info["prune_s"]
+            timings["mask_s"] = info["mask_s"]
             timings["eval_s"] = 0.0
             archs = getattr(config, "architectures", None) or ["?"]
-            report = RunReport(
-                spec=(reported_spec or spec).model_dump(mode="json"),
-                versions=_versions(),
-                model=ModelInfo(
-                    source=where,
-                    family=family.name,
-                    architecture=archs[0],
-                    model_type=config.model_type,
-                    nblocks=info.nblocks,
-                    params=info.params or 0,
-                    dtype=spec.model.dtype,
-                    device=spec.model.device,
-                    gguf=False,
-                ),
-                calibration={
+            report: dict[str, Any] = {
+                "spec": (reported_spec or spec).model_dump(mode="json"),
+                "versions": _versions(),
+                "model": {
+                    "source": where,
+                    "family": family.name,
+                    "architecture": archs[0],
+                    "model_type": config.model_type,
+                    "nblocks": info["nblocks"],
+                    "params": info["params"],
+                    "dtype": spec.model.dtype,
+                    "device": spec.model.device,
+                    "gguf": False,
+                },
+                "calibration": {
                     "source": cal_source,
                     "nsamples": int(calibration.shape[0]),
                     "seqlen": seqlen,
                     "seed": cal.seed,
                 },
-                sparsity=info.sparsity or {},
-                evaluation=None,
-                timings=timings,
-                streaming={
+                "sparsity": info["sparsity"],
+                "evaluation": None,
+                "timings": timings,
+                "peak_rss_mb": None,
+                "streaming": {
                     "used": True,
                     "mode": spec.model.stream,
                     "evaluation": STREAMING_EVAL_NOTE if spec.evaluation.enabled else "disabled",
-                    "checkpoint_bytes": info.checkpoint_bytes,
-                    "output_bytes": info.output_bytes,
-                    "spilled": info.spilled,
+                    "checkpoint_bytes": info["checkpoint_bytes"],
+                    "output_bytes": info["output_bytes"],
+                    "spilled": info["spilled"],
                     "capture_s": st["capture_s"],
                     "blocks_s": st["blocks_s"],
                 },
-                experts=info.experts,
-                warnings=info.warnings,
-            )
-            timings = report.timings
+            }
+            report["artifacts"] = export.save_formats(tmp, report, spec.outputs)
             check_cancel(should_cancel)
             timings["export_s"] = st["export_s"] + time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
-            report.peak_rss_mb = round(rss.mb, 1)
+            report["peak_rss_mb"] = round(rss.mb, 1)
+            report_doc.finish(tmp, report, spec)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")
@@ -451,21 +479,9 @@ def _run_streaming(
     return report
 
 
-def _cuda_peak(report: RunReport, device: str) -> None:
+def _cuda_peak(report: dict[str, Any], device: str) -> None:
     if device != "cuda":
         return
     import torch
 
-    report.peak_cuda_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)  # type: ignore[attr-defined]
-
-
-def _dense_fingerprint(spec: RunSpec, eval_ids: Any) -> str:
-    """What the dense perplexity depends on: model, evaluation spec and the evaluation tokens."""
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(spec.model.model_dump_json().encode())
-    h.update(spec.evaluation.model_dump_json().encode())
-    h.update(spec.calibration.model_dump_json().encode())
-    h.update(eval_ids.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -15,7 +16,6 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from core.errors import Cancelled, CoreError
 from core.progress import Progress
-from core.result import RunReport
 from core.spec import RunSpec
 from jobs.events import EventLog
 from jobs.redisconn import connect
@@ -114,16 +114,19 @@ def _claim(ctx: Context, job_id: str, token: str | None = None) -> Job:
     return ctx.store.mutate(job_id, fn)[0]
 
 
-def summarize(report: RunReport) -> JobSummary:
+def summarize(report: dict[str, Any]) -> JobSummary:
     """Headline metrics from the engine's report."""
-    ev = report.evaluation or {}
-    sp = report.sparsity or {}
-    timings = {k: float(v) for k, v in report.timings.items() if isinstance(v, int | float)}
+    ev = report.get("evaluation") or {}
+    sp = report.get("sparsity") or {}
+    timings = {k: float(v) for k, v in (report.get("timings") or {}).items() if isinstance(v, int | float)}
     return JobSummary(
         dense_ppl=ev.get("dense_ppl"),
         pruned_ppl=ev.get("pruned_ppl"),
         sparsity=sp.get("overall"),
         durations=timings,
+        ppl_ratio=(report.get("verdict") or {}).get("ratio"),
+        verdict=(report.get("verdict") or {}).get("label"),
+        gate=report.get("gate"),
     )
 
 
@@ -320,7 +323,7 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
     raise AssertionError("unreachable")
 
 
-def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> RunReport:
+def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any]:
     from core import pipeline  # torch lives behind this import
 
     checked = run_spec(job)
@@ -336,6 +339,8 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> RunReport:
         should_cancel=rep.should_cancel,
         data_dir=ctx.settings.data_dir,
     )
+    if not isinstance(report, dict):
+        report = json.loads((out / "report.json").read_text())
     return report
 
 

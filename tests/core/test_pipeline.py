@@ -42,7 +42,7 @@ def test_run_exports_reloadable_sparse_model(
     events: list[Progress] = []
     report = pipeline.run(
         make_spec(tiny_model_dir(family), pattern="2:4"), out, events.append, data_dir=data_dir
-    ).model_dump(mode="json")
+    )
 
     assert REPORT_KEYS <= set(report) and TIMINGS <= set(report["timings"])
     assert report["model"]["family"] == family and report["model"]["nblocks"] == 2
@@ -91,7 +91,7 @@ def test_run_without_eval_and_ignore(tiny_model_dir, small_text: Path, tmp_path:
             "evaluation": {"enabled": False},
         }
     )
-    report = pipeline.run(spec, tmp_path / "o").model_dump(mode="json")
+    report = pipeline.run(spec, tmp_path / "o")
     assert report["evaluation"] is None
     assert not any(n.endswith("fc2") for n in report["sparsity"]["layers"])
     assert all(v == pytest.approx(0.25) for v in report["sparsity"]["layers"].values())
@@ -182,7 +182,7 @@ def test_bfloat16_run(tiny_model_dir, small_text: Path, tmp_path: Path) -> None:
             "outputs": {"model": False},
         }
     )
-    report = pipeline.run(spec, tmp_path / "o").model_dump(mode="json")
+    report = pipeline.run(spec, tmp_path / "o")
     assert report["sparsity"]["nm_ok"] and report["evaluation"]["dense_ppl"] is None
     assert not (tmp_path / "o" / "model").exists() and (tmp_path / "o" / "report.json").is_file()
 
@@ -199,7 +199,7 @@ def test_smollm2_gguf_short_run(smollm2_gguf: Path, data_dir: Path, tmp_path: Pa
             "evaluation": {"max_windows": 2},
         }
     )
-    report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir).model_dump(mode="json")
+    report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
     assert report["model"]["family"] == "llama" and report["model"]["nblocks"] == 30
     assert report["sparsity"]["nm_ok"] is True
     assert report["evaluation"]["pruned_ppl"] > report["evaluation"]["dense_ppl"]
@@ -242,8 +242,8 @@ def test_streaming_mode_matches_in_memory(family: str, small_text: Path, tmp_pat
         )
 
     events: list[Progress] = []
-    rs = pipeline.run(spec("always", True), tmp_path / "s", events.append).model_dump(mode="json")
-    rm = pipeline.run(spec("never", False), tmp_path / "m").model_dump(mode="json")
+    rs = pipeline.run(spec("always", True), tmp_path / "s", events.append)
+    rm = pipeline.run(spec("never", False), tmp_path / "m")
 
     a, b = _tensors(tmp_path / "s" / "model"), _tensors(tmp_path / "m" / "model")
     assert set(a) == set(b)
