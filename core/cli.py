@@ -1,4 +1,4 @@
-"""``python -m core``: prune a model or measure a model's perplexity from the command line.
+"""``python -m core``: prune a model, measure a model's perplexity, or unpack a compact artifact.
 
 ``prune`` prints the report JSON on stdout and progress on stderr; ``eval`` prints a JSON
 result on stdout. Bad arguments and invalid input exit with code 2 and a one-line message on
@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
+    pr.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=("dense", "compact", "int8", "compact-int8"),
+        help="model artifact to write (repeat; default dense): docs/formats.md",
+    )
+
+    un = sub.add_parser("unpack", help="restore a compact directory as a standard Hugging Face directory")
+    un.add_argument("dir", help="compact (or compact-int8) directory")
+    un.add_argument("out", help="output directory (must not exist or be empty)")
+
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     ev.add_argument("--model", required=True, help="Hugging Face directory, .gguf file, or hub id")
     ev.add_argument("--gguf-file")
@@ -95,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """Build and validate the :class:`core.spec.RunSpec` of a ``prune`` command."""
-    from core.spec import RunSpec
+    from core.spec import RunSpec, check_prunes_something
 
-    return RunSpec.model_validate(
+    spec = RunSpec.model_validate(
         {
             "model": {
                 "source": args.model,
@@ -131,9 +143,18 @@ def spec_from_args(args: argparse.Namespace) -> Any:
                 "max_windows": args.eval_windows,
                 "dense_baseline": not args.no_dense_eval,
             },
-            "outputs": {"model": not args.no_model, "max_shard_size": args.max_shard_size},
+            "outputs": {
+                "model": not args.no_model,
+                "max_shard_size": args.max_shard_size,
+                "formats": args.formats or ["dense"],
+            },
         }
     )
+    try:
+        check_prunes_something(spec.prune)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return spec
 
 
 def _validation_message(exc: Any) -> str:
@@ -165,6 +186,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     report = run(spec, args.out, on_progress=_progress_printer(args.quiet), data_dir=args.data_dir)
     print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    import time
+
+    from core.export import staging_dir
+    from core.formats import compact
+
+    t0 = time.perf_counter()
+    with staging_dir(args.out) as tmp:
+        header = compact.unpack(args.dir, tmp)
+    took = round(time.perf_counter() - t0, 3)
+    print(json.dumps({"out": str(args.out), "tensors": len(header["tensors"]), "unpack_s": took}))
     return 0
 
 
@@ -210,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "prune":
             return _cmd_prune(args)
+        if args.command == "unpack":
+            return _cmd_unpack(args)
         return _cmd_eval(args)
     except ValidationError as exc:
         print(f"error: invalid arguments: {_validation_message(exc)}", file=sys.stderr)

@@ -37,3 +37,9 @@ class Cancelled(CoreError):
     """The caller's cancellation check returned True between blocks."""
 
     code = "cancelled"
+
+
+class CorruptArtifact(InvalidInput):
+    """A packed artifact (compact format) is truncated, modified or not one of ours."""
+
+    code = "corrupt_artifact"

@@ -22,7 +22,16 @@ from typing import Any
 from core.errors import InvalidInput
 from core.spec import OutputSpec
 
-__all__ = ["check_out_dir", "manifest", "render_markdown", "save_model", "staging_dir", "write_reports"]
+__all__ = [
+    "check_out_dir",
+    "manifest",
+    "render_markdown",
+    "save_formats",
+    "save_model",
+    "sha256_file",
+    "staging_dir",
+    "write_reports",
+]
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -50,7 +59,8 @@ def staging_dir(out_dir: str | Path) -> Iterator[Path]:
         raise
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -64,7 +74,7 @@ def manifest(root: Path) -> dict[str, Any]:
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel != "manifest.json":
-            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return {"files": files}
 
 
@@ -112,10 +122,26 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Formula: {e['formula']}.",
             "",
         ]
+    lines += _artifact_lines(report.get("artifacts"))
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in t.items()]
     lines += ["", f"Peak RSS: {_fmt(report.get('peak_rss_mb'), 0)} MB", ""]
     return "\n".join(lines)
+
+
+def _artifact_lines(art: dict[str, Any] | None) -> list[str]:
+    if not art:
+        return []
+    lines = [
+        "## Artifacts",
+        "",
+        "| format | directory | size (bytes) | weights / dense fp16 | perplexity |",
+        "|---|---|---|---|---|",
+    ]
+    for fmt, a in art["formats"].items():
+        ratio, ppl = a["ratio_to_dense_fp16"], _fmt(a.get("ppl"))
+        lines.append(f"| {fmt} | `{a['dir']}/` | {a['bytes']:,} | {ratio:.3f}x | {ppl} |")
+    return [*lines, "", f"Dense fp16 size of the weights: {art['dense_fp16_bytes']:,} bytes.", ""]
 
 
 def save_model(root: Path, model: Any, tokenizer: Any, outputs: OutputSpec) -> None:
@@ -126,6 +152,20 @@ def save_model(root: Path, model: Any, tokenizer: Any, outputs: OutputSpec) -> N
     model.save_pretrained(model_dir, max_shard_size=outputs.max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
+
+
+def save_formats(
+    root: Path, report: dict[str, Any], outputs: OutputSpec, perplexity: Any = None
+) -> dict[str, Any] | None:
+    """Turn ``root/model`` into the artifacts ``outputs.formats`` names (:func:`core.formats.export`)
+    and return the report's ``artifacts`` section; None when no model is exported."""
+    if not outputs.model:
+        return None
+    from core import formats
+
+    layers = list((report.get("sparsity") or {}).get("layers") or {})
+    pruned = (report.get("evaluation") or {}).get("pruned_ppl")
+    return formats.export(root, list(outputs.formats), layers, perplexity, pruned)
 
 
 def write_reports(root: Path, report: dict[str, Any], outputs: OutputSpec) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import data, engine, evaluate, export, families, streaming
+from core import data, engine, evaluate, export, families, hostinfo, preflight, streaming
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.spec import ModelSpec, RunSpec
@@ -85,7 +85,7 @@ class _PeakRSS:
         return self.peak / 2**20
 
 
-def _versions() -> dict[str, str]:
+def _versions() -> dict[str, Any]:
     import torch
     import transformers
 
@@ -100,6 +100,7 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "host": hostinfo.describe(),
     }
 
 
@@ -169,6 +170,7 @@ def run(
     """
     t_start = time.perf_counter()
     out = export.check_out_dir(out_dir)
+    preflight.check(spec)  # what the config alone refuses, before any weight is read
     if spec.model.stream != "never":
         from core.loading import resolve_source
 
@@ -228,6 +230,11 @@ def run(
                 check_cancel(should_cancel)
 
             return evaluate.perplexity(model, eval_ids, eval_seqlen, ev.max_windows, ebatch, on_window)
+
+        def _eval_model(m: Any) -> dict[str, Any]:  # an exported artifact loaded back (core.formats)
+            assert eval_ids is not None
+            check_cancel(should_cancel)
+            return evaluate.perplexity(m, eval_ids, eval_seqlen, ev.max_windows, ebatch)
 
         dense = None
         timings["eval_s"] = 0.0
@@ -304,6 +311,9 @@ def run(
         t = time.perf_counter()
         with export.staging_dir(out) as tmp:
             export.save_model(tmp, model, tok, spec.outputs)
+            report["artifacts"] = export.save_formats(
+                tmp, report, spec.outputs, (lambda m: _eval_model(m)["ppl"]) if ev.enabled else None
+            )
             timings["export_s"] = time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
@@ -415,6 +425,7 @@ def _run_streaming(
                     "blocks_s": st["blocks_s"],
                 },
             }
+            report["artifacts"] = export.save_formats(tmp, report, spec.outputs)
             check_cancel(should_cancel)
             timings["export_s"] = st["export_s"] + time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
