@@ -310,6 +310,8 @@ class BlockResult:
     fallback: list[str] = field(default_factory=list)
     """Matrices that saw no token and were pruned by magnitude."""
     mask_s: float = 0.0
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-layer report records (method, allocation, refine, sparsity, recon_error, ...)."""
 
 
 class _StatsComplete(Exception):
@@ -406,14 +408,17 @@ def _targets(block: nn.Module, prefix: str, spec: PruneSpec) -> tuple[dict[str, 
 
 @torch.no_grad()
 def collect_stats(
-    block: nn.Module, targets: dict[str, families.Target], batches: Sequence[Batch], needs: frozenset[str]
+    block: nn.Module, targets: dict[str, families.Target], batches: Sequence[Batch], needs: Any
 ) -> dict[str, LayerStats]:
     """The per-matrix statistics ``needs`` asks for, over every batch (the loop's stats point)."""
-    from core.stats import SharedInputs, StatsAccumulator, check_needs
+    from core.stats import SharedInputs, StatsAccumulator
 
-    check_needs(needs)
-    need_x, need_h = "xnorm" in needs, "hessian" in needs
-    accs = {n: StatsAccumulator(t.in_features, need_x, need_h) for n, t in targets.items()}
+    accs = {
+        n: StatsAccumulator(
+            t.in_features, needs.xnorm, needs.hessian, need_xsum=needs.xsum, gram_tokens=needs.gram_tokens
+        )
+        for n, t in targets.items()
+    }
     shared = SharedInputs()
     linears = {n: t for n, t in targets.items() if not t.fused}
     fused = {n: t for n, t in targets.items() if t.fused}
@@ -460,7 +465,12 @@ def check_hessian_memory(targets: dict[str, families.Target], method: Method, wh
 
 @torch.no_grad()
 def prune_block(
-    block: nn.Module, block_prefix: str, batches: Sequence[Batch], method: Method, spec: PruneSpec
+    block: nn.Module,
+    block_prefix: str,
+    batches: Sequence[Batch],
+    method: Method,
+    spec: PruneSpec,
+    budgets: dict[str, int] | None = None,
 ) -> BlockResult:
     """Collect the statistics ``method.needs`` over ``batches``, then prune ``block`` in place.
 
@@ -468,26 +478,28 @@ def prune_block(
     A matrix that saw no calibration token (an expert the router never chose) is pruned by
     magnitude and listed in ``fallback``.
     """
+    from core.layer_prune import layer_needs, prune_layer
     from core.methods import get_method
     from core.stats import LayerStats
 
     targets, ignored = _targets(block, block_prefix, spec)
     res = BlockResult(ignored=ignored)
-    needs = frozenset(method.needs)
-    stats = collect_stats(block, targets, batches, needs) if targets and needs else {}
+    needs = layer_needs(method, spec)
+    stats = collect_stats(block, targets, batches, needs) if targets and needs.any else {}
     for name, t in targets.items():
         weight = t.get_weight()
         st = stats.pop(name, None) or LayerStats(xnorm_sq=None, hessian=None, ntokens=0)
         use = method
-        if needs and st.ntokens == 0:
+        if needs.any and st.ntokens == 0:
             use = get_method("magnitude")
             res.fallback.append(name)
         tm = time.perf_counter()
-        mask = use.prune(weight, st, spec)
-        weight.masked_fill_(mask.to(weight.device), 0)
+        outcome = prune_layer(weight, st, use, spec, None if budgets is None else budgets.get(name))
+        mask = outcome.mask
         res.mask_s += time.perf_counter() - tm
         t.set_weight(weight)
-        res.layers[name] = int(torch.count_nonzero(mask)) / mask.numel()
+        res.layers[name] = outcome.record["sparsity"]
+        res.records[name] = outcome.record
         res.numel[name] = mask.numel()
         res.tokens[name] = st.ntokens
         del st
@@ -584,9 +596,11 @@ def run_blocks(
         raise InvalidInput(
             f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
         )
+    from core.layer_prune import layer_needs
+
     source = source or InMemory()
     method = _method(spec.method)
-    needs = frozenset(method.needs)
+    need_stats = layer_needs(method, spec).any or spec.allocation == "owl"
     family = families.family_for(model)
     blocks = families.get_blocks(model, family)
     nblocks = len(blocks)
@@ -607,6 +621,7 @@ def run_blocks(
         result.resumed_from_block = start
         prev = ckpt.partial_result()
         result.layers, result.ignored, result.mask_s = prev.layers, prev.ignored, prev.mask_s
+        result.layer_records = prev.layer_records
         result.warnings = prev.warnings
     tokens: dict[str, int] = dict(ckpt.tokens() if ckpt and start else {})
     fallback: list[str] = list(ckpt.fallback() if ckpt and start else [])
@@ -615,15 +630,26 @@ def run_blocks(
     check_cancel(should_cancel)
     cap: Captured | None = None
     store: HiddenStore | None = None
+    budgets: dict[str, int] | None = None
     try:
         with eager_experts(model):
-            if needs and start < nblocks:
+            if need_stats and start < nblocks:
                 with source.capture_context():
                     cap = capture(model, blocks, cal, batch_size)
                 hidden = ckpt.hidden() if ckpt and start else cap.hidden
                 store = HiddenStore(spill_dir, hidden)
                 cap.hidden = []
                 del hidden
+            if spec.allocation == "owl":
+                if start:
+                    raise InvalidInput("allocation 'owl' cannot resume from block checkpoints")
+                from core.owl_pass import owl_budgets
+
+                assert cap is not None and store is not None
+                budgets, owl_info = owl_budgets(
+                    blocks, f"{family.blocks}", list(_Batches(store, cap.args[0])), spec, should_cancel
+                )
+                result.owl = owl_info
             for i, block in enumerate(blocks):
                 check_cancel(should_cancel)
                 if i < start:
@@ -638,8 +664,9 @@ def run_blocks(
                         _targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}"
                     )
                 batches = _Batches(store, cap.args[i]) if cap is not None and store is not None else []
-                res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec)
+                res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets)
                 result.layers.update(res.layers)
+                result.layer_records.update(res.records)
                 result.ignored.extend(res.ignored)
                 result.mask_s += res.mask_s
                 tokens.update(res.tokens)

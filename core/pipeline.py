@@ -287,6 +287,8 @@ def run(
         )
         timings["prune_s"] = pruned_info.prune_s
         timings["mask_s"] = pruned_info.mask_s
+        if pruned_info.owl:
+            timings["owl_first_pass_s"] = pruned_info.owl["first_pass_s"]
 
         pruned = None
         if ev.enabled:
@@ -331,6 +333,8 @@ def run(
                 "seed": cal.seed,
             },
             "sparsity": sparsity,
+            "layers": pruned_info.layer_records,
+            "allocation": pruned_info.owl,
             "evaluation": evaluation,
             "timings": timings,
             "peak_rss_mb": None,

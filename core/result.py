@@ -37,6 +37,9 @@ class PruneResult(BaseModel):
     nblocks: int
     layers: dict[str, float] = Field(default_factory=dict)
     """``{qualified name: achieved sparsity}`` of every pruned matrix (experts: ``….experts.<e>.<param>``)."""
+    layer_records: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-layer report records (method, allocation, refine, sparsity, recon_error, ...)."""
+    owl: dict[str, Any] | None = None
     ignored: list[str] = Field(default_factory=list)
     experts: list[ExpertTokens] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
