@@ -59,7 +59,7 @@ def test_owl_on_tiny_model_counts_weights_exactly() -> None:
     cal = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(1))
     spec = PruneSpec(method="wanda", sparsity=0.6, allocation="owl", owl_lambda=0.1, owl_m=2.0)
     info = engine.prune(model, cal, spec)
-    owl = info["owl"]
+    owl = info.owl
     assert len(owl["block_sparsity"]) == 4
     assert all(0.5 - 1e-9 <= s <= 0.7 + 1e-9 for s in owl["block_sparsity"])
     assert len(set(round(s, 6) for s in owl["block_sparsity"])) > 1  # really non-uniform
@@ -68,7 +68,7 @@ def test_owl_on_tiny_model_counts_weights_exactly() -> None:
     total = sum(families.get_weight(m).numel() for m in linears.values())
     # Within one weight per pruned layer (in fact exact, up to weights that were zero already).
     assert abs(zeros - 0.6 * total) <= len(linears)
-    recs = info["layer_records"]
+    recs = info.layer_records
     assert sum(r["budget"] for r in recs.values()) == round(0.6 * total)
     assert all(r["allocation"] == "owl" and r["recon_error"] is not None for r in recs.values())
 
@@ -79,7 +79,7 @@ def test_owl_composes_with_every_method(method: str) -> None:
     cal = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(2))
     pruned = copy.deepcopy(model)
     info = engine.prune(pruned, cal, PruneSpec(method=method, allocation="owl", owl_m=2.0))
-    recs = info["layer_records"]
+    recs = info.layer_records
     numel = {n: families.get_weight(m).numel() for n, m in families.prunable_linears(pruned).items()}
     assert sum(r["budget"] for r in recs.values()) == round(0.5 * sum(numel.values()))
     for name, r in recs.items():

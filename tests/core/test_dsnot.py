@@ -94,9 +94,9 @@ def test_dsnot_in_the_engine_on_a_tiny_model(seed: int, pattern: str) -> None:
         assert torch.equal((w1 == 0).sum(1), (w0 == 0).sum(1))  # same per-row sparsity
         if nm:
             assert check_nm(w1, *nm)
-        rec, rec0 = info["layer_records"][name], base["layer_records"][name]
+        rec, rec0 = info.layer_records[name], base.layer_records[name]
         assert rec["refine"] == "dsnot" and rec0["refine"] == "none"
     # Block 0 sees identical inputs in both runs, so its layers' errors compare directly.
-    for name, rec in info["layer_records"].items():
+    for name, rec in info.layer_records.items():
         if ".0." in name:
-            assert rec["recon_error"] <= base["layer_records"][name]["recon_error"] + 1e-6
+            assert rec["recon_error"] <= base.layer_records[name]["recon_error"] + 1e-6
