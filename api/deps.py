@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -51,6 +52,33 @@ class Services:
         """Async event reader (created in the app lifespan)."""
         assert self.aredis is not None, "async Redis client is created in the app lifespan"
         return AsyncEventLog(self.aredis, self.settings.key_prefix)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: dict[str, object] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+async def unique_json_keys(request: Request) -> None:
+    """422 when the JSON body repeats a key at any depth (JSON parsers disagree on which one wins;
+    refusing is the only reading every client agrees with)."""
+    raw = await request.body()
+    try:
+        json.loads(raw, object_pairs_hook=_refuse_duplicates)
+    except ValueError:
+        return  # malformed JSON: FastAPI's own 422 describes it
+    except _DuplicateKey as exc:
+        raise ProblemError(
+            422, f"duplicate key {exc.args[0]!r} in the JSON body", "duplicate-key", "Duplicate JSON key"
+        ) from None
 
 
 def services(request: Request) -> Services:

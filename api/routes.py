@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from api.deps import Services, authenticated, current_tenant, services
+from api.deps import Services, authenticated, current_tenant, services, unique_json_keys
 from api.problems import ProblemError, problems
 from jobs import faults
 from jobs.auth import Tenant as AuthTenant
@@ -86,6 +86,7 @@ def _job(svc: Services, tenant: str, job_id: str) -> Job:
         },
         **problems(409, 413, 422, 429, 503),
     },
+    dependencies=[Depends(unique_json_keys)],
 )
 def create_job(
     body: JobRequest,

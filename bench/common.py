@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from core import hostinfo
+
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,6 +43,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d"),
+        "host": hostinfo.describe(),
+        "loadavg": os.getloadavg(),
     }
 
 

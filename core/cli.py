@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """Build and validate the :class:`core.spec.RunSpec` of a ``prune`` command."""
-    from core.spec import RunSpec
+    from core.spec import RunSpec, check_prunes_something
 
-    return RunSpec.model_validate(
+    spec = RunSpec.model_validate(
         {
             "model": {
                 "source": args.model,
@@ -150,6 +150,11 @@ def spec_from_args(args: argparse.Namespace) -> Any:
             },
         }
     )
+    try:
+        check_prunes_something(spec.prune)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return spec
 
 
 def _validation_message(exc: Any) -> str:

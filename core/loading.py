@@ -17,6 +17,7 @@ from core.spec import ModelSpec
 
 __all__ = [
     "Loaded",
+    "checked_config",
     "hub_online",
     "load_config_and_tokenizer",
     "load_model",
@@ -178,6 +179,12 @@ def _checked_source(spec: ModelSpec) -> tuple[_Source, Any, families.Family, str
         _check_safetensors(Path(src.path))
     where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
     return src, config, family, where
+
+
+def checked_config(spec: ModelSpec) -> tuple[Any, families.Family]:
+    """``(config, family)`` after every check that needs no weight (see :mod:`core.preflight`)."""
+    _src, config, family, _where = _checked_source(spec)
+    return config, family
 
 
 def _load_tokenizer(src: _Source, where: str) -> Any:

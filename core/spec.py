@@ -6,6 +6,7 @@ job bodies with exactly the rules the engine enforces.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from typing import Literal
 
@@ -17,27 +18,55 @@ METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 NAMED_DATASETS: tuple[str, ...] = ("wikitext2", "c4")
 
-_NM = re.compile(r"^(\d+):(\d+)$")
+_NM = re.compile(r"([1-9][0-9]*):([1-9][0-9]*)")
+"""N:M in ASCII digits without leading zeros, matched whole (`re.fullmatch`: no trailing newline)."""
+MAX_NM_M = 64
+"""Largest M of an N:M pattern. Hardware formats use M = 4 or 8; 64 leaves room for experiments while
+refusing nonsense like 1:1000000000000 at submit time."""
+_SHARD = re.compile(r"([1-9][0-9]{0,5})(KB|MB|GB)")
 CPU_BATCH_TOKENS = 1024
 """Tokens per calibration forward on the CPU when ``PruneSpec.batch_size`` is unset (measured
 fastest on SmolLM2-135M: 1 or 2 samples of 512 tokens beat 8; docs/benchmarks.md)."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields refused; strict types (no "0.5" string for a float, no 1.0 for an int)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
     """Return (N, M) for an "N:M" pattern, None for "unstructured"; raise ValueError otherwise."""
     if pattern == "unstructured":
         return None
-    m = _NM.match(pattern)
+    m = _NM.fullmatch(pattern)
     if not m:
         raise ValueError(f"pattern must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    if len(m.group(2)) > 3 or int(m.group(2)) > MAX_NM_M:
+        raise ValueError(f"N:M pattern needs M <= {MAX_NM_M}, got {pattern!r}")
     n, mm = int(m.group(1)), int(m.group(2))
     if not 0 < n < mm:
-        raise ValueError(f"N:M pattern needs 0 < N < M, got {pattern!r}")
+        raise ValueError(f"N:M pattern needs 1 <= N < M, got {pattern!r}")
     return n, mm
+
+
+def shard_bytes(size: str) -> int:
+    """Bytes of a ``max_shard_size`` such as "500MB" (ASCII digits, > 0); ValueError otherwise."""
+    m = _SHARD.fullmatch(size)
+    if not m:
+        raise ValueError(f"max_shard_size must be a positive size such as '500MB' or '2GB', got {size!r}")
+    return int(m.group(1)) * {"KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)]
+
+
+def check_prunes_something(prune: PruneSpec) -> None:
+    """Refuse a job that would prune nothing: sparsity 0, or ignore patterns matching every name.
+    (Patterns that match every layer of one particular model are refused by `core.preflight`.)"""
+    if prune.target_sparsity == 0.0:
+        raise ValueError("sparsity 0 prunes nothing; use a sparsity in (0, 1)")
+    probes = ("model.layers.0.self_attn.q_proj", "transformer.h.0.mlp.c_fc", "x")
+    hit = [p for p in prune.ignore if all(fnmatch.fnmatchcase(name, p) for name in probes)]
+    if hit:
+        raise ValueError(f"ignore pattern {hit[0]!r} matches every layer: nothing would be pruned")
 
 
 class PruneSpec(_Strict):
@@ -171,7 +200,14 @@ class OutputSpec(_Strict):
 
     model: bool = Field(default=True, description="Export the pruned Hugging Face directory.")
     report: bool = True
-    max_shard_size: str = Field(default="2GB", pattern=r"^\d+(KB|MB|GB)$")
+    max_shard_size: str = Field(default="2GB", description="Safetensors shard size: a positive KB, MB or GB.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _check_shard(cls, v: str) -> str:
+        shard_bytes(v)
+        return v
+
     formats: list[Literal["dense", "compact", "int8", "compact-int8"]] = Field(
         default_factory=lambda: ["dense"],
         min_length=1,
@@ -188,11 +224,39 @@ class OutputSpec(_Strict):
         return v
 
 
+class GateSpec(_Strict):
+    """Quality gate: a job that misses it still succeeds, keeps its artifacts and reports
+    ``gate.passed = false`` (``prunectl submit --wait`` exits 6)."""
+
+    max_ppl_ratio: float | None = Field(default=None, gt=0, description="Largest pruned/dense perplexity.")
+    max_pruned_ppl: float | None = Field(default=None, gt=0, description="Largest pruned perplexity.")
+    min_sparsity: float | None = Field(
+        default=None, ge=0, lt=1, description="Smallest measured sparsity of the pruned layers."
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> GateSpec:
+        if self.max_ppl_ratio is None and self.max_pruned_ppl is None and self.min_sparsity is None:
+            raise ValueError("a gate needs at least one of max_ppl_ratio, max_pruned_ppl, min_sparsity")
+        return self
+
+
 class RunSpec(_Strict):
-    """A whole run: model, pruning, calibration, evaluation, outputs."""
+    """A whole run: model, pruning, calibration, evaluation, outputs, optional quality gate."""
 
     model: ModelSpec
     prune: PruneSpec = Field(default_factory=PruneSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     outputs: OutputSpec = Field(default_factory=OutputSpec)
+    gate: GateSpec | None = Field(default=None, description="Quality gate (docs/ci.md).")
+
+    @model_validator(mode="after")
+    def _gate_measurable(self) -> RunSpec:
+        g = self.gate
+        if g is not None and (g.max_ppl_ratio is not None or g.max_pruned_ppl is not None):
+            if not self.evaluation.enabled:
+                raise ValueError("gate limits on perplexity need evaluation.enabled = true")
+            if g.max_ppl_ratio is not None and not self.evaluation.dense_baseline:
+                raise ValueError("gate.max_ppl_ratio needs evaluation.dense_baseline = true")
+        return self

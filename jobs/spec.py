@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.spec import RunSpec
+from core.spec import RunSpec, check_prunes_something
 
 
 class JobStatus(StrEnum):
@@ -53,6 +53,11 @@ class JobRequest(RunSpec):
 
     webhook: WebhookSpec | None = Field(default=None, description="Optional job notifications.")
 
+    @model_validator(mode="after")
+    def _prunes_something(self) -> JobRequest:
+        check_prunes_something(self.prune)  # a job that would prune nothing is a mistake (422)
+        return self
+
     def to_run_spec(self) -> RunSpec:
         """The run spec handed to the engine (without service-only fields)."""
         return RunSpec.model_validate(self.model_dump(exclude={"webhook"}))
@@ -89,6 +94,11 @@ class JobSummary(_Record):
     pruned_ppl: float | None = None
     sparsity: float | None = Field(default=None, description="Overall sparsity of the pruned layers.")
     durations: dict[str, float] = Field(default_factory=dict, description="Seconds per engine stage.")
+    ppl_ratio: float | None = Field(default=None, description="pruned/dense perplexity.")
+    verdict: str | None = Field(default=None, description="good, fair, poor, damaged or unknown.")
+    gate: dict[str, Any] | None = Field(
+        default=None, description="Quality gate outcome `{passed, checks}`; `passed: false` keeps artifacts."
+    )
 
 
 class Job(_Record):

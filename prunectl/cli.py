@@ -1,9 +1,17 @@
 """`prunectl`: submit pruning jobs from CI, wait for them, download and verify their artifacts.
 
 Exit codes: 0 success (job succeeded), 1 job failed or was cancelled, 2 bad input (bad flags, 4xx
-from the API), 3 service unreachable (connection errors, 5xx after retries), 4 a downloaded
-artifact failed verification (nothing is kept). Server and key: --url/--api-key or PRUNE_URL and
-PRUNE_API_KEY.
+from the API but 429, a non-empty --download target without --force), 3 service unreachable or busy
+(connection errors, 429 and 5xx after every retry), 4 a downloaded artifact failed verification
+(nothing is kept), 5 --timeout ran out while the job was still running (it goes on on the service),
+6 the job succeeded but missed its quality gate (`gate` in the spec; report and artifacts are kept
+and --download still fetches them).
+Server and key: --url/--api-key or PRUNE_URL and PRUNE_API_KEY.
+
+Retries: connection errors, 429 and 5xx are retried with exponential backoff (at most 8 s apart)
+honouring Retry-After. `--retries` attempts per request by default; with --timeout (and always with
+`submit --wait`, default 6 h) every request is retried until that total deadline instead, so a
+waiting CI step rides out an API restart, a rolling deploy or a tenant at its job limit.
 """
 
 from __future__ import annotations
@@ -16,9 +24,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from prunectl.client import TERMINAL, ApiError, Client, CliError, Unreachable
+from prunectl.client import TERMINAL, ApiError, Client, CliError, TimedOut, Unreachable, check_target
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
+WAIT_TIMEOUT = 6 * 3600.0
+"""Default total --timeout of `submit --wait` (seconds)."""
+EXIT_GATE = 6
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
 DEFAULT_URL = "http://localhost:8000"
 
@@ -37,9 +48,28 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--url", default=s, help=f"service URL (env PRUNE_URL, default {DEFAULT_URL})")
     p.add_argument("--api-key", default=s, help="API key sent as Bearer (env PRUNE_API_KEY)")
     p.add_argument("--json", action="store_true", default=s, help="machine-readable JSON on stdout")
-    p.add_argument("--timeout", type=float, default=s, help="HTTP timeout in seconds (default 30)")
-    p.add_argument("--retries", type=int, default=s, help="attempts on connection errors/5xx (default 4)")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=s,
+        help="total seconds for the command, retries and waiting included; requests are retried until "
+        f"then (default: --retries attempts; {WAIT_TIMEOUT / 3600:g} h for submit --wait)",
+    )
+    p.add_argument("--http-timeout", type=_seconds, default=s, help="per-request timeout (default 30 s)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=s,
+        help="attempts on connection errors/429/5xx without --timeout (default 4)",
+    )
     return p
+
+
+def _seconds(v: str) -> float:
+    f = float(v)
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {v}")
+    return f
 
 
 def _fraction(v: str) -> float:
@@ -83,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-dense-baseline", action="store_true", help="skip the dense perplexity")
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     s.add_argument("--wait", action="store_true", help="follow progress (stderr) until the job ends")
-    s.add_argument("--download", type=Path, metavar="DIR", help="with --wait: fetch and verify artifacts")
+    s.add_argument(
+        "--download",
+        type=Path,
+        metavar="DIR",
+        help="with --wait: fetch the artifacts as the new directory DIR (verified against manifest.json)",
+    )
+    s.add_argument("--force", action="store_true", help="with --download: replace an existing DIR whole")
     s.add_argument("--poll", type=float, default=2.0, help="polling interval without SSE (seconds)")
 
     st = sub.add_parser("status", parents=[common], help="show a job")
@@ -99,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--after", help="cursor: `next` of the previous page")
     dl = sub.add_parser("download", parents=[common], help="download and verify a job's artifacts")
     dl.add_argument("job_id")
-    dl.add_argument("dir", type=Path)
+    dl.add_argument("dir", type=Path, help="new directory (an existing non-empty one needs --force)")
+    dl.add_argument("--force", action="store_true", help="replace an existing DIR whole")
     return parser
 
 
@@ -255,7 +292,12 @@ def wait_for(client: Client, job: dict[str, Any], poll: float, bar: ProgressBar 
             break
         if bar:
             bar.update(job.get("status", "?"), job.get("progress") or {})
-        time.sleep(poll)
+        left = client.remaining()
+        if left is not None and left <= 0:
+            if bar:
+                bar.done()
+            raise TimedOut(f"--timeout reached; job {job_id} is still {job.get('status')} on the service")
+        client.sleep(poll if left is None else min(poll, left))
     if bar:
         bar.done()
     return job
@@ -273,6 +315,12 @@ def _finish(args: argparse.Namespace, client: Client, job: dict[str, Any], out: 
     if getattr(args, "download", None):
         _download(args, client, job["id"], args.download, err)
     _emit(args, job, describe(job), out)
+    gate = (job.get("summary") or {}).get("gate")
+    if gate and not gate.get("passed"):
+        missed = [c for c in gate["checks"] if not c["passed"]]
+        failed = ", ".join(f"{c['name']} {c['value']} vs {c['limit']}" for c in missed)
+        err.write(f"prunectl: job {job['id']} missed its quality gate ({failed})\n")
+        return EXIT_GATE
     return EXIT_OK
 
 
@@ -281,7 +329,7 @@ def _download(args: argparse.Namespace, client: Client, job_id: str, dest: Path,
         if not args.json:
             err.write(f"  verified {name} ({size} bytes)\n")
 
-    items = client.download(job_id, dest, on_file)
+    items = client.download(job_id, dest, on_file, force=getattr(args, "force", False))
     err.write(f"prunectl: {len(items)} artifacts of {job_id} verified in {dest}\n")
 
 
@@ -296,6 +344,8 @@ def run(args: argparse.Namespace, client: Client, out: TextIO, err: TextIO) -> i
         except ValueError as exc:
             err.write(f"prunectl: {exc}\n")
             return EXIT_BAD_INPUT
+        if args.download:
+            check_target(args.download, args.force)  # refuse before submitting, not after the wait
         job = client.submit(body, args.idempotency_key)
         if not args.wait:
             _emit(args, job, job["id"] if not args.json else "", out)
@@ -323,6 +373,7 @@ def run(args: argparse.Namespace, client: Client, out: TextIO, err: TextIO) -> i
     if cmd == "events":
         return _events(args, client, out)
     if cmd == "download":
+        check_target(args.dir, args.force)
         job = client.job(args.job_id)
         if job.get("status") != "succeeded":
             err.write(f"prunectl: job {args.job_id} is {job.get('status')}; nothing to download\n")
@@ -365,7 +416,14 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    defaults = {"url": None, "api_key": None, "json": False, "timeout": 30.0, "retries": 4}
+    defaults = {
+        "url": None,
+        "api_key": None,
+        "json": False,
+        "timeout": None,
+        "http_timeout": 30.0,
+        "retries": 4,
+    }
     for name, default in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, default)
@@ -374,8 +432,12 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     if getattr(args, "download", None) and args.command == "submit" and not args.wait:
         err.write("prunectl: --download needs --wait\n")
         return EXIT_BAD_INPUT
+    total = args.timeout
+    if total is None and args.command == "submit" and args.wait:
+        total = WAIT_TIMEOUT
+    deadline = None if total is None else time.monotonic() + total
     try:
-        client = Client(url, key, timeout=args.timeout, retries=args.retries)
+        client = Client(url, key, timeout=args.http_timeout, retries=args.retries, deadline=deadline)
     except ValueError as exc:
         err.write(f"prunectl: {exc}\n")
         return EXIT_BAD_INPUT

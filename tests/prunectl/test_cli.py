@@ -201,16 +201,16 @@ def test_download_verifies_and_keeps_files(file_server, tmp_path: Path) -> None:
         download_artifacts(client._fetch, _artifacts(base, files), tmp_path / "out")
     for name, data in files.items():
         assert (tmp_path / "out" / name).read_bytes() == data
-    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".prunectl")] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the staging directory beside it is gone
     # same origin as the API: the key is sent
     assert all(s["auth"] == "Bearer secret-key" for s in seen)
 
 
 def test_key_not_sent_to_other_origins(file_server, tmp_path: Path) -> None:
     base, files, seen = file_server
-    files["a"] = b"alpha"
+    files.update(_job_files())
     with Client(f"http://127.0.0.1:{_closed_port()}", "secret-key") as client:
-        download_artifacts(client._fetch, _artifacts(base, files), tmp_path)
+        download_artifacts(client._fetch, _artifacts(base, files), tmp_path / "out")
     assert seen[0]["auth"] is None
 
 
@@ -252,3 +252,164 @@ def test_download_command_exit_codes(file_server, tmp_path: Path, monkeypatch: p
     assert not (tmp_path / "bad" / "model" / "config.json").exists()
     code, _, err = _run("--url", base, "--retries", "1", "download", "nope", str(tmp_path / "x"))
     assert code == EXIT_BAD_INPUT and "404" in err
+
+
+# -- retries: 429 / 503 with Retry-After, total --timeout -----------------------------------------
+
+
+def test_retry_after_and_backoff() -> None:
+    import httpx
+
+    from prunectl.client import backoff_delay, retry_after
+
+    def resp(value: str | None) -> httpx.Response:
+        return httpx.Response(429, headers={"retry-after": value} if value else {})
+
+    assert retry_after(resp("3")) == 3.0
+    assert retry_after(resp(None)) is None
+    assert retry_after(resp("soon")) is None
+    assert retry_after(resp("Wed, 21 Oct 2015 07:28:00 GMT"), now=1445412470.0) == 10.0
+    assert retry_after(resp("99999")) == 300.0  # capped
+    assert [backoff_delay(a, 0.5, None) for a in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert backoff_delay(1, 0.5, 7.0) == 7.0  # the server's hint wins
+
+
+@pytest.fixture
+def flaky_server() -> Iterator[tuple[str, list[tuple[int, dict[str, str]]], list[str]]]:
+    """A real HTTP server answering the queued (status, headers) first, then 200 with a job."""
+    script: list[tuple[int, dict[str, str]]] = []
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            status, headers = script.pop(0) if script else (200, {})
+            body = json.dumps(
+                {"id": "j1", "status": "queued"} if status < 300 else {"title": "busy", "status": status}
+            ).encode()
+            self.send_response(status)
+            for k, v in {"content-type": "application/json", **headers}.items():
+                self.send_header(k, v)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", script, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_429_is_retried_honouring_retry_after_not_bad_input(flaky_server) -> None:
+    base, script, seen = flaky_server
+    script += [(429, {"retry-after": "2"}), (503, {"retry-after": "1"}), (502, {})]
+    slept: list[float] = []
+    with Client(base, retries=4, backoff=0.25, sleep=slept.append) as client:
+        assert client.submit({"model": {"source": "m"}})["id"] == "j1"
+    assert slept == [2.0, 1.0, 1.0]  # Retry-After, Retry-After, then backoff (third attempt: 0.25*4)
+    assert len(seen) == 4
+
+
+def test_429_after_every_retry_is_busy_exit_3_not_2(flaky_server) -> None:
+    base, script, _ = flaky_server
+    script += [(429, {"retry-after": "0"})] * 3
+    code, _, err = _run("--url", base, "--retries", "3", "submit", "--model", "m")
+    assert code == EXIT_UNREACHABLE, err
+    assert "busy" in err and "429" in err
+
+
+def test_total_timeout_keeps_retrying_past_the_attempt_count(flaky_server) -> None:
+    """With --timeout, requests are retried until the deadline however many attempts that takes."""
+    base, script, seen = flaky_server
+    script += [(503, {"retry-after": "0"})] * 12
+    code, out, err = _run("--url", base, "--retries", "1", "--timeout", "30", "submit", "--model", "m")
+    assert code == 0, err
+    assert out.strip() == "j1" and len(seen) == 13
+
+
+def test_total_timeout_bounds_the_retries() -> None:
+    import time
+
+    t0 = time.monotonic()
+    code, _, err = _run("--url", f"http://127.0.0.1:{_closed_port()}", "--timeout", "2", "status", "abc")
+    assert code == EXIT_UNREACHABLE and "--timeout" in err
+    assert time.monotonic() - t0 < 20  # generous: it gives up at the deadline, not after hours
+
+
+# -- downloads never mix an old target with new files ---------------------------------------------
+
+
+def _listing_server(files: dict[str, bytes], base: str, job_files: dict[str, bytes]) -> None:
+    files.update(job_files)
+    files["v1/jobs/abc"] = json.dumps({"id": "abc", "status": "succeeded"}).encode()
+    listing = {"job_id": "abc", "artifacts": _artifacts(base, job_files)}
+    files["v1/jobs/abc/artifacts"] = json.dumps(listing).encode()
+
+
+def _sharded_job_files() -> dict[str, bytes]:
+    model = {
+        "model/config.json": b"{}",
+        "model/model-00001-of-00002.safetensors": b"\x01" * 3000,
+        "model/model-00002-of-00002.safetensors": b"\x02" * 2000,
+        "model/model.safetensors.index.json": b'{"weight_map": {}}',
+    }
+    manifest = {"files": {n: {"size": len(d), "sha256": _sha(d)} for n, d in model.items()}}
+    return {**model, "manifest.json": json.dumps(manifest).encode()}
+
+
+def test_existing_target_is_refused_then_force_replaces_it_whole(file_server, tmp_path: Path) -> None:
+    base, files, _ = file_server
+    _listing_server(files, base, _sharded_job_files())
+    target = tmp_path / "out"
+    (target / "model").mkdir(parents=True)
+    (target / "model" / "model.safetensors").write_bytes(b"old weights")  # an earlier job's single file
+    code, _, err = _run("--url", base, "download", "abc", str(target))
+    assert code == EXIT_BAD_INPUT and "--force" in err and "non-empty" in err
+    assert (target / "model" / "model.safetensors").read_bytes() == b"old weights"  # untouched
+    code, _, err = _run("--url", base, "download", "abc", str(target), "--force")
+    assert code == 0, err
+    got = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert got == sorted(_sharded_job_files())  # exactly the new job's files: the stale one is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old copy left beside it
+    assert oct(target.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_failed_verification_with_force_keeps_the_old_target(file_server, tmp_path: Path) -> None:
+    base, files, _ = file_server
+    _listing_server(files, base, _sharded_job_files())
+    files["model/config.json"] = b"{ }"  # served bytes differ from the listing
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("previous download")
+    code, _, err = _run("--url", base, "download", "abc", str(target), "--force")
+    assert code == EXIT_VERIFY, err
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_unlisted_file_fails_manifest_check(file_server, tmp_path: Path) -> None:
+    base, files, _ = file_server
+    job = _job_files()
+    job["model/extra.bin"] = b"not in the manifest"
+    files.update(job)
+    with Client(base, retries=1) as client, pytest.raises(VerificationError, match="not listed"):
+        download_artifacts(client._fetch, _artifacts(base, job), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_submit_wait_download_refuses_a_stale_target_before_submitting(flaky_server, tmp_path: Path) -> None:
+    base, _, seen = flaky_server
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    argv = ["submit", "--model", "m", "--wait", "--download", str(tmp_path / "out")]
+    code, _, err = _run("--url", base, *argv)
+    assert code == EXIT_BAD_INPUT and "--force" in err
+    assert seen == []  # nothing was submitted
