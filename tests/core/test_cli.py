@@ -77,3 +77,31 @@ def test_stream_flag() -> None:
     assert cli.spec_from_args(args).model.stream == "always"
     args = cli.build_parser().parse_args(["prune", "--model", "m", "--out", "o"])
     assert cli.spec_from_args(args).model.stream == "auto"
+
+
+def test_quiet_prints_no_progress_bars_and_weights_are_0644(tmp_path: Path, capsys) -> None:
+    """Issue 13, item 11: --quiet leaves stderr empty (transformers' own bars included), and
+    model.safetensors gets the same umask-derived mode as every other file."""
+    import os
+
+    from core.cli import main as core_main
+    from tests import tiny_models
+
+    model = tiny_models.save("llama", tmp_path / "tiny")
+    text = tmp_path / "small.txt"
+    text.write_text((tiny_models.WIKITEXT / "valid.txt").read_text(encoding="utf-8")[:20_000])
+    old = os.umask(0o022)
+    try:
+        code = core_main(
+            ["prune", "--model", str(model), "--pattern", "2:4", "--calibration", str(text),
+             "--nsamples", "4",
+             "--seqlen", "32", "--no-eval", "--quiet", "--out", str(tmp_path / "out")]
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err == ""
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644}, modes
