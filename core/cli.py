@@ -184,6 +184,8 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if hasattr(hf_logging, "set_tqdm_hook"):  # also bars made while something re-enabled them
+        hf_logging.set_tqdm_hook(lambda _factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
     try:
         from huggingface_hub.utils import disable_progress_bars
 
