@@ -21,6 +21,7 @@ from api.logctx import RequestLogMiddleware
 from api.metrics import JobsCollector, http_latency_histogram
 from api.problems import HANDLERS, ProblemError, problem_response, problems
 from api.routes import router
+from api.ui import router as ui_router
 from jobs import logs
 from jobs.auth import KeyRing
 from jobs.events import EventLog
@@ -181,6 +182,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body)
     app.add_middleware(RequestLogMiddleware, latency=http_latency_histogram(registry))
     app.include_router(router)
+    app.include_router(ui_router)
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidInput
+from core.report import markdown_sections
 from core.spec import OutputSpec
 
 __all__ = [
@@ -122,6 +123,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Formula: {e['formula']}.",
             "",
         ]
+    lines += markdown_sections(report)
     lines += _artifact_lines(report.get("artifacts"))
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in t.items()]

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core import data, engine, evaluate, export, families, hostinfo, preflight, streaming
+from core import baseline_cache, data, engine, evaluate, export, families, hostinfo, preflight, streaming
+from core import report as report_doc
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.spec import ModelSpec, RunSpec
@@ -236,11 +237,19 @@ def run(
             check_cancel(should_cancel)
             return evaluate.perplexity(m, eval_ids, eval_seqlen, ev.max_windows, ebatch)
 
-        dense = None
+        dense, dense_cached = None, False
         timings["eval_s"] = 0.0
         if ev.enabled and ev.dense_baseline:
             t = time.perf_counter()
-            dense = _eval("dense_eval", "dense")
+            assert eval_ids is not None
+            bkey = baseline_cache.key(model, eval_ids, eval_seqlen, ev.max_windows, ebatch)
+            dense = baseline_cache.load(bkey)
+            dense_cached = dense is not None
+            if dense is None:
+                dense = _eval("dense_eval", "dense")
+                baseline_cache.store(bkey, dense)
+            else:
+                stages.emit("dense_eval", 1.0, "evaluating", "dense perplexity: cached baseline")
             timings["dense_eval_s"] = time.perf_counter() - t
             timings["eval_s"] += timings["dense_eval_s"]
 
@@ -267,6 +276,7 @@ def run(
             ref = pruned or dense or {}
             evaluation = {
                 "dense_ppl": dense["ppl"] if dense else None,
+                "dense_cached": dense_cached,
                 "pruned_ppl": pruned["ppl"] if pruned else None,
                 "windows": ref.get("windows"),
                 "seqlen": eval_seqlen,
@@ -315,6 +325,7 @@ def run(
             rss._sample()
             report["peak_rss_mb"] = round(rss.mb, 1)
             _cuda_peak(report, spec.model.device)
+            report_doc.finish(tmp, report, spec)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")
@@ -427,6 +438,7 @@ def _run_streaming(
             timings["total_s"] = time.perf_counter() - t_start
             rss._sample()
             report["peak_rss_mb"] = round(rss.mb, 1)
+            report_doc.finish(tmp, report, spec)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
         stages.emit("exporting", 1.0, "exporting", "done")

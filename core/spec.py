@@ -224,11 +224,39 @@ class OutputSpec(_Strict):
         return v
 
 
+class GateSpec(_Strict):
+    """Quality gate: a job that misses it still succeeds, keeps its artifacts and reports
+    ``gate.passed = false`` (``prunectl submit --wait`` exits 6)."""
+
+    max_ppl_ratio: float | None = Field(default=None, gt=0, description="Largest pruned/dense perplexity.")
+    max_pruned_ppl: float | None = Field(default=None, gt=0, description="Largest pruned perplexity.")
+    min_sparsity: float | None = Field(
+        default=None, ge=0, lt=1, description="Smallest measured sparsity of the pruned layers."
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> GateSpec:
+        if self.max_ppl_ratio is None and self.max_pruned_ppl is None and self.min_sparsity is None:
+            raise ValueError("a gate needs at least one of max_ppl_ratio, max_pruned_ppl, min_sparsity")
+        return self
+
+
 class RunSpec(_Strict):
-    """A whole run: model, pruning, calibration, evaluation, outputs."""
+    """A whole run: model, pruning, calibration, evaluation, outputs, optional quality gate."""
 
     model: ModelSpec
     prune: PruneSpec = Field(default_factory=PruneSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     outputs: OutputSpec = Field(default_factory=OutputSpec)
+    gate: GateSpec | None = Field(default=None, description="Quality gate (docs/ci.md).")
+
+    @model_validator(mode="after")
+    def _gate_measurable(self) -> RunSpec:
+        g = self.gate
+        if g is not None and (g.max_ppl_ratio is not None or g.max_pruned_ppl is not None):
+            if not self.evaluation.enabled:
+                raise ValueError("gate limits on perplexity need evaluation.enabled = true")
+            if g.max_ppl_ratio is not None and not self.evaluation.dense_baseline:
+                raise ValueError("gate.max_ppl_ratio needs evaluation.dense_baseline = true")
+        return self

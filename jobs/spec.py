@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -94,6 +94,11 @@ class JobSummary(_Record):
     pruned_ppl: float | None = None
     sparsity: float | None = Field(default=None, description="Overall sparsity of the pruned layers.")
     durations: dict[str, float] = Field(default_factory=dict, description="Seconds per engine stage.")
+    ppl_ratio: float | None = Field(default=None, description="pruned/dense perplexity.")
+    verdict: str | None = Field(default=None, description="good, fair, poor, damaged or unknown.")
+    gate: dict[str, Any] | None = Field(
+        default=None, description="Quality gate outcome `{passed, checks}`; `passed: false` keeps artifacts."
+    )
 
 
 class Job(_Record):

@@ -3,7 +3,9 @@
 Exit codes: 0 success (job succeeded), 1 job failed or was cancelled, 2 bad input (bad flags, 4xx
 from the API but 429, a non-empty --download target without --force), 3 service unreachable or busy
 (connection errors, 429 and 5xx after every retry), 4 a downloaded artifact failed verification
-(nothing is kept), 5 --timeout ran out while the job was still running (it goes on on the service).
+(nothing is kept), 5 --timeout ran out while the job was still running (it goes on on the service),
+6 the job succeeded but missed its quality gate (`gate` in the spec; report and artifacts are kept
+and --download still fetches them).
 Server and key: --url/--api-key or PRUNE_URL and PRUNE_API_KEY.
 
 Retries: connection errors, 429 and 5xx are retried with exponential backoff (at most 8 s apart)
@@ -27,6 +29,7 @@ from prunectl.client import TERMINAL, ApiError, Client, CliError, TimedOut, Unre
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 WAIT_TIMEOUT = 6 * 3600.0
 """Default total --timeout of `submit --wait` (seconds)."""
+EXIT_GATE = 6
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
 DEFAULT_URL = "http://localhost:8000"
 
@@ -312,6 +315,12 @@ def _finish(args: argparse.Namespace, client: Client, job: dict[str, Any], out: 
     if getattr(args, "download", None):
         _download(args, client, job["id"], args.download, err)
     _emit(args, job, describe(job), out)
+    gate = (job.get("summary") or {}).get("gate")
+    if gate and not gate.get("passed"):
+        missed = [c for c in gate["checks"] if not c["passed"]]
+        failed = ", ".join(f"{c['name']} {c['value']} vs {c['limit']}" for c in missed)
+        err.write(f"prunectl: job {job['id']} missed its quality gate ({failed})\n")
+        return EXIT_GATE
     return EXIT_OK
 
 

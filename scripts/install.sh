@@ -23,4 +23,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "redis-server not found: install it or set REDIS_URL" >&2
   fi
 fi
+# Browser tests of the /ui page (tests/e2e/test_ui_browser.py): Debian's headless Chromium + driver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null
+  fi
+fi
 touch "$stamp"

@@ -124,6 +124,9 @@ def summarize(report: dict[str, Any]) -> JobSummary:
         pruned_ppl=ev.get("pruned_ppl"),
         sparsity=sp.get("overall"),
         durations=timings,
+        ppl_ratio=(report.get("verdict") or {}).get("ratio"),
+        verdict=(report.get("verdict") or {}).get("label"),
+        gate=report.get("gate"),
     )
 
 

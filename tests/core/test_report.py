@@ -1,0 +1,111 @@
+"""Quality gates, verdicts and the human reports (plots, report.html, report.md) of a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from core import gate, pipeline
+from core.report import verdict
+from core.spec import GateSpec, RunSpec
+
+
+def spec(source: Path, data_dir: Path, gate_: dict | None = None, **evaluation) -> RunSpec:
+    body = {
+        "model": {"source": str(source)},
+        "prune": {"method": "wanda", "pattern": "2:4"},
+        "calibration": {"source": "wikitext2", "nsamples": 4, "seqlen": 32},
+        "evaluation": {"max_windows": 2, **evaluation},
+        "outputs": {"model": False},
+    }
+    if gate_ is not None:
+        body["gate"] = gate_
+    return RunSpec.model_validate(body)
+
+
+def test_gate_needs_a_limit_and_measurable_values(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="at least one"):
+        GateSpec()
+    with pytest.raises(ValidationError, match=r"evaluation\.enabled"):
+        spec(tmp_path, tmp_path, {"max_pruned_ppl": 10}, enabled=False)
+    with pytest.raises(ValidationError, match="dense_baseline"):
+        spec(tmp_path, tmp_path, {"max_ppl_ratio": 2}, dense_baseline=False)
+    spec(tmp_path, tmp_path, {"min_sparsity": 0.4}, enabled=False)  # sparsity needs no evaluation
+
+
+def test_gate_check_compares_each_limit() -> None:
+    report = {"evaluation": {"dense_ppl": 10.0, "pruned_ppl": 25.0}, "sparsity": {"overall": 0.5}}
+    ok = gate.check(GateSpec(max_ppl_ratio=3, min_sparsity=0.5), report)
+    assert ok["passed"] and [c["value"] for c in ok["checks"]] == [2.5, 0.5]
+    bad = gate.check(GateSpec(max_ppl_ratio=2, max_pruned_ppl=30), report)
+    assert not bad["passed"] and [c["passed"] for c in bad["checks"]] == [False, True]
+    missing = gate.check(GateSpec(max_pruned_ppl=30), {"evaluation": None, "sparsity": {}})
+    assert missing == {"passed": False, "checks": [{"name": "max_pruned_ppl", "limit": 30.0, "value": None,
+                                                    "passed": False}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("pruned", "label", "warning"),
+    [(10.5, "good", False), (14.0, "fair", False), (25.0, "poor", False), (60.0, "damaged", True)],
+)
+def test_verdict_bands(pruned: float, label: str, warning: bool) -> None:
+    v = verdict({"dense_ppl": 10.0, "pruned_ppl": pruned})
+    assert (v["label"], v["warning"]) == (label, warning)
+    assert v["ratio"] == pytest.approx(pruned / 10.0)
+    assert ("badly damaged" in v["text"]) == warning
+    assert verdict(None)["label"] == "unknown"
+
+
+def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+    src = tiny_model_dir("llama")
+    out = tmp_path / "out"
+    report = pipeline.run(spec(src, data_dir, {"max_ppl_ratio": 1.0001, "min_sparsity": 0.4}), out,
+                          data_dir=data_dir)  # fmt: skip
+    g = report["gate"]
+    assert [c["name"] for c in g["checks"]] == ["max_ppl_ratio", "min_sparsity"]
+    ratio = report["evaluation"]["pruned_ppl"] / report["evaluation"]["dense_ppl"]
+    assert g["checks"][0]["value"] == pytest.approx(ratio)
+    assert g["passed"] == (ratio <= 1.0001) and g["checks"][1]["passed"]
+    assert report["verdict"]["ratio"] == pytest.approx(ratio)
+    png = out / "plots" / "layer_sparsity.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Quality gate" in html
+    md = (out / "report.md").read_text()
+    assert "](plots/layer_sparsity.png)" in md and "## Verdict" in md
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"report.html", "plots/layer_sparsity.png"} <= set(manifest["files"])
+
+
+def seen_by(seen: list[str]):  # type: ignore[no-untyped-def]
+    return lambda p: seen.append(p.message)
+
+
+def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from core import baseline_cache
+
+    monkeypatch.setenv("PRUNE_BASELINE_CACHE", str(tmp_path / "cache"))
+    src = tiny_model_dir("llama")
+    messages: list[list[str]] = []
+    reports = []
+    for i in range(2):
+        seen: list[str] = []
+        on_progress = seen_by(seen)
+        reports.append(pipeline.run(spec(src, data_dir), tmp_path / f"o{i}", on_progress, data_dir=data_dir))
+        messages.append(seen)
+    first, second = (r["evaluation"] for r in reports)
+    assert first["dense_cached"] is False and second["dense_cached"] is True
+    assert second["dense_ppl"] == first["dense_ppl"] and second["pruned_ppl"] == first["pruned_ppl"]
+    assert any("dense perplexity: window" in m for m in messages[0])
+    assert not any("dense perplexity: window" in m for m in messages[1])
+    assert "dense perplexity: cached baseline" in messages[1]
+    assert "cached dense baseline" in (tmp_path / "o1" / "report.md").read_text()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    # other evaluation windows (or other weights) miss the cache
+    third = pipeline.run(spec(src, data_dir, max_windows=1), tmp_path / "o2", data_dir=data_dir)
+    assert third["evaluation"]["dense_cached"] is False
+    monkeypatch.setenv("PRUNE_BASELINE_CACHE", "off")
+    assert baseline_cache.cache_dir() is None
