@@ -266,6 +266,8 @@ def run(
         pruned_info = engine.prune(model, calibration, spec.prune, on_block, should_cancel)
         timings["prune_s"] = pruned_info["prune_s"]
         timings["mask_s"] = pruned_info["mask_s"]
+        if pruned_info.get("owl"):
+            timings["owl_first_pass_s"] = pruned_info["owl"]["first_pass_s"]
 
         pruned = None
         if ev.enabled:
@@ -313,6 +315,8 @@ def run(
                 "seed": cal.seed,
             },
             "sparsity": sparsity,
+            "layers": pruned_info.get("layer_records", {}),
+            "allocation": pruned_info.get("owl"),
             "evaluation": evaluation,
             "timings": timings,
             "generations": texts,
