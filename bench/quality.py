@@ -1,189 +1,227 @@
-"""Perplexity of SmolLM2-135M under each method and pattern (issue #3's quality table).
+"""Perplexity of SmolLM2-135M under each method, allocation and refinement (issue #10's table).
 
-Usage: python bench/quality.py --out docs/bench/quality.json [--plot docs/bench/quality.png]
+Usage: python bench/quality.py [--out docs/bench/quality.json] [--partial rows.jsonl] [--only LABEL ...]
 
-Each configuration runs in its own child process so that its peak resident memory is its own.
-Calibration: WikiText-2 valid.txt; evaluation: WikiText-2 test.txt (non-overlapping windows).
+One process: the model, the 32 x 512 calibration windows and the evaluation token stream are
+loaded once, the dense perplexity is measured once, and before every row the dense weights of
+the block linears are copied back (pruning changes nothing else). Per row: perplexity on the
+first ``--eval-windows`` non-overlapping windows of WikiText-2 test, ``prune s`` (the engine's
+whole prune, OWL's dense first pass included), ``mask s`` (score + mask + DSnoT summed over
+layers; SparseGPT's includes its weight update), the OWL first pass alone, the mean per-layer
+reconstruction error, and the process's peak RSS sampled during the row (the model, the
+calibration activations and the copy of the dense weights are resident throughout, so rows
+differ only by what pruning adds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SMOLLM2_FILE, data_dir, machine, run_child, smollm2_dir
+from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir
+
+PATTERNS: tuple[tuple[str, float | None], ...] = (
+    ("unstructured", 0.5),
+    ("unstructured", 0.6),
+    ("unstructured", 0.7),
+    ("2:4", None),
+)
+COMBOS: tuple[tuple[str, dict], ...] = (
+    ("wanda", {"method": "wanda"}),
+    ("wanda+owl", {"method": "wanda", "allocation": "owl"}),
+    ("wanda+dsnot", {"method": "wanda", "refine": "dsnot"}),
+    ("wanda+owl+dsnot", {"method": "wanda", "allocation": "owl", "refine": "dsnot"}),
+    ("ria", {"method": "ria"}),
+    ("sparsegpt", {"method": "sparsegpt"}),
+    ("sparsegpt+owl", {"method": "sparsegpt", "allocation": "owl"}),
+)
 
 
-def configs(quick: bool) -> list[dict]:
-    """The runs of the table: (label, method, pattern, sparsity, variant, nsamples)."""
-    rows: list[dict] = [{"label": "dense", "method": "magnitude", "pattern": "unstructured", "sparsity": 0.0}]
-    for method in ("magnitude", "wanda", "sparsegpt"):
-        for pattern in ("unstructured", "4:8", "2:4"):
-            sparsity = 0.5 if pattern == "unstructured" else None
-            rows.append({"method": method, "pattern": pattern, "sparsity": sparsity})
-    for sparsity in (0.6, 0.7):
-        rows.append({"method": "wanda", "pattern": "unstructured", "sparsity": sparsity})
-    for sparsity in (0.5, 0.6, 0.7):
-        rows.append({"method": "wanda", "pattern": "unstructured", "sparsity": sparsity, "variant": True})
-    for n in (1, 4, 16, 64):
-        rows.append(
-            {"method": "wanda", "pattern": "unstructured", "sparsity": 0.5, "nsamples": n, "group": "calib"}
-        )
-    if quick:
-        rows = rows[:3]
-    for r in rows:
-        r.setdefault("variant", False)
-        r.setdefault("group", "main")
-        r.setdefault(
-            "label",
-            f"{r['method']}{'-variant' if r['variant'] else ''} {r['pattern']}"
-            + (f" {r['sparsity']:.0%}" if r["pattern"] == "unstructured" else "")
-            + (f" n={r['nsamples']}" if "nsamples" in r else ""),
-        )
+def configs() -> list[dict]:
+    """Every (combination, pattern) of the table; OWL at N:M is listed as refused."""
+    rows = []
+    for pattern, sparsity in PATTERNS:
+        level = f"{sparsity:.0%}" if sparsity is not None else pattern
+        for name, prune in COMBOS:
+            spec = {**prune, "pattern": pattern}
+            if sparsity is not None:
+                spec["sparsity"] = sparsity
+            rows.append({"label": f"{name} {level}", "combo": name, "level": level, "prune": spec})
     return rows
-
-
-def one(spec_json: str) -> None:
-    """Child mode: run the pipeline once and print its report as one JSON line."""
-    from core.pipeline import run
-    from core.spec import RunSpec
-
-    spec = RunSpec.model_validate_json(spec_json)
-    with tempfile.TemporaryDirectory() as tmp:
-        report = run(spec, Path(tmp) / "out")
-    print(json.dumps(report, default=str))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("docs/bench/quality.json"))
-    ap.add_argument("--plot", type=Path, default=Path("docs/bench/quality.png"))
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="three runs only (smoke test)")
+    ap.add_argument("--only", nargs="*", help="run only these labels (e.g. 'wanda 50%%')")
     ap.add_argument("--partial", type=Path, help="JSON lines of finished rows: skip them, append new ones")
     ap.add_argument("--results-md", type=Path, default=Path("docs/results.md"))
     ap.add_argument("--render", type=Path, help="only re-render --results-md from this JSON file")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        one(args.one)
-        return
     if args.render:
         render_markdown(json.loads(args.render.read_text()), args.results_md)
         return
 
-    results = []
+    import torch
+    from pydantic import ValidationError
+
+    from core import data, engine, evaluate, families
+    from core.loading import load_model
+    from core.pipeline import _eval_batch, _PeakRSS
+    from core.spec import ModelSpec, PruneSpec
+
+    t0 = time.perf_counter()
+    loaded = load_model(ModelSpec(source=str(smollm2_dir() / SMOLLM2_FILE), dtype="float32"))
+    model, tok = loaded.model, loaded.tokenizer
+    cal, cal_source = data.calibration_windows("wikitext2", tok, args.nsamples, args.seqlen, args.seed)
+    text, eval_source = data.load_text("wikitext2", "evaluation")
+    eval_ids = data.tokenize(tok, text)
+    ebatch = _eval_batch(args.seqlen, int(model.config.vocab_size))
+    linears = families.prunable_linears(model)
+    dense_w = {n: families.get_weight(m).detach().clone() for n, m in linears.items()}
+    setup_s = time.perf_counter() - t0
+
+    def restore() -> None:
+        with torch.no_grad():
+            for n, m in linears.items():
+                families.set_weight(m, dense_w[n].clone())
+
+    def ppl() -> dict:
+        return evaluate.perplexity(model, eval_ids, args.seqlen, args.eval_windows, ebatch)
+
+    t = time.perf_counter()
+    dense = ppl()
+    dense_eval_s = time.perf_counter() - t
+    print(
+        json.dumps({"dense_ppl": dense["ppl"], "setup_s": setup_s, "eval_s": dense_eval_s}), file=sys.stderr
+    )
+
     done: dict[str, dict] = {}
     if args.partial and args.partial.exists():
         for line in args.partial.read_text().splitlines():
             row = json.loads(line)
             done[row["label"]] = row
-    for cfg in configs(args.quick):
+    results = []
+    for cfg in configs():
+        if args.only and cfg["label"] not in args.only:
+            continue
         if cfg["label"] in done:
             results.append(done[cfg["label"]])
             continue
-        dense = cfg["label"] == "dense"
-        spec = {
-            "model": {"source": str(smollm2_dir() / SMOLLM2_FILE), "dtype": "float32"},
-            "prune": {
-                "method": cfg["method"],
-                "pattern": cfg["pattern"],
-                "sparsity": cfg["sparsity"],
-                "variant": cfg["variant"],
-            },
-            "calibration": {
-                "source": "wikitext2",
-                "nsamples": cfg.get("nsamples", args.nsamples),
-                "seqlen": args.seqlen,
-                "seed": args.seed,
-            },
-            "evaluation": {
-                "source": "wikitext2",
-                "seqlen": args.seqlen,
-                "max_windows": args.eval_windows,
-                "dense_baseline": False,
-            },
-            "outputs": {"model": False},
-        }
-        report, wall, rss = run_child(["bench/quality.py", "--one", json.dumps(spec)])
-        ev, tm = report["evaluation"], report["timings"]
-        row = {
-            **cfg,
-            "ppl": ev["pruned_ppl"],
-            "sparsity_measured": report["sparsity"]["overall"],
-            "nm_ok": report["sparsity"].get("nm_ok"),
-            "wall_s": round(wall, 2),
-            "prune_s": tm.get("prune_s"),
-            "mask_s": tm.get("mask_s"),
-            "peak_rss_mb": round(rss, 1),
-            "eval_windows": ev["windows"],
-            "eval_tokens": ev.get("tokens"),
-            "dense": dense,
-        }
+        row = {k: cfg[k] for k in ("label", "combo", "level", "prune")}
+        try:
+            spec = PruneSpec(**cfg["prune"])
+        except ValidationError as e:
+            row["refused"] = e.errors()[0]["msg"]
+            results.append(row)
+            continue
+        restore()
+        with _PeakRSS() as rss:
+            info = engine.prune(model, cal, spec)
+            t = time.perf_counter()
+            ev = ppl()
+            eval_s = time.perf_counter() - t
+        sp = evaluate.sparsity_report(model, spec)
+        errs = [r["recon_error"] for r in info["layer_records"].values() if r.get("recon_error") is not None]
+        swaps = sum(r.get("dsnot", {}).get("swaps", 0) for r in info["layer_records"].values())
+        row.update(
+            ppl=ev["ppl"],
+            sparsity_measured=sp["overall"],
+            nm_ok=sp.get("nm_ok"),
+            prune_s=round(info["prune_s"], 2),
+            mask_s=round(info["mask_s"], 2),
+            owl_s=round(info["owl"]["first_pass_s"], 2) if info.get("owl") else None,
+            owl_block_sparsity=info["owl"]["block_sparsity"] if info.get("owl") else None,
+            recon_error_mean=statistics.fmean(errs) if errs else None,
+            dsnot_swaps=swaps if spec.refine == "dsnot" else None,
+            eval_s=round(eval_s, 2),
+            peak_rss_mb=round(rss.mb, 1),
+            loadavg=list(__import__("os").getloadavg()),
+        )
         results.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        print(
+            json.dumps({k: v for k, v in row.items() if k != "owl_block_sparsity"}),
+            file=sys.stderr,
+            flush=True,
+        )
         if args.partial:
             with args.partial.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
+    restore()
 
     out = {
-        "benchmark": "quality",
+        "benchmark": "quality-methods",
         "model": f"SmolLM2-135M-Instruct ({SMOLLM2_FILE}, dequantized to float32)",
         "calibration": {
-            "file": str(data_dir() / "wikitext-2" / "valid.txt"),
+            "source": cal_source,
             "nsamples": args.nsamples,
             "seqlen": args.seqlen,
             "seed": args.seed,
         },
         "evaluation": {
             "file": str(data_dir() / "wikitext-2" / "test.txt"),
-            "windows": args.eval_windows,
+            "source": eval_source,
+            "windows": dense["windows"],
             "seqlen": args.seqlen,
             "note": "first `windows` non-overlapping windows of the tokenized test split",
         },
+        "dense_ppl": dense["ppl"],
+        "setup_s": round(setup_s, 2),
         "machine": machine(),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    if args.plot:
-        plot(results, args.plot)
-    if args.results_md:
+    if args.results_md and not args.only:
         render_markdown(out, args.results_md)
-    print(json.dumps(out))
+    print(json.dumps({k: v for k, v in out.items() if k != "results"}))
 
 
-BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
+BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 
 
 def table(out: dict) -> str:
-    """The results as a Markdown table (perplexity, sparsity, times, memory)."""
+    """The results as one Markdown table."""
     lines = [
-        "| run | calib. n | ppl | measured sparsity | N:M ok | wall s | prune s | mask s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"dense perplexity: **{out['dense_ppl']:.2f}**",
+        "",
+        "| run | ppl | x wanda | measured sparsity | N:M ok | prune s | mask s | OWL pass s "
+        "| mean layer recon. err |"
+        " DSnoT swaps | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    base = {r["level"]: r["ppl"] for r in out["results"] if r["combo"] == "wanda" and "ppl" in r}
+
+    def f(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for r in out["results"]:
-        n = r.get("nsamples", out["calibration"]["nsamples"]) if not r["dense"] else "-"
+        if "refused" in r:
+            lines.append(f"| {r['label']} | refused: {r['refused'].removeprefix('Value error, ')} ||||||||||")
+            continue
         nm = {True: "yes", False: "NO", None: "-"}[r.get("nm_ok")]
-        mask = f"{r['mask_s']:.1f}" if r.get("mask_s") is not None else "-"
-        prune = f"{r['prune_s']:.1f}" if r.get("prune_s") is not None else "-"
+        rel = r["ppl"] / base[r["level"]] if r["level"] in base else None
         lines.append(
-            f"| {r['label']} | {n} | {r['ppl']:.2f} | {r['sparsity_measured']:.4f} | {nm} "
-            f"| {r['wall_s']:.0f} | {prune} | {mask} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['label']} | {r['ppl']:.2f} | {f(rel, '.2f')} | {r['sparsity_measured']:.4f} | {nm} "
+            f"| {r['prune_s']:.1f} | {r['mask_s']:.1f} | {f(r.get('owl_s'), '.1f')} "
+            f"| {f(r.get('recon_error_mean'), '.4f')} | {f(r.get('dsnot_swaps'), 'd')} "
+            f"| {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 
 
 def render_markdown(out: dict, path: Path) -> None:
-    """Replace the generated table between the markers in `path` (create the file if needed)."""
+    """Replace the generated table between the markers in `path` (append the markers if missing)."""
     block = f"{BEGIN}\n{table(out)}\n{END}"
     text = path.read_text() if path.exists() else f"# Quality results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text:
@@ -191,55 +229,6 @@ def render_markdown(out: dict, path: Path) -> None:
     head, rest = text.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     path.write_text(head + block + tail)
-
-
-def plot(results: list[dict], path: Path) -> None:
-    """Left: perplexity against unstructured sparsity per method. Right: 50% by pattern (log scales)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dense = next((r["ppl"] for r in results if r["dense"]), None)
-    main = [r for r in results if not r["dense"] and r["group"] == "main"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in main:
-        if r["pattern"] == "unstructured":
-            name = r["method"] + (" (variant)" if r["variant"] else "")
-            series.setdefault(name, []).append((r["sparsity"], r["ppl"]))
-    for name, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    patterns = ["unstructured", "4:8", "2:4"]
-    methods = ["magnitude", "wanda", "sparsegpt"]
-    width = 0.8 / len(methods)
-    for i, method in enumerate(methods):
-        vals = []
-        for pattern in patterns:
-            hit = [
-                r["ppl"]
-                for r in main
-                if r["method"] == method
-                and r["pattern"] == pattern
-                and not r["variant"]
-                and (pattern != "unstructured" or r["sparsity"] == 0.5)
-            ]
-            vals.append(hit[0] if hit else float("nan"))
-        bx.bar([j + i * width for j in range(len(patterns))], vals, width, label=method)
-    bx.set_xticks([j + width for j in range(len(patterns))], ["50% unstructured", "4:8", "2:4"])
-    for a in (ax, bx):
-        if dense:
-            a.axhline(dense, color="grey", linestyle="--", label=f"dense ({dense:.1f})")
-        a.set_yscale("log")
-        a.set_ylabel("WikiText-2 test perplexity (log)")
-        a.legend(fontsize=8)
-    ax.set_xlabel("unstructured sparsity")
-    ax.set_title("perplexity vs sparsity")
-    bx.set_title("50% sparsity by pattern")
-    fig.suptitle("SmolLM2-135M, calibrated on WikiText-2 valid, evaluated on test")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,9 @@ class BlockResult:
     ignored: list[str] = field(default_factory=list)
     """Linears of the block left dense by ``spec.ignore``."""
     mask_s: float = 0.0
-    """Seconds spent in the method's score-and-mask step and the mask application."""
+    """Seconds spent in the method's score-and-mask step, refinement and the mask application."""
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-layer report records (method, allocation, refine, sparsity, recon_error, ...)."""
 
 
 class _StatsComplete(Exception):
@@ -152,26 +154,39 @@ class _CallOrder:
 
 @torch.no_grad()
 def prune_block(
-    block: nn.Module, block_prefix: str, batches: Iterable[Batch], method: Method, spec: PruneSpec
+    block: nn.Module,
+    block_prefix: str,
+    batches: Iterable[Batch],
+    method: Method,
+    spec: PruneSpec,
+    budgets: dict[str, int] | None = None,
 ) -> BlockResult:
     """Collect statistics of ``block``'s linears over ``batches``, then prune them in place.
 
     The single per-block step shared by :func:`prune` and ``core.streaming.prune_streaming``
     (which is why both produce identical masks). ``block_prefix`` qualifies layer names
     (``model.layers.3``). Statistics are only gathered when ``method.needs`` asks for them;
-    producing the next block's inputs is left to the caller.
+    producing the next block's inputs is left to the caller. ``budgets`` (OWL) maps layer names
+    to exact pruned counts; each layer goes through :func:`core.layer_prune.prune_layer`.
     """
+    from core.layer_prune import layer_needs, prune_layer
     from core.stats import LayerStats, SharedInputs, StatsAccumulator
 
-    need_xnorm = "xnorm" in method.needs
-    need_hessian = "hessian" in method.needs
+    needs = layer_needs(method, spec)
     linears = families.block_linears(block, block_prefix)
     targets = {n: m for n, m in linears.items() if not families.is_ignored(n, spec.ignore)}
     res = BlockResult(ignored=[n for n in linears if n not in targets])
     stats: dict[str, LayerStats] = {}
-    if targets and (need_xnorm or need_hessian):
+    if targets and needs.any:
         accs = {
-            n: StatsAccumulator(families.in_features(m), need_xnorm, need_hessian) for n, m in targets.items()
+            n: StatsAccumulator(
+                families.in_features(m),
+                needs.xnorm,
+                needs.hessian,
+                need_xsum=needs.xsum,
+                gram_tokens=needs.gram_tokens,
+            )
+            for n, m in targets.items()
         }
         # Linears fed the same tensor (q/k/v, gate/up) share its fp32 cast and squared sums.
         shared = SharedInputs()
@@ -196,11 +211,12 @@ def prune_block(
         weight = families.get_weight(mod)
         st = stats.pop(name, None) or LayerStats(xnorm_sq=None, hessian=None, ntokens=0)
         tm = time.perf_counter()
-        mask = method.prune(weight, st, spec)
-        weight.masked_fill_(mask.to(weight.device), 0)
+        outcome = prune_layer(weight, st, method, spec, None if budgets is None else budgets.get(name))
+        mask = outcome.mask
         res.mask_s += time.perf_counter() - tm
         families.set_weight(mod, weight)
-        res.layers[name] = int(torch.count_nonzero(mask)) / mask.numel()
+        res.layers[name] = outcome.record["sparsity"]
+        res.records[name] = outcome.record
         res.numel[name] = mask.numel()
         del st
     return res
@@ -238,8 +254,10 @@ def prune(
         raise InvalidInput(
             f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
         )
+    from core.layer_prune import layer_needs
+
     method = _method(spec.method)
-    need_stats = bool({"xnorm", "hessian"} & set(method.needs))
+    need_stats = layer_needs(method, spec).any or spec.allocation == "owl"
     family = families.family_for(model)
     blocks = families.get_blocks(model, family)
     nblocks = len(blocks)
@@ -254,13 +272,21 @@ def prune(
         capture_block_inputs(model, calibration.to(torch.long), batch_size, family) if need_stats else []
     )
     layers: dict[str, float] = {}
+    records: dict[str, dict[str, Any]] = {}
     ignored: list[str] = []
     mask_s = 0.0
+    budgets: dict[str, int] | None = None
+    owl_info: dict[str, Any] | None = None
+    if spec.allocation == "owl":
+        from core.owl_pass import owl_budgets
+
+        budgets, owl_info = owl_budgets(blocks, f"{family.blocks}", batches, spec, should_cancel)
     try:
         for i, block in enumerate(blocks):
             check_cancel(should_cancel)
-            res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec)
+            res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets)
             layers.update(res.layers)
+            records.update(res.records)
             ignored.extend(res.ignored)
             mask_s += res.mask_s
             if need_stats and i + 1 < nblocks:
@@ -274,6 +300,8 @@ def prune(
         "target": spec.target_sparsity,
         "nblocks": nblocks,
         "layers": layers,
+        "layer_records": records,
+        "owl": owl_info,
         "ignored": ignored,
         "mask_s": mask_s,
         "prune_s": time.perf_counter() - t0,

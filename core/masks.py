@@ -19,7 +19,17 @@ from torch import Tensor
 
 from core.errors import InvalidInput
 
-__all__ = ["apply_mask", "check_nm", "matrix_mask", "nm_mask", "row_mask", "variant_mask"]
+__all__ = [
+    "apply_mask",
+    "check_nm",
+    "count_mask",
+    "matrix_mask",
+    "nm_mask",
+    "row_budget_mask",
+    "row_counts",
+    "row_mask",
+    "variant_mask",
+]
 
 
 def _check_2d(scores: Tensor) -> None:
@@ -54,6 +64,38 @@ def matrix_mask(scores: Tensor, sparsity: float) -> Tensor:
     _check_2d(scores)
     _check_sparsity(sparsity)
     return _lowest_k(scores.reshape(-1), int(sparsity * scores.numel())).reshape(scores.shape)
+
+
+def row_counts(out_features: int, total: int) -> list[int]:
+    """Split ``total`` pruned entries over ``out_features`` rows: ``total // out`` each, and one
+    more in the first ``total % out`` rows (so the layer's count is exact)."""
+    if total < 0:
+        raise InvalidInput(f"pruned count must be >= 0, got {total}")
+    q, r = divmod(total, out_features)
+    return [q + 1 if i < r else q for i in range(out_features)]
+
+
+def row_budget_mask(scores: Tensor, total: int) -> Tensor:
+    """Prune exactly ``total`` entries of the matrix, spread over its rows by :func:`row_counts`,
+    each row pruning its lowest scores (the per-row rule of :func:`row_mask` with an exact layer count)."""
+    _check_2d(scores)
+    out_f = scores.shape[0]
+    if not 0 <= total <= scores.numel():
+        raise InvalidInput(f"cannot prune {total} of {scores.numel()} entries")
+    q, r = divmod(total, out_f)
+    mask = _lowest_k(scores, q)
+    if r:
+        order = torch.sort(scores[:r], dim=-1, stable=True).indices[:, q : q + 1]
+        mask[:r].scatter_(-1, order, True)
+    return mask
+
+
+def count_mask(scores: Tensor, total: int) -> Tensor:
+    """Prune exactly ``total`` lowest-scoring entries of the matrix (the rule of :func:`matrix_mask`)."""
+    _check_2d(scores)
+    if not 0 <= total <= scores.numel():
+        raise InvalidInput(f"cannot prune {total} of {scores.numel()} entries")
+    return _lowest_k(scores.reshape(-1), total).reshape(scores.shape)
 
 
 def _check_nm_args(in_features: int, n: int, m: int) -> None:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt")
+METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt", "ria")
 """Method names; `core.methods.REGISTRY` must hold exactly these (a test checks)."""
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -27,6 +27,12 @@ _SHARD = re.compile(r"([1-9][0-9]{0,5})(KB|MB|GB)")
 CPU_BATCH_TOKENS = 1024
 """Tokens per calibration forward on the CPU when ``PruneSpec.batch_size`` is unset (measured
 fastest on SmolLM2-135M: 1 or 2 samples of 512 tokens beat 8; docs/benchmarks.md)."""
+
+
+OWL_M, OWL_LAMBDA = 5.0, 0.08
+DSNOT_ITERS, DSNOT_THRESHOLD, DSNOT_VAR_POWER = 50, 0.1, 1.0
+RIA_ALPHA = 0.5
+RECON_TOKENS = 2048
 
 
 class _Strict(BaseModel):
@@ -72,7 +78,7 @@ def check_prunes_something(prune: PruneSpec) -> None:
 class PruneSpec(_Strict):
     """What to prune and how. Validated once, here, for every entry point."""
 
-    method: Literal["wanda", "magnitude", "sparsegpt"] = "wanda"
+    method: Literal["wanda", "magnitude", "sparsegpt", "ria"] = "wanda"
     sparsity: float | None = Field(
         default=None,
         description="Fraction of weights zeroed in each pruned layer, in [0, 1). "
@@ -93,6 +99,55 @@ class PruneSpec(_Strict):
     )
     blocksize: int = Field(default=128, ge=1, le=8192, description="SparseGPT column block size.")
     percdamp: float = Field(default=0.01, gt=0, lt=1, description="SparseGPT Hessian dampening fraction.")
+    allocation: Literal["uniform", "owl"] = Field(
+        default="uniform",
+        description="Per-block sparsity: 'uniform' (every layer at the target) or 'owl' (outlier-weighted, "
+        "unstructured only; the whole model's counted sparsity still equals the target; docs/methods.md).",
+    )
+    owl_m: float = Field(
+        default=OWL_M, gt=0, le=1000, description="OWL: outlier = Wanda score > M x block mean."
+    )
+    owl_lambda: float = Field(
+        default=OWL_LAMBDA,
+        ge=0,
+        lt=0.5,
+        description="OWL: block sparsities lie in [target - lambda, target + lambda].",
+    )
+    refine: Literal["none", "dsnot"] = Field(
+        default="none",
+        description="Mask refinement after the method: 'dsnot' = training-free prune-and-grow swaps "
+        "(each row's sparsity and the N:M pattern stay exact).",
+    )
+    dsnot_iters: int = Field(
+        default=DSNOT_ITERS, ge=1, le=10000, description="DSnoT: maximum swap cycles per layer."
+    )
+    dsnot_threshold: float = Field(
+        default=DSNOT_THRESHOLD,
+        ge=0,
+        le=1e6,
+        description="DSnoT: a row stops when |expected output error| <= this.",
+    )
+    dsnot_var_power: float = Field(
+        default=DSNOT_VAR_POWER,
+        ge=0,
+        le=8,
+        description="DSnoT: growing score divided by input variance ** this.",
+    )
+    ria_alpha: float = Field(
+        default=RIA_ALPHA, ge=0, le=8, description="RIA: exponent a of ||X_j|| in the score."
+    )
+    ria_permute: bool = Field(
+        default=False,
+        description="RIA, N:M only: choose N:M groups over a channel permutation (exported weights stay "
+        "in the original column order; the report lists each layer's permutation).",
+    )
+    recon_tokens: int = Field(
+        default=RECON_TOKENS,
+        ge=1,
+        le=10**7,
+        description="Calibration tokens per layer whose Gram matrix measures the reconstruction error "
+        "(and guards DSnoT) when the method does not collect the full Hessian.",
+    )
 
     def batch_for(self, seqlen: int, device_type: str) -> int:
         """The batch size to use: ``batch_size`` if set, else the default for the device."""
@@ -134,7 +189,43 @@ class PruneSpec(_Strict):
                 raise ValueError("variant=true is defined for unstructured sparsity only, not N:M")
         if self.variant and self.method != "wanda":
             raise ValueError("variant=true applies to method 'wanda' only")
+        self._check_options(nm)
         return self
+
+    def _check_options(self, nm: tuple[int, int] | None) -> None:
+        """Refuse OWL/DSnoT/RIA combinations that are undefined or whose options would be ignored."""
+        if self.allocation == "owl":
+            if nm is not None:
+                raise ValueError(
+                    "allocation 'owl' is defined for unstructured sparsity only: "
+                    f"pattern {self.pattern} fixes every layer's sparsity at 1 - N/M, "
+                    "so there is nothing to allocate"
+                )
+            if self.variant:
+                raise ValueError(
+                    "allocation 'owl' needs exact per-layer counts; variant=true chooses its own"
+                )
+            s, lam = self.target_sparsity, self.owl_lambda
+            if s - lam < 0 or s + lam >= 1:
+                raise ValueError(
+                    f"allocation 'owl': block sparsities must stay in [0, 1), but target {s:g} +/- lambda "
+                    f"{lam:g} leaves that range; lower owl_lambda"
+                )
+        elif self.owl_m != OWL_M or self.owl_lambda != OWL_LAMBDA:
+            raise ValueError("owl_m / owl_lambda only apply with allocation 'owl'")
+        dsnot_set = (self.dsnot_iters, self.dsnot_threshold, self.dsnot_var_power) != (
+            DSNOT_ITERS,
+            DSNOT_THRESHOLD,
+            DSNOT_VAR_POWER,
+        )
+        if self.refine != "dsnot" and dsnot_set:
+            raise ValueError("dsnot_iters / dsnot_threshold / dsnot_var_power only apply with refine 'dsnot'")
+        if self.method != "ria" and (self.ria_alpha != RIA_ALPHA or self.ria_permute):
+            raise ValueError("ria_alpha / ria_permute only apply to method 'ria'")
+        if self.ria_permute and nm is None:
+            raise ValueError(
+                "ria_permute is the channel permutation for N:M patterns; it needs pattern 'N:M'"
+            )
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -193,6 +284,9 @@ class EvalSpec(_Strict):
     seqlen: int | None = Field(default=None, ge=8, le=131072, description="Default: the calibration seqlen.")
     max_windows: int | None = Field(default=None, ge=1, le=100000, description="Default: every full window.")
     dense_baseline: bool = Field(default=True, description="Also measure the dense model's perplexity.")
+    generations: int = Field(
+        default=3, ge=0, le=3, description="Fixed prompts continued greedily by the dense and pruned model."
+    )
 
 
 class OutputSpec(_Strict):

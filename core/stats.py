@@ -43,11 +43,17 @@ class LayerStats:
     ``xnorm_sq``: fp32 ``[in]``, sum over all calibration tokens of ``x_j ** 2`` (Wanda).
     ``hessian``: fp32 ``[in, in]``, ``2 / ntokens * sum_t x_t x_t^T`` (SparseGPT).
     ``ntokens``: number of calibration tokens seen.
+    ``xsum``: fp32 ``[in]``, sum over all tokens of ``x_j`` (DSnoT's mean and variance).
+    ``gram``: fp32 ``[in, in]``, ``sum_t x_t x_t^T`` over the first ``gram_tokens`` tokens only
+    (the reconstruction error; ``core.recon``).
     """
 
     xnorm_sq: Tensor | None
     hessian: Tensor | None
     ntokens: int
+    xsum: Tensor | None = None
+    gram: Tensor | None = None
+    gram_tokens: int = 0
 
 
 @dataclass
@@ -57,6 +63,7 @@ class InputPartial:
 
     x: Tensor
     xnorm_sq: Tensor | None
+    xsum: Tensor | None = None
 
 
 class StatsAccumulator:
@@ -72,11 +79,18 @@ class StatsAccumulator:
         need_xnorm: bool,
         need_hessian: bool,
         device: torch.device | str | None = None,
+        need_xsum: bool = False,
+        gram_tokens: int = 0,
     ) -> None:
         self.in_features = in_features
         self.need_xnorm = need_xnorm
         self.need_hessian = need_hessian
+        self.need_xsum = need_xsum
+        self.gram_tokens = gram_tokens
         self.ntokens = 0
+        self._xsum: Tensor | None = None
+        self._gram: Tensor | None = None
+        self._gram_seen = 0
         self._device = torch.device(device) if device is not None else None
         self._xnorm: Tensor | None = None
         self._hessian: Tensor | None = None
@@ -88,6 +102,11 @@ class StatsAccumulator:
         if self.need_hessian and self._hessian is None:
             size = (self.in_features, self.in_features)
             self._hessian = torch.zeros(size, dtype=torch.float32, device=device)
+        if self.need_xsum and self._xsum is None:
+            self._xsum = torch.zeros(self.in_features, dtype=torch.float64, device=device)
+        if self.gram_tokens and self._gram is None:
+            size = (self.in_features, self.in_features)
+            self._gram = torch.zeros(size, dtype=torch.float32, device=device)
 
     def _target(self, x: Tensor) -> torch.device:
         return self._device if self._device is not None else x.device
@@ -99,7 +118,8 @@ class StatsAccumulator:
             raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         x2 = x.detach().reshape(-1, self.in_features).to(device=self._target(x), dtype=torch.float32)
         sq = _sum_of_squares(x2) if self.need_xnorm and x2.shape[0] else None
-        return InputPartial(x=x2, xnorm_sq=sq)
+        xs = x2.sum(dim=0, dtype=torch.float64) if self.need_xsum and x2.shape[0] else None
+        return InputPartial(x=x2, xnorm_sq=sq, xsum=xs)
 
     def accepts(self, p: InputPartial) -> bool:
         """Whether ``p`` holds everything this accumulator needs, on its device."""
@@ -107,6 +127,7 @@ class StatsAccumulator:
             p.x.shape[-1] == self.in_features
             and (self._device is None or p.x.device == self._device)
             and (p.xnorm_sq is not None or not self.need_xnorm or p.x.shape[0] == 0)
+            and (p.xsum is not None or not self.need_xsum or p.x.shape[0] == 0)
         )
 
     @torch.no_grad()
@@ -126,6 +147,13 @@ class StatsAccumulator:
             n = self.ntokens
             self._hessian.mul_(n / (n + t))
             self._hessian.addmm_(x2.t(), x2, alpha=2.0 / (n + t))
+        if self._xsum is not None:
+            assert p.xsum is not None
+            self._xsum += p.xsum
+        if self._gram is not None and self._gram_seen < self.gram_tokens:
+            head = x2[: self.gram_tokens - self._gram_seen]
+            self._gram.addmm_(head.t(), head)
+            self._gram_seen += head.shape[0]
         self.ntokens += t
 
     def add(self, x: Tensor) -> None:
@@ -137,7 +165,15 @@ class StatsAccumulator:
         device = self._device if self._device is not None else torch.device("cpu")
         self._alloc(device)
         xnorm = self._xnorm.to(torch.float32) if self._xnorm is not None else None
-        return LayerStats(xnorm_sq=xnorm, hessian=self._hessian, ntokens=self.ntokens)
+        xsum = self._xsum.to(torch.float32) if self._xsum is not None else None
+        return LayerStats(
+            xnorm_sq=xnorm,
+            hessian=self._hessian,
+            ntokens=self.ntokens,
+            xsum=xsum,
+            gram=self._gram,
+            gram_tokens=self._gram_seen,
+        )
 
 
 class SharedInputs:

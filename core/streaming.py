@@ -419,6 +419,11 @@ def prune_streaming(
             f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
         )
     method = get_method(spec.method)
+    if spec.allocation == "owl":
+        raise InvalidInput(
+            "allocation 'owl' needs a dense first pass over every block and is not supported by streaming "
+            "runs; set model.stream to 'never'"
+        )
     out = export.check_out_dir(out_dir)
     if tune_malloc:
         _tune_malloc()

@@ -5,12 +5,13 @@ from __future__ import annotations
 from core.errors import InvalidInput
 from core.methods.base import Method
 from core.methods.magnitude import Magnitude
+from core.methods.ria import RIA
 from core.methods.sparsegpt import SparseGPT
 from core.methods.wanda import Wanda
 
 __all__ = ["REGISTRY", "Method", "get_method"]
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Wanda(), Magnitude(), SparseGPT())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Wanda(), Magnitude(), SparseGPT(), RIA())}
 
 
 def get_method(name: str) -> Method:

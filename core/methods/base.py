@@ -19,15 +19,24 @@ class Method(ABC):
 
     ``needs`` names the statistics the engine must collect (subset of {"xnorm", "hessian"}).
     ``prune`` receives the fp32 ``[out, in]`` weight; it may update it in place (SparseGPT),
-    and the caller zeroes ``weight[mask]`` afterwards in any case.
+    and the caller zeroes ``weight[mask]`` afterwards in any case. ``budget`` (unstructured
+    only, set by a non-uniform allocation such as OWL) is the exact number of entries to prune
+    in this layer; None means ``spec.target_sparsity`` by the method's own rule.
     """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]]
 
     @abstractmethod
-    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec) -> Tensor:
+    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec, budget: int | None = None) -> Tensor:
         """Return the boolean mask of pruned entries of ``weight``."""
+
+    def prune_grouped(
+        self, weight: Tensor, stats: LayerStats, spec: PruneSpec, budget: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(mask, perm)``: ``perm`` is the input-column permutation over which an N:M mask is
+        grouped (``mask[:, perm]`` is N:M over consecutive columns), None for consecutive groups."""
+        return self.prune(weight, stats, spec, budget), None
 
     def __repr__(self) -> str:
         return f"<Method {self.name} needs={sorted(self.needs)}>"

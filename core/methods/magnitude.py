@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from core.masks import matrix_mask, nm_mask
+from core.masks import count_mask, matrix_mask, nm_mask
 from core.methods.base import Method
 from core.spec import PruneSpec
 from core.stats import LayerStats
@@ -16,9 +16,11 @@ class Magnitude(Method):
     name = "magnitude"
     needs = frozenset()
 
-    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec) -> Tensor:
+    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec, budget: int | None = None) -> Tensor:
         scores = weight.detach().float().abs()
         nm = spec.nm
         if nm is not None:
             return nm_mask(scores, *nm)
+        if budget is not None:
+            return count_mask(scores, budget)
         return matrix_mask(scores, spec.target_sparsity)

@@ -46,12 +46,14 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    budget: int | None = None,
 ) -> Tensor:
     """Prune ``weight`` ([out, in]) in place with SparseGPT; return the mask (True = pruned).
 
     Unstructured: exactly ``T = int(sparsity * numel)`` entries are pruned in total, split
     over column blocks by cumulative budget (block ``[i1, i2)`` gets
     ``T*i2//in - T*i1//in``), each block choosing its lowest saliencies.
+    ``budget`` (unstructured) replaces ``T`` by an exact count.
     N:M: exactly ``m - n`` per group of ``m`` columns.
     ``hessian`` is not modified.
     """
@@ -74,7 +76,7 @@ def sparsegpt_prune(
     hinv = _inverse_cholesky(h, percdamp)
 
     mask = torch.zeros(out_f, in_f, dtype=torch.bool, device=w.device)
-    target = int(sparsity * out_f * in_f)
+    target = int(sparsity * out_f * in_f) if budget is None else budget
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
         count = i2 - i1
@@ -126,7 +128,7 @@ class SparseGPT(Method):
     name = "sparsegpt"
     needs = frozenset({"hessian"})
 
-    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec) -> Tensor:
+    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec, budget: int | None = None) -> Tensor:
         return sparsegpt_prune(
             weight,
             require_hessian(stats, self.name),
@@ -134,4 +136,5 @@ class SparseGPT(Method):
             nm=spec.nm,
             blocksize=spec.blocksize,
             percdamp=spec.percdamp,
+            budget=None if spec.nm is not None else budget,
         )

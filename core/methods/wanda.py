@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.masks import nm_mask, row_mask, variant_mask
+from core.masks import nm_mask, row_budget_mask, row_mask, variant_mask
 from core.methods.base import Method, require_xnorm
 from core.spec import PruneSpec
 from core.stats import LayerStats
@@ -23,11 +23,13 @@ class Wanda(Method):
     name = "wanda"
     needs = frozenset({"xnorm"})
 
-    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec) -> Tensor:
+    def prune(self, weight: Tensor, stats: LayerStats, spec: PruneSpec, budget: int | None = None) -> Tensor:
         scores = wanda_scores(weight, require_xnorm(stats, self.name))
         nm = spec.nm
         if nm is not None:
             return nm_mask(scores, *nm)
+        if budget is not None:
+            return row_budget_mask(scores, budget)
         if spec.variant:
             return variant_mask(scores, spec.target_sparsity)
         return row_mask(scores, spec.target_sparsity)

@@ -1,0 +1,133 @@
+"""One layer's pruning step: method mask (with an optional exact budget), optional DSnoT
+refinement, reconstruction error, and the layer's report record. Tensor-level, no model walking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from core.dsnot import dsnot_refine, keep_better_rows
+from core.errors import InvalidInput
+from core.recon import relative_error
+from core.spec import PruneSpec
+from core.stats import LayerStats
+
+if TYPE_CHECKING:
+    from core.methods.base import Method
+
+__all__ = ["LayerNeeds", "LayerOutcome", "layer_needs", "prune_layer"]
+
+
+@dataclass(frozen=True)
+class LayerNeeds:
+    """Which statistics the layer loop must collect for ``method`` under ``spec``."""
+
+    xnorm: bool
+    hessian: bool
+    xsum: bool
+    gram_tokens: int
+
+    @property
+    def any(self) -> bool:
+        return self.xnorm or self.hessian or self.xsum or self.gram_tokens > 0
+
+
+def layer_needs(method: Method, spec: PruneSpec) -> LayerNeeds:
+    """``method.needs`` plus what DSnoT (mean, variance, norms) and the error report (a Gram) need.
+
+    Methods that read no statistics (magnitude without refinement) get none: no forward passes,
+    and their report has no reconstruction error.
+    """
+    dsnot = spec.refine == "dsnot"
+    hessian = "hessian" in method.needs
+    if not method.needs and not dsnot:
+        return LayerNeeds(False, False, False, 0)
+    return LayerNeeds(
+        xnorm="xnorm" in method.needs or dsnot,
+        hessian=hessian,
+        xsum=dsnot,
+        gram_tokens=0 if hessian else spec.recon_tokens,
+    )
+
+
+@dataclass
+class LayerOutcome:
+    """The final mask (True = pruned) and the layer's report record."""
+
+    mask: Tensor
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _gram(stats: LayerStats) -> tuple[Tensor | None, int]:
+    if stats.hessian is not None and stats.ntokens:
+        return stats.hessian, stats.ntokens
+    if stats.gram is not None and stats.gram_tokens:
+        return stats.gram, stats.gram_tokens
+    return None, 0
+
+
+@torch.no_grad()
+def prune_layer(
+    weight: Tensor, stats: LayerStats, method: Method, spec: PruneSpec, budget: int | None = None
+) -> LayerOutcome:
+    """Prune ``weight`` (fp32 ``[out, in]``) in place (zeroes included); return mask and record."""
+    dense = weight.detach().float().clone()
+    mask, perm = method.prune_grouped(weight, stats, spec, budget)
+    record: dict[str, Any] = {
+        "method": spec.method,
+        "allocation": spec.allocation,
+        "refine": spec.refine,
+    }
+    if budget is not None:
+        record["budget"] = budget
+    gram, gram_tokens = _gram(stats)
+    if spec.refine == "dsnot":
+        if stats.xsum is None or stats.xnorm_sq is None or not stats.ntokens or gram is None:
+            raise InvalidInput(
+                "refine 'dsnot' needs input means, norms and a Gram matrix; none were collected"
+            )
+        n = stats.ntokens
+        mean = stats.xsum / n
+        var = (stats.xnorm_sq / n - mean.square()).clamp_min(0)
+        # Pruned entries are regrown at their dense values; kept ones keep the method's values.
+        values = torch.where(mask, dense, weight.detach().float())
+        p = perm if perm is not None else None
+        vp, mp = (values[:, p], mask[:, p]) if p is not None else (values, mask)
+        res = dsnot_refine(
+            vp,
+            mp,
+            mean[p] if p is not None else mean,
+            var[p] if p is not None else var,
+            stats.xnorm_sq[p] if p is not None else stats.xnorm_sq,
+            nm=spec.nm,
+            iters=spec.dsnot_iters,
+            threshold=spec.dsnot_threshold,
+            var_power=spec.dsnot_var_power,
+        )
+        refined = res.mask
+        if p is not None:
+            back = torch.empty_like(refined)
+            back[:, p] = refined
+            refined = back
+        final = keep_better_rows(dense, values, mask, refined, gram)
+        record["dsnot"] = {
+            "swaps": res.swaps,
+            "cycles": res.cycles,
+            "rows_kept_refined": int((final != mask).any(dim=1).sum()),
+        }
+        weight.copy_(values.to(weight.dtype))
+        mask = final
+    weight.masked_fill_(mask.to(weight.device), 0)
+    record["sparsity"] = int(torch.count_nonzero(mask)) / mask.numel()
+    if gram is not None:
+        record["recon_error"] = relative_error(dense, weight.detach().float(), gram)
+        record["recon_tokens"] = gram_tokens
+    else:
+        record["recon_error"] = None
+    if perm is not None:
+        record["nm_permutation"] = perm.tolist()
+    return LayerOutcome(mask=mask, record=record)

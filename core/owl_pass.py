@@ -1,0 +1,92 @@
+"""OWL's first pass: outlier ratios of every block on *dense* activations, then exact budgets.
+
+OWL needs every block's scores before it can fix any block's sparsity, while the sequential
+pruning pass feeds block ``i`` the outputs of the already pruned blocks ``< i``. As in the paper,
+the ratios come from a separate first pass over the dense model: block by block, the captured
+calibration inputs are run through each (still dense) block with forward pre-hooks collecting
+``||X_j||^2`` for its prunable linears; the block's Wanda scores ``|W| ||X||`` give its outlier
+ratio, and its dense outputs feed the next block. The cost is one extra forward of the
+calibration set through all blocks (no masks), reported as ``owl.first_pass_s``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from core import families
+from core.allocation import layer_budgets, outlier_ratio, owl_sparsities
+from core.engine import Batch, run_block
+from core.methods.wanda import wanda_scores
+from core.progress import CancelFn, check_cancel
+from core.spec import PruneSpec
+from core.stats import SharedInputs, StatsAccumulator
+
+__all__ = ["owl_budgets"]
+
+
+@torch.no_grad()
+def owl_budgets(
+    blocks: Sequence[nn.Module],
+    prefix: str,
+    batches: list[Batch],
+    spec: PruneSpec,
+    should_cancel: CancelFn | None = None,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """``({layer: pruned count}, info)`` for OWL; ``batches`` (block 0's inputs) are not modified."""
+    t0 = time.perf_counter()
+    hidden = [b[0] for b in batches]
+    ratios: list[float] = []
+    numels: list[int] = []
+    block_layers: list[dict[str, int]] = []
+    used_blocks: list[int] = []
+    for i, block in enumerate(blocks):
+        check_cancel(should_cancel)
+        linears = families.block_linears(block, f"{prefix}.{i}")
+        targets = {n: m for n, m in linears.items() if not families.is_ignored(n, spec.ignore)}
+        accs = {n: StatsAccumulator(families.in_features(m), True, False) for n, m in targets.items()}
+        shared = SharedInputs()
+        handles = [m.register_forward_pre_hook(shared.hook(accs[n])) for n, m in targets.items()]
+        try:
+            outs = []
+            for h, b in zip(hidden, batches, strict=True):
+                outs.append(run_block(block, (h, b[1], b[2])))
+                shared.clear()
+        finally:
+            shared.clear()
+            for hd in handles:
+                hd.remove()
+        hidden = outs
+        if not targets:
+            continue
+        scores = []
+        sizes: dict[str, int] = {}
+        for n, m in targets.items():
+            w = families.get_weight(m)
+            xn = accs[n].result().xnorm_sq
+            assert xn is not None
+            scores.append(wanda_scores(w, xn))
+            sizes[n] = w.numel()
+        ratios.append(outlier_ratio(scores, spec.owl_m))
+        numels.append(sum(sizes.values()))
+        block_layers.append(sizes)
+        used_blocks.append(i)
+        del scores
+    block_sp = owl_sparsities(ratios, numels, spec.target_sparsity, spec.owl_lambda) if ratios else []
+    names = [n for sizes in block_layers for n in sizes]
+    layer_sp = [s for s, sizes in zip(block_sp, block_layers, strict=True) for _ in sizes]
+    counts = [k for sizes in block_layers for k in sizes.values()]
+    budgets = dict(zip(names, layer_budgets(layer_sp, counts, spec.target_sparsity), strict=True))
+    info = {
+        "m": spec.owl_m,
+        "lambda": spec.owl_lambda,
+        "blocks": used_blocks,
+        "outlier_ratios": ratios,
+        "block_sparsity": block_sp,
+        "first_pass_s": time.perf_counter() - t0,
+    }
+    return budgets, info
