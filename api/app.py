@@ -16,7 +16,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import Services, open_tenant_of, services
+from api.deps import Services, document_security, open_tenant_of, services
 from api.logctx import RequestLogMiddleware
 from api.metrics import JobsCollector, http_latency_histogram
 from api.problems import HANDLERS, ProblemError, problem_response, problems
@@ -175,6 +175,7 @@ def create_app(
         responses=problems(400, 405, 413, 500),  # 400: a body that is not decodable (e.g. not UTF-8)
     )
     app.state.services = svc
+    document_security(app, open_mode=svc.open_tenant is not None)
     registry = CollectorRegistry()
     registry.register(JobsCollector(svc))
     for exc, handler in HANDLERS.items():

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import redis
 import redis.asyncio as aredis
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.problems import ProblemError
@@ -105,6 +105,28 @@ def authenticated(
 def current_tenant(tenant: Annotated[Tenant, Depends(authenticated)]) -> str:
     """The name of the tenant the request acts for (jobs, events and artifacts are scoped by it)."""
     return tenant.name
+
+
+def document_security(app: FastAPI, open_mode: bool) -> None:
+    """Make the OpenAPI document say what the configuration does: with API keys every operation that
+    authenticates requires `Authorization: Bearer`; in open mode (no key configured) none does, so
+    the bearer requirement and scheme are left out of the schema."""
+    if not open_mode:
+        return
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    if isinstance(op, dict):
+                        op.pop("security", None)
+            schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def open_tenant_of(keyring: KeyRing, max_active_jobs: int | None) -> Tenant | None:

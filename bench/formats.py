@@ -56,6 +56,27 @@ def _fp16_copy(src: Path, dst: Path) -> None:
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def _stored_bytes(d: Path, names: set[str]) -> int:
+    """Bytes of the stored tensors of ``names`` (``NAME``, ``NAME::*``, ``NAME_packed``...) in ``d``."""
+    from safetensors import safe_open
+
+    item = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+    mods = {n.removesuffix(".weight") for n in names}
+    total = 0
+    for f in d.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                base = k.split("::")[0]
+                mod = k.rsplit(".", 1)[0]
+                if base in names or (mod in mods and k.rsplit(".", 1)[1].startswith("weight")):
+                    sl = fh.get_slice(k)
+                    numel = 1
+                    for x in sl.get_shape():
+                        numel *= x
+                    total += numel * item[sl.get_dtype()]
+    return total
+
+
 def _same_tensors(a: Path, b: Path) -> bool:
     import torch
     from safetensors import safe_open
@@ -147,6 +168,8 @@ def main() -> None:
                 shutil.rmtree(work / f"u-{fmt}")
             total, weights = formats.dir_sizes(d)
             row.update(bytes=total, weights_bytes=weights)
+            linear_ratio = _stored_bytes(d, quant) / _stored_bytes(fp16, quant)
+            row["pruned_linears_ratio_to_fp16"] = round(linear_ratio, 4)
             fp16_rows[fmt] = row
         for row in fp16_rows.values():
             row["ratio_to_dense_fp16"] = round(row["weights_bytes"] / base, 4)

@@ -154,6 +154,17 @@ def save_model(root: Path, model: Any, tokenizer: Any, outputs: OutputSpec) -> N
     model.save_pretrained(model_dir, max_shard_size=outputs.max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
+    _file_modes(model_dir)
+
+
+def _file_modes(root: Path) -> None:
+    """Give every file under ``root`` the mode a plain ``open()`` would (0666 less the umask):
+    safetensors writes through a private temporary file, which left model.safetensors 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def save_formats(

@@ -34,6 +34,7 @@ from core import (
 from core import report as report_doc
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
+from core.report import generations
 from core.spec import ModelSpec, RunSpec
 
 __all__ = ["STAGE_WEIGHTS", "run", "use_streaming"]
@@ -271,6 +272,9 @@ def run(
             timings["dense_eval_s"] = time.perf_counter() - t
             timings["eval_s"] += timings["dense_eval_s"]
 
+        t = time.perf_counter()
+        dense_text = generations.generate(model, tok, ev.generations) if ev.dense_baseline else None
+        timings["generate_s"] = time.perf_counter() - t
         check_cancel(should_cancel)
 
         def on_block(p: Progress) -> None:
@@ -297,6 +301,9 @@ def run(
             timings["pruned_eval_s"] = time.perf_counter() - t
             timings["eval_s"] += timings["pruned_eval_s"]
 
+        t = time.perf_counter()
+        texts = generations.pair(dense_text, generations.generate(model, tok, ev.generations))
+        timings["generate_s"] += time.perf_counter() - t
         sparsity = evaluate.sparsity_report(model, spec.prune)
         evaluation = None
         if ev.enabled:
@@ -337,6 +344,7 @@ def run(
             "allocation": pruned_info.owl,
             "evaluation": evaluation,
             "timings": timings,
+            "generations": texts,
             "peak_rss_mb": None,
             "streaming": {"used": False, "mode": spec.model.stream},
             "experts": [e.model_dump(mode="json") for e in pruned_info.experts],

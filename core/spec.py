@@ -289,6 +289,9 @@ class EvalSpec(_Strict):
     seqlen: int | None = Field(default=None, ge=8, le=131072, description="Default: the calibration seqlen.")
     max_windows: int | None = Field(default=None, ge=1, le=100000, description="Default: every full window.")
     dense_baseline: bool = Field(default=True, description="Also measure the dense model's perplexity.")
+    generations: int = Field(
+        default=3, ge=0, le=3, description="Fixed prompts continued greedily by the dense and pruned model."
+    )
 
 
 class OutputSpec(_Strict):

@@ -131,24 +131,52 @@ def verify(
         raise WebhookVerificationError("no matching signature")
 
 
-def validate_url(url: str, allow_private: bool = False) -> None:
-    """Refuse non-http(s) URLs and, unless `allow_private`, hosts resolving to private, loopback,
-    link-local or reserved addresses (tenants must not reach internal services: SSRF)."""
+def _check_url(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookError(f"webhook URL must be http(s)://host/..., got {url!r}")
     if parts.username or parts.password:
         raise WebhookError("webhook URL must not carry credentials")
-    if allow_private:
-        return
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def resolve_checked(url: str, allow_private: bool = False) -> str:
+    """Resolve the URL's host once and return the address to connect to. Unless `allow_private`,
+    refuse (WebhookError) a host with any private, loopback, link-local or reserved address
+    (tenants must not reach internal services: SSRF)."""
+    host, port = _check_url(url)
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except OSError as exc:
-        raise WebhookError(f"cannot resolve webhook host {parts.hostname!r}") from exc
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if not ip.is_global or ip.is_multicast:
-            raise WebhookError(f"webhook host {parts.hostname!r} resolves to a non-public address")
+        raise WebhookError(f"cannot resolve webhook host {host!r}") from exc
+    addrs = [str(info[4][0]) for info in infos]
+    if not addrs:
+        raise WebhookError(f"cannot resolve webhook host {host!r}")
+    if not allow_private:
+        for addr in addrs:
+            ip = ipaddress.ip_address(addr.split("%")[0])
+            if not ip.is_global or ip.is_multicast:
+                raise WebhookError(f"webhook host {host!r} resolves to a non-public address")
+    return next((a for a in addrs if ":" not in a), addrs[0])  # IPv4 first, as most clients do
+
+
+def validate_url(url: str, allow_private: bool = False) -> None:
+    """Submit-time check: the URL's shape and, unless `allow_private`, where its host resolves now."""
+    _check_url(url)
+    if not allow_private:
+        resolve_checked(url, allow_private)
+
+
+def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """(url, headers, extensions) that connect to `address` instead of resolving the host again
+    (DNS rebinding), keeping the Host header and the TLS server name (SNI and certificate check)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = f"[{address}]" if ":" in address else address
+    netloc = literal + (f":{parts.port}" if parts.port else "")
+    headers = {"host": parts.netloc.rpartition("@")[2]}
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return parts._replace(netloc=netloc).geturl(), headers, extensions
 
 
 def build_body(event_type: str, payload: Mapping[str, Any]) -> bytes:
@@ -174,10 +202,15 @@ def deliver(
     msg_id: str | None = None,
     client: httpx.Client | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    allow_private: bool = False,
 ) -> list[DeliveryAttempt]:
     """POST a signed event, retrying non-2xx answers and connection errors with exponential backoff
     (`backoff * 2**(n-1)`, capped at `max_backoff`). Returns every attempt; the last one has
-    `ok=True` on success. Never raises for delivery failures; redirects are not followed."""
+    `ok=True` on success. Never raises for delivery failures; redirects are not followed.
+
+    Each attempt resolves the host once, applies the submit-time address policy to the answer
+    (`resolve_checked`: private/loopback refused unless `allow_private`) and connects to that
+    checked address, so a name re-pointed after submit (DNS rebinding) reaches nothing internal."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be >= 1")
     secret_bytes(secret)
@@ -197,12 +230,20 @@ def deliver(
             status: int | None = None
             error: str | None = None
             try:
-                r = http.post(url, content=body, headers=headers, timeout=timeout)
+                target, host, ext = pinned(url, resolve_checked(url, allow_private))
+                r = http.post(
+                    target, content=body, headers={**headers, **host}, timeout=timeout, extensions=ext
+                )
                 status = r.status_code
                 if not 200 <= status < 300:
                     error = f"HTTP {status}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except WebhookError as exc:  # refused at send time: not retried (it would be refused again)
+                attempts.append(
+                    DeliveryAttempt(n, None, f"refused: {exc}", round(time.monotonic() - t0, 4), False)
+                )
+                break
             ok = error is None
             attempts.append(DeliveryAttempt(n, status, error, round(time.monotonic() - t0, 4), ok))
             if ok:

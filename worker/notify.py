@@ -4,6 +4,7 @@ the job's event stream (type `webhook`). A delivery can never fail or stall the 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -43,6 +44,7 @@ class Notifier:
         self.subscribed = set(hook.events) if hook else set()
         self.secret = secret
         self.max_attempts, self.backoff = max_attempts, backoff
+        self.allow_private = os.environ.get("PRUNE_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true")
         self._queue: queue.Queue[tuple[str, dict[str, Any], int] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         if hook and not secret:
@@ -89,7 +91,10 @@ class Notifier:
         assert self.url and self.secret
         msg_id = f"msg_{uuid.uuid4().hex}"
         for n in range(1, max_attempts + 1):
-            (a,) = deliver(self.url, self.secret, event_type, payload, max_attempts=1, msg_id=msg_id)
+            (a,) = deliver(
+                self.url, self.secret, event_type, payload, max_attempts=1, msg_id=msg_id,
+                allow_private=self.allow_private,  # checked again where the name resolves now
+            )  # fmt: skip
             record = {"event": event_type, "msg_id": msg_id, "url": self.url, **a.to_dict(), "attempt": n}
             try:
                 self.events.publish(self.job_id, "webhook", record)
@@ -98,6 +103,8 @@ class Notifier:
             if a.ok:
                 log.info("job %s: webhook %s delivered (attempt %d)", self.job_id, event_type, n)
                 return
+            if (a.error or "").startswith("refused:"):
+                break  # the address policy refuses it now: retrying cannot help
             if n < max_attempts:
                 time.sleep(min(MAX_BACKOFF_S, self.backoff * 2 ** (n - 1)))
         log.warning("job %s: webhook %s failed after %d attempts: %s", self.job_id, event_type, n, a.error)

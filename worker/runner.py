@@ -15,6 +15,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from core.errors import Cancelled, CoreError
+from core.eta import EtaEstimator
 from core.progress import Progress
 from core.spec import RunSpec
 from jobs.events import EventLog
@@ -147,6 +148,7 @@ class _Reporter:
         self.fault = fault
         self.notifier = notifier
         self.prev_t = self.t0  # time of the previous engine callback (block timing)
+        self.eta = EtaEstimator()  # smoothed: no swings early in the job
         self.last_block: int | None = None
         self.hook_key: tuple[str, int | None] | None = None
 
@@ -172,8 +174,7 @@ class _Reporter:
         if key == self.last and t - self.last_t < THROTTLE_S:
             return
         self.last, self.last_t = key, t
-        elapsed = t - self.t0
-        eta = round(elapsed * (1 - frac) / frac, 1) if frac >= 0.01 else None
+        eta = self.eta.update(t, frac, p.stage, p.block)
         prog = JobProgress(
             stage=p.stage,
             block=p.block,

@@ -12,6 +12,7 @@ from typing import Any
 from core import gate as gates
 from core.report.html import render_html
 from core.report.plots import write_plots
+from core.report.timing import time_breakdown
 from core.report.verdict import verdict
 from core.spec import RunSpec
 
@@ -46,6 +47,22 @@ def markdown_sections(report: dict[str, Any]) -> list[str]:
         for c in g["checks"]:
             value = "not measured" if c["value"] is None else f"{c['value']:.4g}"
             lines.append(f"| {c['name']} | {c['limit']:g} | {value} | {'yes' if c['passed'] else 'no'} |")
+        lines.append("")
+    gens = report.get("generations") or []
+    if gens:
+        lines += [
+            "## Generations (greedy, fixed prompts)",
+            "",
+            "| prompt | dense | pruned |",
+            "|---|---|---|",
+        ]
+        cell = lambda t: "—" if t is None else " ".join(str(t).split()).replace("|", "\\|")  # noqa: E731
+        lines += [f"| {cell(g['prompt'])} | {cell(g['dense'])} | {cell(g['pruned'])} |" for g in gens]
+        lines.append("")
+    rows = time_breakdown(report.get("timings") or {})
+    if rows:
+        lines += ["## Where the time went", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {name} | {sec:.2f} |" for name, sec in rows]
         lines.append("")
     for name in report.get("plots") or []:
         lines += [f"![{Path(name).stem}]({name})", ""]

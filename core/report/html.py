@@ -7,6 +7,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from core.report.timing import time_breakdown
+
 STYLE = (
     "body{font-family:sans-serif;max-width:60em;margin:2em auto}th{text-align:left;padding-right:1em}"
     ".warn{color:#b00}.ok{color:#070}img{max-width:100%}"
@@ -55,9 +57,20 @@ def render_html(root: Path, report: dict[str, Any]) -> str:
     for rel in report.get("plots") or []:
         data = base64.b64encode((root / rel).read_bytes()).decode()
         parts.append(f'<img alt="{html.escape(Path(rel).stem)}" src="data:image/png;base64,{data}">')
-    if t:
-        parts.append("<h2>Timings (s)</h2>")
-        parts.append(_table([(k, _num(float(x), 4)) for k, x in t.items() if isinstance(x, int | float)]))
+    gens = report.get("generations") or []
+    if gens:
+        parts.append("<h2>Generations (greedy, fixed prompts)</h2><table><tr><th>prompt</th><th>dense</th>"
+                     "<th>pruned</th></tr>")  # fmt: skip
+        for g in gens:
+            cells = "".join(
+                f"<td>{html.escape(str(g[k] or '—'))}</td>" for k in ("prompt", "dense", "pruned")
+            )
+            parts.append(f"<tr>{cells}</tr>")
+        parts.append("</table>")
+    rows = time_breakdown(t)
+    if rows:
+        parts.append("<h2>Where the time went (s)</h2>")
+        parts.append(_table([(k, f"{v:.2f}") for k, v in rows]))
     body = "\n".join(parts)
     head = '<!doctype html><meta charset="utf-8"><title>Pruning report</title>'
     return f"{head}<style>{STYLE}</style>\n{body}\n"

@@ -77,3 +77,31 @@ def test_stream_flag() -> None:
     assert cli.spec_from_args(args).model.stream == "always"
     args = cli.build_parser().parse_args(["prune", "--model", "m", "--out", "o"])
     assert cli.spec_from_args(args).model.stream == "auto"
+
+
+def test_exported_weights_get_the_umask_mode_like_every_file(tmp_path: Path, capsys) -> None:
+    """Issue 13, item 11: model.safetensors gets the same umask-derived mode as every other file
+    (it was 0600). (--quiet still lets transformers' "Writing model shards" bar through: not fixed.)"""
+    import os
+
+    from core.cli import main as core_main
+    from tests import tiny_models
+
+    model = tiny_models.save("llama", tmp_path / "tiny")
+    text = tmp_path / "small.txt"
+    text.write_text((tiny_models.WIKITEXT / "valid.txt").read_text(encoding="utf-8")[:20_000])
+    old = os.umask(0o022)
+    try:
+        code = core_main(
+            ["prune", "--model", str(model), "--pattern", "2:4", "--calibration", str(text),
+             "--nsamples", "4",
+             "--seqlen", "32", "--no-eval", "--quiet", "--out", str(tmp_path / "out")]
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "[pruning]" not in err  # our own progress lines are silenced
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644}, modes

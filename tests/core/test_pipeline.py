@@ -257,6 +257,8 @@ def test_streaming_mode_matches_in_memory(family: str, small_text: Path, tmp_pat
     assert rs["calibration"] == rm["calibration"]
     assert {p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").iterdir()} == {
         "model",
+        "plots",
+        "report.html",
         "report.json",
         "report.md",
         "manifest.json",

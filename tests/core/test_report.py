@@ -76,6 +76,13 @@ def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path
     assert "data:image/png;base64," in html and "Quality gate" in html
     md = (out / "report.md").read_text()
     assert "](plots/layer_sparsity.png)" in md and "## Verdict" in md
+    gens = report["generations"]
+    assert [g["prompt"] for g in gens][:1] == ["The capital of France is"] and len(gens) == 3
+    assert all(isinstance(g["dense"], str) and isinstance(g["pruned"], str) for g in gens)
+    assert "## Generations" in md and "| other |" in md
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in
+            md.split("## Where the time went")[1].split("\n\n")[1].splitlines()[2:]}  # fmt: skip
+    assert sum(v for k, v in rows.items() if k != "total") == pytest.approx(rows["total"], abs=0.05)
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"report.html", "plots/layer_sparsity.png"} <= set(manifest["files"])
 
@@ -109,3 +116,13 @@ def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path
     assert third["evaluation"]["dense_cached"] is False
     monkeypatch.setenv("PRUNE_BASELINE_CACHE", "off")
     assert baseline_cache.cache_dir() is None
+
+
+def test_time_breakdown_adds_up() -> None:
+    from core.report.timing import time_breakdown
+
+    t = {"load_s": 2.0, "calibrate_s": 1.0, "dense_eval_s": 3.0, "pruned_eval_s": 3.5, "eval_s": 6.5,
+         "prune_s": 4.0, "mask_s": 1.0, "export_s": 0.5, "total_s": 15.0}  # fmt: skip
+    rows = dict(time_breakdown(t))
+    assert rows["other"] == pytest.approx(1.0) and "eval" not in rows and "mask" not in rows
+    assert sum(v for k, v in rows.items() if k != "total") == pytest.approx(rows["total"])

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -115,7 +116,9 @@ def test_secrets() -> None:
 
 
 def test_delivery_is_signed_and_verified(receiver: Receiver) -> None:
-    attempts = deliver(receiver.url, SECRET, "job.succeeded", {"job_id": "j1", "status": "succeeded"})
+    attempts = deliver(
+        receiver.url, SECRET, "job.succeeded", {"job_id": "j1", "status": "succeeded"}, allow_private=True
+    )
     assert [(a.attempt, a.status, a.ok) for a in attempts] == [(1, 204, True)]
     assert receiver.verified == [True]
     msg = receiver.received[0]
@@ -128,7 +131,9 @@ def test_delivery_is_signed_and_verified(receiver: Receiver) -> None:
 def test_fails_twice_then_succeeds(receiver: Receiver) -> None:
     receiver.fail_first = 2
     sleeps: list[float] = []
-    attempts = deliver(receiver.url, SECRET, "job.failed", {"job_id": "j2"}, 5, 0.5, sleep=sleeps.append)
+    attempts = deliver(
+        receiver.url, SECRET, "job.failed", {"job_id": "j2"}, 5, 0.5, sleep=sleeps.append, allow_private=True
+    )
     assert [(a.attempt, a.status, a.ok) for a in attempts] == [
         (1, 503, False),
         (2, 503, False),
@@ -143,7 +148,9 @@ def test_fails_twice_then_succeeds(receiver: Receiver) -> None:
 
 def test_always_failing_gives_up(receiver: Receiver) -> None:
     receiver.fail_first = 100
-    attempts = deliver(receiver.url, SECRET, "job.failed", {}, max_attempts=4, backoff=0.01)
+    attempts = deliver(
+        receiver.url, SECRET, "job.failed", {}, max_attempts=4, backoff=0.01, allow_private=True
+    )
     assert len(attempts) == 4 and not any(a.ok for a in attempts)
     assert len(receiver.received) == 4
 
@@ -154,8 +161,9 @@ def test_connection_refused_is_retried() -> None:
         port = s.getsockname()[1]
     sleeps: list[float] = []
     attempts = deliver(
-        f"http://127.0.0.1:{port}/", SECRET, "job.succeeded", {}, 3, 1.0, max_backoff=1.5, sleep=sleeps.append
-    )
+        f"http://127.0.0.1:{port}/", SECRET, "job.succeeded", {}, 3, 1.0,
+        max_backoff=1.5, sleep=sleeps.append, allow_private=True,
+    )  # fmt: skip
     assert [a.status for a in attempts] == [None, None, None]
     assert all(a.error and "Connect" in a.error for a in attempts)
     assert sleeps == [1.0, 1.5]
@@ -174,3 +182,50 @@ def test_validate_url() -> None:
     ):
         with pytest.raises(WebhookError):
             validate_url(private)
+
+
+# -- send-time address checks (DNS rebinding) ----------------------------------------------------
+
+
+class Resolver:
+    """A stand-in for the system resolver (socket.getaddrinfo) whose answers for one name change."""
+
+    def __init__(self, name: str, answers: list[str]) -> None:
+        self.name, self.answers, self.asked = name, answers, 0
+        self.real = socket.getaddrinfo
+
+    def __call__(self, host, port, *args, **kwargs):
+        if host != self.name:
+            return self.real(host, port, *args, **kwargs)
+        addr = self.answers[min(self.asked, len(self.answers) - 1)]
+        self.asked += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (addr, port))]
+
+
+def test_rebinding_to_loopback_after_submit_is_refused_at_send_time(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = urlsplit(receiver.url).port
+    name = "hooks.rebind.test"
+    resolver = Resolver(name, ["93.184.216.34", "127.0.0.1"])  # public at submit, loopback at send
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    url = f"http://{name}:{port}/hook"
+    validate_url(url)  # the submit-time check passes
+    attempts = deliver(url, SECRET, "job.succeeded", {"job_id": "j"}, max_attempts=3, backoff=0.01)
+    assert [a.ok for a in attempts] == [False]  # refused once, not retried
+    assert attempts[0].error and "non-public" in attempts[0].error
+    assert receiver.received == []
+
+
+def test_delivery_connects_to_the_checked_address_without_resolving_again(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = urlsplit(receiver.url).port
+    name = "hooks.pinned.test"  # not in any DNS: only the stand-in resolver knows it
+    resolver = Resolver(name, ["127.0.0.1", "10.9.9.9"])
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    attempts = deliver(f"http://{name}:{port}/hook", SECRET, "job.succeeded", {}, allow_private=True)
+    assert [a.ok for a in attempts] == [True]
+    assert resolver.asked == 1  # resolved once; the connection went to that answer
+    assert receiver.received[0]["headers"]["host"] == f"{name}:{port}"
+    assert receiver.verified == [True]

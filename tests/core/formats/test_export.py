@@ -64,6 +64,8 @@ def test_compact_only_has_no_dense_directory(tiny_model_dir, data_dir: Path, tmp
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
         "compact",
         "manifest.json",
+        "plots",
+        "report.html",
         "report.json",
         "report.md",
     ]
