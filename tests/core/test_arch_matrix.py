@@ -33,7 +33,7 @@ REFUSED_AT_24C91AF = frozenset(
 WRONG_AT_24C91AF = frozenset({"qwen3"})
 """Accepted at 24c91af, but block 0's arguments are reused: block 1 (full attention) is
 calibrated through block 0's sliding-window mask."""
-KNOWN_FAILING = REFUSED_AT_24C91AF | WRONG_AT_24C91AF
+KNOWN_FAILING: frozenset[str] = frozenset()
 """Temporarily expected to fail (strict xfail) until the issue 9 engine lands."""
 
 
