@@ -32,6 +32,7 @@ def rows() -> list[list[str]]:
     """One row per matrix entry: family, class, blocks, pruned per block, attention, status."""
     from tests import oracle, tiny_models
     from tests.core.test_arch_matrix import KNOWN_FAILING
+    from tests.core.test_arch_streaming import STREAMING_FAILING
 
     out = []
     for name in tiny_models.MATRIX:
@@ -44,7 +45,8 @@ def rows() -> list[list[str]]:
         attention = " + ".join(t.replace("_attention", "") for t in types) if entry.mixed else ""
         router = "router dense" if entry.kind == "moe" else ""
         notes = "; ".join(x for x in (attention and f"{attention} layers", router, entry.note) if x)
-        status = "refused or wrong at 24c91af (xfail)" if name in KNOWN_FAILING else "yes"
+        status = "no (xfail)" if name in KNOWN_FAILING else "yes"
+        status += "; streaming: no (xfail)" if name in STREAMING_FAILING else "; streaming: yes"
         out.append([f"`{name}`", f"`{type(model).__name__}`", f"`{prefix}`", _pruned(targets), notes, status])
     return out
 
