@@ -81,7 +81,7 @@ def test_engine_shared_path_identical_to_separate(family: str, method: str, monk
     assert sum(s.shared for s in made) > 0, "q/k/v (and gate/up) should share their input"
     monkeypatch.setattr(stats, "SharedInputs", _NeverShared)
     rb = engine.prune(b, ids, spec)
-    assert ra["layers"] == rb["layers"]
+    assert ra.layers == rb.layers
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb), na
     assert any(isinstance(m, nn.Linear) and (m.weight == 0).any() for m in a.modules())
