@@ -100,16 +100,6 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return True
 
 
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pattern", default="2:4", help="'unstructured' (50%%) or N:M")
@@ -199,8 +189,8 @@ def main() -> None:
             "export_s": report["timings"]["export_s"],
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
-            "machine": machine(),
-            "cpu_model": _cpu_model(),
+            "machine": (host := machine()),
+            "cpu_model": host["host"]["cpu_model"],
         }
         for k in ("int8", "compact-int8"):
             result["ppl"][f"{k}_vs_pruned_fp32"] = round(result["ppl"][k] / ev["pruned_ppl"] - 1, 5)
