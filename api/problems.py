@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
+import redis.exceptions
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +16,12 @@ from starlette.responses import JSONResponse
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:prune:problem:"
+STORE_RETRY_AFTER_S = 5
+"""`Retry-After` of a 503 while Redis (job records, events, broker) is unreachable: a restart takes
+seconds."""
+STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+"""Redis errors that mean "unreachable right now" (refused, reset, timed out, still loading its AOF)."""
+log = logging.getLogger("api")
 
 
 class FieldError(BaseModel):
@@ -114,6 +122,19 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+    """Redis unreachable: 503 + Retry-After, one warning line (no traceback: nothing is broken here)."""
+    log.warning("store unavailable: %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return problem_response(
+        request,
+        503,
+        "the job store is unavailable; retry later",
+        "store-unavailable",
+        "Service unavailable",
+        headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, 500, "internal server error; see the server log", "internal-error")
 
@@ -122,5 +143,6 @@ HANDLERS = {
     ProblemError: _problem_error,
     StarletteHTTPException: _http_error,
     RequestValidationError: _validation_error,
+    **dict.fromkeys(STORE_DOWN, _store_down),
     Exception: _unexpected,
 }

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from api.deps import Services, authenticated, current_tenant, services, unique_json_keys
-from api.problems import ProblemError, problems
+from api.problems import STORE_DOWN, ProblemError, problems
 from jobs import faults
 from jobs.auth import Tenant as AuthTenant
 from jobs.events import Event, check_id
@@ -27,7 +27,7 @@ from jobs.store import IdempotencyConflict, InvalidTransition, JobNotFound, TooM
 from jobs.webhooks import WebhookError, validate_url
 
 log = logging.getLogger("api")
-router = APIRouter(prefix="/v1", responses=problems(401))
+router = APIRouter(prefix="/v1", responses=problems(401, 503))  # 503: Redis unreachable (Retry-After)
 RETRY_AFTER_S = 30
 """`Retry-After` of a 429 (tenant at its active-job limit)."""
 
@@ -245,6 +245,16 @@ def _sse(ev: Event) -> str:
 
 
 async def _stream(svc: Services, job_id: str, after: str) -> AsyncIterator[str]:
+    """The SSE body; Redis going away ends it cleanly (the client resumes with Last-Event-ID)."""
+    try:
+        async for chunk in _stream_events(svc, job_id, after):
+            yield chunk
+    except STORE_DOWN as e:
+        log.warning("store unavailable: event stream of job %s ended: %s: %s", job_id, type(e).__name__, e)
+        yield ": store unavailable; reconnect with Last-Event-ID\n\n"
+
+
+async def _stream_events(svc: Services, job_id: str, after: str) -> AsyncIterator[str]:
     aev = svc.aevents
     last = after
     yield "retry: 2000\n\n"

@@ -15,7 +15,11 @@ import redis.asyncio as aredis
 from pydantic import BaseModel
 
 EVENT_TYPES = ("status", "progress", "artifacts", "error", "log", "webhook")
-_ID = re.compile(r"^\d+(-\d+)?$")
+_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", re.ASCII)
+ID_PART_MAX = 2**64 - 1
+"""Each part of a Redis stream id ("<ms>-<seq>") is an unsigned 64-bit integer."""
+LAST_ID = f"{ID_PART_MAX}-{ID_PART_MAX}"
+"""The largest stream id: nothing comes after it."""
 MAXLEN = 10_000
 
 
@@ -38,10 +42,24 @@ def encode(type_: str, data: dict[str, Any]) -> dict[str, str]:
 
 
 def check_id(event_id: str) -> str:
-    """Validate a stream id given by a client ("0" means from the start); raise ValueError otherwise."""
-    if not _ID.match(event_id):
-        raise ValueError(f"not an event id: {event_id!r} (expected '<ms>-<seq>')")
+    """Validate a stream id given by a client ("0" means from the start): ASCII digits, "<ms>" or
+    "<ms>-<seq>", each part at most 2**64 - 1 (what Redis accepts); raise ValueError otherwise."""
+    m = _ID.fullmatch(event_id)
+    if m is None:
+        raise ValueError(f"not an event id: {event_id!r} (expected '<ms>-<seq>', ASCII digits)")
+    if any(part is not None and int(part) > ID_PART_MAX for part in m.groups()):
+        raise ValueError(f"event id out of range: {event_id!r} (each part is at most {ID_PART_MAX})")
     return event_id
+
+
+def _range_start(after: str | None) -> str | None:
+    """XRANGE start strictly after `after` ("-": from the start); None when nothing can follow it."""
+    if after in (None, "0", "0-0"):
+        return "-"
+    check_id(after)
+    if after == LAST_ID:  # Redis refuses an exclusive start at the largest id
+        return None
+    return "(" + after
 
 
 def _decode(entries: list[tuple[Any, dict[Any, Any]]]) -> list[Event]:
@@ -73,7 +91,9 @@ class EventLog:
 
     def page(self, job_id: str, after: str | None = None, limit: int = 100) -> list[Event]:
         """Up to `limit` events strictly after `after` (from the start when None)."""
-        start = "-" if after in (None, "0", "0-0") else "(" + check_id(after)
+        start = _range_start(after)
+        if start is None:
+            return []
         return _decode(self.r.xrange(self.key(job_id), min=start, max="+", count=limit))
 
     def tail(self, job_id: str, after: str = "0", block_ms: int = 5000, count: int = 100) -> list[Event]:
@@ -95,7 +115,9 @@ class AsyncEventLog:
 
     async def page(self, job_id: str, after: str | None = None, limit: int = 100) -> list[Event]:
         """Up to `limit` events strictly after `after`."""
-        start = "-" if after in (None, "0", "0-0") else "(" + check_id(after)
+        start = _range_start(after)
+        if start is None:
+            return []
         return _decode(await self.r.xrange(events_key(self.prefix, job_id), min=start, max="+", count=limit))
 
     async def tail(
