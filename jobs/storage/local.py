@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode
 
 from jobs.signing import Signer
-from jobs.storage.base import ArtifactInfo, StorageError
+from jobs.storage.base import INDEX_NAME, ArtifactInfo, StorageError, decode_index, encode_index
 
 
 def safe_name(name: str) -> str:
@@ -43,7 +43,10 @@ def sha256_file(path: Path) -> str:
 
 
 class LocalArtifactStore:
-    """Files under `<root>/<tenant>/<job_id>/`; URLs point at the API's `/v1/artifacts` route."""
+    """Files under `<root>/<tenant>/<job_id>/`; URLs point at the API's `/v1/artifacts` route.
+
+    Each job directory holds the index `.artifacts.json` (names, sizes, sha256 of the copied files,
+    computed once at upload); `list()` reads only that file."""
 
     def __init__(self, root: Path, signer: Signer, public_base_url: str) -> None:
         self.root = Path(root)
@@ -65,7 +68,9 @@ class LocalArtifactStore:
         try:
             tmp.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(local_dir, tmp, symlinks=False)
+            (tmp / INDEX_NAME).unlink(missing_ok=True)  # never taken from the job's own files
             infos = self._scan(tmp)
+            (tmp / INDEX_NAME).write_bytes(encode_index(infos))
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 self._remove(dest)
@@ -82,6 +87,8 @@ class LocalArtifactStore:
         for p in sorted(base.rglob("*")):
             if p.is_file():
                 name = p.relative_to(base).as_posix()
+                if name == INDEX_NAME:
+                    continue
                 out.append(ArtifactInfo(name=name, size=p.stat().st_size, sha256=sha256_file(p)))
         return out
 
@@ -97,8 +104,16 @@ class LocalArtifactStore:
         return f"up-{tenant}-{job_id}"
 
     def list(self, prefix: str) -> list[ArtifactInfo]:
-        """Artifacts below `prefix` (empty when none)."""
+        """Artifacts below `prefix` (empty when none), from the index written at upload (a directory
+        stored before indexes existed is hashed)."""
         d = self._dir(prefix)
+        index = d / INDEX_NAME
+        try:
+            return decode_index(index.read_bytes(), str(index))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"could not read the artifact index {index}: {e}") from e
         return self._scan(d) if d.is_dir() else []
 
     def delete_prefix(self, prefix: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import threading
@@ -19,12 +18,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jobs.storage.base import ArtifactInfo, StorageError
+from jobs.storage.base import INDEX_NAME, ArtifactInfo, StorageError, decode_index, encode_index
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = ".artifacts.json"
-"""The per-job index object, written after every artifact (never listed as an artifact)."""
 
 MIB = 1024 * 1024
 T = TypeVar("T")
@@ -312,9 +308,7 @@ class S3ArtifactStore:
                 written.append(key)  # a failed multipart upload is aborted; a PUT may have landed
                 info = self._upload_file(path, key)
                 infos.append(ArtifactInfo(name=name, size=info.size, sha256=info.sha256))
-            index = json.dumps(
-                {"files": {a.name: {"size": a.size, "sha256": a.sha256} for a in infos}}, sort_keys=True
-            ).encode()
+            index = encode_index(infos)
             index_key = self._key(prefix, INDEX_NAME)
             written.append(index_key)
             self._retry(
@@ -350,16 +344,7 @@ class S3ArtifactStore:
                 raise
 
         body = self._retry("index read", run)
-        if body is None:
-            return []
-        try:
-            files = json.loads(body)["files"]
-            return [
-                ArtifactInfo(name=n, size=int(v["size"]), sha256=v["sha256"])
-                for n, v in sorted(files.items())
-            ]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StorageError(f"corrupted artifact index at {index_key}") from exc
+        return [] if body is None else decode_index(body, index_key)
 
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object below `prefix`, the index first (idempotent)."""

@@ -87,6 +87,24 @@ def test_upload_list_and_presigned_download(store: S3ArtifactStore, tmp_path: Pa
     assert hashlib.sha256(r.content).digest() == hashlib.sha256(files["model/model.safetensors"]).digest()
 
 
+def test_listing_reads_only_the_index(store: S3ArtifactStore, tmp_path: Path) -> None:
+    """Issue 13, item 4: the listing is one small GET of the upload's index, never the artifacts."""
+    files = _make_job_dir(tmp_path)
+    infos = store.upload_dir(tmp_path, "tenant-e/job-1")
+    calls: list[tuple[str, str]] = []
+
+    def record(model, params, **_: object) -> None:
+        calls.append((model.name, params.get("Key", "")))
+
+    store._client.meta.events.register("before-parameter-build.s3", record)
+    try:
+        listed = store.list("tenant-e/job-1")
+    finally:
+        store._client.meta.events.unregister("before-parameter-build.s3", record)
+    assert listed == infos and sorted(i.name for i in listed) == sorted(files)
+    assert calls == [("GetObject", f"svc/tenant-e/job-1/{INDEX_NAME}")]
+
+
 def test_tampered_urls_are_refused(store: S3ArtifactStore, tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_bytes(b"alpha")
     (tmp_path / "b.txt").write_bytes(b"bravo")
