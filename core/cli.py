@@ -177,28 +177,13 @@ def _progress_printer(quiet: bool) -> Any:
     return show
 
 
-def _quiet_libraries() -> None:
-    """No progress bars of transformers / huggingface_hub on stderr (``--quiet``)."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm bars created directly by any library
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    if hasattr(hf_logging, "set_tqdm_hook"):  # also bars made while something re-enabled them
-        hf_logging.set_tqdm_hook(lambda _factory, args, kwargs: hf_logging.EmptyTqdm(*args, **kwargs))
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except ImportError:
-        pass
-
-
 def _cmd_prune(args: argparse.Namespace) -> int:
     from core.export import check_out_dir
 
     if args.quiet:
-        _quiet_libraries()
+        from core.quiet import silence_progress_bars
+
+        silence_progress_bars()
     spec = spec_from_args(args)
     check_out_dir(args.out)
     from core.pipeline import run

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-dense-baseline", action="store_true", help="skip the dense perplexity")
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     s.add_argument("--wait", action="store_true", help="follow progress (stderr) until the job ends")
+    s.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress on stderr")
     s.add_argument(
         "--download",
         type=Path,
@@ -350,8 +351,9 @@ def run(args: argparse.Namespace, client: Client, out: TextIO, err: TextIO) -> i
         if not args.wait:
             _emit(args, job, job["id"] if not args.json else "", out)
             return EXIT_OK
-        err.write(f"prunectl: job {job['id']} {job.get('status')}\n")
-        bar = ProgressBar(err) if not args.json else None
+        if not args.quiet:
+            err.write(f"prunectl: job {job['id']} {job.get('status')}\n")
+        bar = None if args.json or args.quiet else ProgressBar(err)
         final = wait_for(client, job, args.poll, bar)
         return _finish(args, client, final, out, err)
     if cmd == "status":

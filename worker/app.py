@@ -21,8 +21,12 @@ def _json_logging(loglevel: int | str | None = None, **_: object) -> None:
 
 @worker_init.connect
 def _preload_engine(**_: object) -> None:
-    """Import the engine (torch) once in the parent so forked children start jobs quickly."""
+    """Import the engine (torch) once in the parent so forked children start jobs quickly; no
+    library progress bars in the log (the job's progress goes to its events)."""
     try:
         import core.pipeline  # noqa: F401
+        from core.quiet import silence_progress_bars
+
+        silence_progress_bars()
     except ImportError as e:  # the task reports a clear error per job instead
         logging.getLogger(__name__).warning("engine not importable yet: %s", e)

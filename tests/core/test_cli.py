@@ -81,7 +81,7 @@ def test_stream_flag() -> None:
 
 def test_exported_weights_get_the_umask_mode_like_every_file(tmp_path: Path, capsys) -> None:
     """Issue 13, item 11: model.safetensors gets the same umask-derived mode as every other file
-    (it was 0600). (--quiet still lets transformers' "Writing model shards" bar through: not fixed.)"""
+    (it was 0600). Library bars under --quiet: tests/core/test_quiet.py."""
     import os
 
     from core.cli import main as core_main
