@@ -54,3 +54,43 @@ def test_done_is_zero_and_fraction_is_clamped() -> None:
     assert est.update(0.0, 0.0) is None
     assert est.update(5.0, 0.5) == 5.0
     assert est.update(6.0, 1.5) == 0.0
+
+
+def _pipeline_timeline(
+    durations: dict[str, float], nblocks: int = 30
+) -> list[tuple[float, float, str, int | None]]:
+    """(t, fraction, stage, block) as `core.pipeline` reports them (its own stage weights), for a job
+    whose stages take `durations` seconds; dense and pruned evaluation report 10 windows each."""
+    from core.pipeline import _Stages
+
+    got: list[tuple[float, float, str, int | None]] = []
+    clock = [0.0]
+    stages = _Stages(list(durations), lambda p: got.append((clock[0], p.fraction, p.stage, p.block)))
+    steps = {"pruning": nblocks, "dense_eval": 10, "pruned_eval": 10}
+    for key, seconds in durations.items():
+        stage = "evaluating" if key.endswith("_eval") else key
+        stages.emit(key, 0.0, stage)
+        n = steps.get(key, 1)
+        for i in range(1, n + 1):
+            clock[0] += seconds / n
+            block = i if key == "pruning" else None
+            stages.emit(key, i / n, stage, block=block, nblocks=nblocks if block else None)
+    return got
+
+
+def test_the_pipeline_schedule_of_a_30_s_job_never_shows_minutes() -> None:
+    """The issue's case on the pipeline's real fraction schedule: slow load and a dense baseline
+    before any block is pruned, then 30 fast blocks (30 s in all)."""
+    durations = {"loading": 9.0, "calibrating": 2.0, "dense_eval": 6.0, "pruning": 8.0}
+    durations |= {"pruned_eval": 4.0, "exporting": 1.0}
+    total = sum(durations.values())
+    points = _pipeline_timeline(durations)
+    naive = max(t * (1 - f) / f for t, f, _, _ in points if f >= 0.01 and t > 0)
+    assert naive > 2 * total  # the old formula: minutes for a 30 s job
+    est = EtaEstimator()
+    shown = [(t, est.update(t, f, stage, block)) for t, f, stage, block in points]
+    assert all(eta is None for t, eta in shown if t < 9.0 + 2.0 + 6.0)  # nothing before pruning
+    late = [(t, eta) for t, eta in shown if eta is not None]
+    assert late and late[-1][1] == 0.0
+    for t, eta in late:
+        assert eta <= max(2.0 * (total - t), 5.0), (t, eta, total - t)

@@ -45,6 +45,8 @@ def test_run_exports_reloadable_sparse_model(
     )
 
     assert REPORT_KEYS <= set(report) and TIMINGS <= set(report["timings"])
+    host = report["versions"]["host"]  # what the weights depend on beyond the spec (issue 13, item 10)
+    assert host["cpu_model"] and host["aten_cpu_capability"] and host["torch_threads"] >= 1
     assert report["model"]["family"] == family and report["model"]["nblocks"] == 2
     assert report["calibration"] == {
         "source": report["calibration"]["source"],
