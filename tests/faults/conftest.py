@@ -39,7 +39,7 @@ LEASE_EXPIRE = 6.0
 OUTBOX = "prune:outbox"
 
 PLAN: dict[str, dict[str, Any]] = {
-    "poison": {"action": "kill", "stage": "pruning", "block": 1},
+    "poison": {"action": "kill", "stage": "loading"},  # every attempt loads (pruning resumes past a block)
     "kill-child": {"action": "hold", "stage": "pruning", "block": 1, "max_attempt": 1},
     "kill-worker": {"action": "hold", "stage": "pruning", "block": 1, "max_attempt": 1},
     "pause-redis": {"action": "hold", "stage": "pruning", "block": 1, "hold_s": 4},

@@ -2,7 +2,7 @@
 
 PRUNE_FAULT_PLAN is a JSON object mapping a substring of a job's model source to a fault:
 
-    {"poison": {"action": "kill", "stage": "pruning", "block": 1},
+    {"poison": {"action": "kill", "stage": "loading"},
      "hold-loading": {"action": "hold", "stage": "loading", "max_attempt": 1},
      "api-dies": {"action": "kill_api"}}
 

@@ -80,11 +80,12 @@ def test_cancelled_queued_jobs_cost_no_pool_process_and_no_queue_depth(faults: F
     text = faults.http.get("/metrics").text
     assert "prune_queue_depth 0.0" in text  # nothing runnable waits
     assert set(queued) <= set(faults.broker_job_ids())  # their messages are still in the broker
-    offset = len(faults.logs("worker"))
+    worker_log = faults.stack.logs / "worker.log"
+    offset = worker_log.stat().st_size
     assert faults.http.post(f"/v1/jobs/{busy}/cancel").json()["status"] == "cancelling"
     after = faults.submit()
     assert faults.wait_done(after)["status"] == "succeeded"
-    log = faults.logs("worker")[offset:]
+    log = worker_log.read_bytes()[offset:].decode(errors="replace")
     for job_id in queued:  # dropped by the worker's main process: no pool process, no engine
         assert f"job {job_id}: message dropped before the pool (cancelled)" in log, log
         assert f"job {job_id}: cancelled, not running it" not in log

@@ -160,7 +160,7 @@ def test_upload_failure_requeues_and_the_retry_uploads_without_pruning_again(fau
 
 
 def test_job_that_kills_its_worker_fails_after_the_cap_and_the_next_job_runs(faults: FaultStack) -> None:
-    poison = faults.submit("poison")  # SIGKILLs its pool child at pruning block 1, every attempt
+    poison = faults.submit("poison")  # SIGKILLs its pool child while loading, every attempt
     job = faults.wait_done(poison)
     assert job["status"] == "failed", job
     assert job["attempts"] == 3
