@@ -1,24 +1,27 @@
 """What resuming saves: the real SmolLM2 job on the real stack, fresh vs. killed at ~80% of pruning.
 
-One stack (Redis, API, one Celery worker; lease renewed every 1 s, expiring after 4 s; the dense
-baseline cache off so both runs evaluate the dense model). Job A runs undisturbed. Job B, the same
-spec, runs until its progress reports block >= 80% of the blocks pruned; then the whole worker (main
-process and pool child) is SIGKILLed and a new one started on the same host: the API's sweeper
-re-queues B when its lease expires, and attempt 2 continues from the block checkpoints in the work
-dir. Reported: each attempt's run time from its `running` event to its end (Redis stream ids), the
+One stack (Redis, API, one Celery worker; lease renewed every 1 s, expiring after 4 s). Job A runs
+undisturbed on a host that has never seen the model. The host's dense-baseline cache is then emptied
+and job B, the same spec, runs until its progress reports block >= 80% of the blocks pruned; then
+the whole worker (main process and pool child) is SIGKILLed and a new one started on the same host:
+the API's sweeper re-queues B when its lease expires, and attempt 2 continues from the block
+checkpoints in the work dir (and reuses the dense baseline attempt 1 measured on this host;
+`--no-baseline-cache` turns the cache off for both jobs).
+Reported: each attempt's run time from its `running` event to its end (Redis stream ids), the
 ratio attempt-2 / fresh, and the wall time from the kill to B's success (lease expiry + worker start
 included). `--source hf` runs the same weights as a Hugging Face safetensors directory (converted
 from the GGUF file first) instead of the GGUF file, whose dequantizing load is a fixed cost of
 every attempt.
 
-    /work/tools/bench "resume" env HF_HUB_OFFLINE=1 python bench/resume.py --windows 8 \
-        > docs/bench/resume.json
+    /work/tools/bench "resume" env HF_HUB_OFFLINE=1 python bench/resume.py --source hf --windows 8 \
+        > docs/bench/resume-hf.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -87,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows (the demo uses 40)")
     ap.add_argument("--source", choices=["gguf", "hf"], default="gguf")
+    ap.add_argument("--no-baseline-cache", action="store_true", help="PRUNE_BASELINE_CACHE=off")
     args = ap.parse_args()
     body = demo_request()
     body["evaluation"]["max_windows"] = args.windows
@@ -100,7 +104,7 @@ def main() -> None:
         env = {
             "PRUNE_DATA_DIR": str(data_dir()),
             "PRUNE_MODEL_ROOTS": ":".join(roots),
-            "PRUNE_BASELINE_CACHE": "off",
+            **({"PRUNE_BASELINE_CACHE": "off"} if args.no_baseline_cache else {}),
             "PRUNE_LEASE_RENEW": "1",
             "PRUNE_LEASE_EXPIRE": "4",
         }
@@ -112,6 +116,7 @@ def main() -> None:
             assert fresh["status"] == "succeeded", fresh
             print(f"fresh: {attempts(_events(http, fresh_id))}", file=sys.stderr)
 
+            shutil.rmtree(home / "stack" / "cache", ignore_errors=True)  # B's host has not seen it either
             job_id = http.post("/v1/jobs", json=body).json()["id"]
 
             def late_in_pruning(j: dict[str, Any]) -> bool:
@@ -134,6 +139,7 @@ def main() -> None:
         "what": f"SmolLM2-135M ({args.source}) wanda 2:4, 32x512 calibration, {args.windows}x512 eval "
         "windows, no generations; job B SIGKILLed (worker main + child) late in pruning, resumed on the "
         "same host",
+        "baseline_cache": not args.no_baseline_cache,
         "killed_at": {"block": at["block"], "nblocks": at["nblocks"]},
         "attempts": runs,
         "fresh_s": runs["fresh"][0]["s"],

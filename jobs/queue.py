@@ -61,7 +61,7 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
 
 
 class Queue:
-    """Enqueue jobs and report queue depth."""
+    """Enqueue jobs and count the broker's messages."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings

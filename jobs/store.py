@@ -16,7 +16,7 @@ Layout (prefix "prune"):
 - `prune:blocks`                   hash of per-block pruning time histogram buckets (metrics, worker)
 - `prune:active:<tenant>`          set of the tenant's queued/running/cancelling job ids (quota)
 - `prune:outbox`                   sorted set of queued jobs whose task message is not known to be sent
-                                   (score: Unix time of creation or of the last re-send; jobs.outbox)
+                                   (score: Unix time of creation or of the last re-send; jobs.lifecycle)
 - `prune:events:<id>`              the job's event stream (jobs.events)
 - `prune:lease:<id>`               id of the worker holding the running job, with a TTL (the lease,
                                    jobs.lifecycle); gone when the worker stopped renewing it
@@ -29,8 +29,9 @@ concurrent cancel and start can never both win, and the stream and record always
 
 Outbox: `create` records the job in `prune:outbox` and gives it a delivery token (`Job.delivery`) in
 the same script; the API sends the task with that token, then `confirm_sent` drops the entry. A job
-leaving `queued` leaves the outbox in the same transaction. `jobs.outbox.sweep` re-sends old entries
-with a fresh token (`reissue`), so a job whose API died before sending it still runs, once.
+leaving `queued` leaves the outbox in the same transaction. `jobs.lifecycle.resend_unsent` re-sends
+old entries with a fresh token (`reissue`), so a job whose API died before sending it still runs,
+once. The job lifecycle built on these transactions (claims, leases, re-queues) is jobs.lifecycle.
 
 Retention: every transition into a terminal status adds the job to `prune:finished` in the same
 transaction. `delete_finished` removes a finished job's record, event stream, index entries and
