@@ -124,11 +124,39 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ]
     lines += markdown_sections(report)
+    lines += _expert_lines(report.get("experts"), cal)
+    lines += _warning_lines(report.get("warnings"))
     lines += _artifact_lines(report.get("artifacts"))
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in t.items()]
     lines += ["", f"Peak RSS: {_fmt(report.get('peak_rss_mb'), 0)} MB", ""]
     return "\n".join(lines)
+
+
+def _expert_lines(experts: list[dict[str, Any]] | None, cal: dict[str, Any]) -> list[str]:
+    """Calibration tokens the router sent to each expert, per experts module."""
+    if not experts:
+        return []
+    lines = [
+        "## Experts",
+        "",
+        f"Calibration tokens routed to each expert ({cal['nsamples'] * cal['seqlen']:,} tokens in all; "
+        "a token goes to top-k experts). An expert that saw none is pruned by magnitude.",
+        "",
+        "| experts module | tokens per expert (expert 0, 1, ...) | min | max | saw none (magnitude) |",
+        "|---|---|---|---|---|",
+    ]
+    for e in experts:
+        tok = e["tokens"]
+        none = ", ".join(map(str, e.get("fallback_magnitude") or [])) or "-"
+        lines.append(f"| `{e['module']}` | {' '.join(map(str, tok))} | {min(tok)} | {max(tok)} | {none} |")
+    return [*lines, ""]
+
+
+def _warning_lines(warnings: list[str] | None) -> list[str]:
+    if not warnings:
+        return []
+    return ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
 
 
 def _artifact_lines(art: dict[str, Any] | None) -> list[str]:
