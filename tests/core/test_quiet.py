@@ -51,13 +51,3 @@ def test_cli_prune_quiet_prints_nothing_on_stderr(tiny_model_dir, small_text: Pa
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == ""
     assert (tmp_path / "quiet" / "model" / "model.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_cli_quiet_on_the_real_gguf_model(smollm2_gguf: Path, small_text: Path, tmp_path: Path) -> None:
-    """The real SmolLM2 GGUF: its conversion bar and the export bar both stay off stderr."""
-    cmd = ["-m", "core", "prune", "--model", str(smollm2_gguf), "--pattern", "2:4", "--quiet"]
-    cmd += ["--calibration", str(small_text), "--nsamples", "1", "--seqlen", "32", "--no-eval"]
-    res = _python(*cmd, "--out", str(tmp_path / "out"))
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == ""
