@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -17,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import Cancelled, CoreError
 from core.eta import EtaEstimator
 from core.progress import Progress
+from core.result import RunReport
 from core.spec import RunSpec
 from jobs.events import EventLog
 from jobs.redisconn import connect
@@ -115,19 +115,25 @@ def _claim(ctx: Context, job_id: str, token: str | None = None) -> Job:
     return ctx.store.mutate(job_id, fn)[0]
 
 
-def summarize(report: dict[str, Any]) -> JobSummary:
+def summarize(report: RunReport) -> JobSummary:
     """Headline metrics from the engine's report."""
-    ev = report.get("evaluation") or {}
-    sp = report.get("sparsity") or {}
-    timings = {k: float(v) for k, v in (report.get("timings") or {}).items() if isinstance(v, int | float)}
+    ev, v, sw = report.evaluation, report.verdict, report.sweep
+    variants = [
+        {"label": x.label, "method": x.method, "pattern": x.pattern, "sparsity": x.sparsity,
+         "pruned_ppl": x.pruned_ppl, "ppl_ratio": x.ppl_ratio, "passed": x.gate.passed if x.gate else None}
+        for x in (sw.variants if sw else [])
+    ]  # fmt: skip
     return JobSummary(
-        dense_ppl=ev.get("dense_ppl"),
-        pruned_ppl=ev.get("pruned_ppl"),
-        sparsity=sp.get("overall"),
-        durations=timings,
-        ppl_ratio=(report.get("verdict") or {}).get("ratio"),
-        verdict=(report.get("verdict") or {}).get("label"),
-        gate=report.get("gate"),
+        dense_ppl=ev.dense_ppl if ev else None,
+        pruned_ppl=ev.pruned_ppl if ev else None,
+        sparsity=report.sparsity.overall,
+        durations={k: float(t) for k, t in report.timings.items()},
+        ppl_ratio=v.ratio if v else None,
+        verdict=v.label if v else None,
+        gate=report.gate.model_dump(mode="json") if report.gate else None,
+        variant=sw.headline if sw else None,
+        variants=variants,
+        tasks=[t.model_dump(include={"task", "metric", "dense", "pruned"}) for t in (ev.tasks if ev else [])],
     )
 
 
@@ -143,14 +149,14 @@ class _Reporter:
     ) -> None:
         self.ctx, self.job_id = ctx, job_id
         self.t0 = time.monotonic()
-        self.last: tuple[str, int | None] | None = None
+        self.last: tuple[str, int | None, str | None] | None = None
         self.last_t = 0.0
         self.fault = fault
         self.notifier = notifier
         self.prev_t = self.t0  # time of the previous engine callback (block timing)
         self.eta = EtaEstimator()  # smoothed: no swings early in the job
         self.last_block: int | None = None
-        self.hook_key: tuple[str, int | None] | None = None
+        self.hook_key: tuple[str, int | None, str | None] | None = None
 
     def _observe_block(self, p: Progress, t: float) -> None:
         """Per-block pruning time (since the previous callback) into the shared histogram."""
@@ -170,7 +176,7 @@ class _Reporter:
         frac = min(max(float(p.fraction), 0.0), 1.0) * share
         t = time.monotonic()
         self._observe_block(p, t)
-        key = (p.stage, p.block)
+        key = (p.stage, p.block, p.variant)
         if key == self.last and t - self.last_t < THROTTLE_S:
             return
         self.last, self.last_t = key, t
@@ -182,6 +188,7 @@ class _Reporter:
             fraction=round(frac, 4),
             eta_s=eta,
             message=p.message,
+            variant=p.variant,
         )
         try:
             self.ctx.store.set_progress(self.job_id, prog)
@@ -324,7 +331,7 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
     raise AssertionError("unreachable")
 
 
-def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any]:
+def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> RunReport:
     from core import pipeline  # torch lives behind this import
 
     checked = run_spec(job)
@@ -340,8 +347,6 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> dict[str, Any
         should_cancel=rep.should_cancel,
         data_dir=ctx.settings.data_dir,
     )
-    if not isinstance(report, dict):
-        report = json.loads((out / "report.json").read_text())
     return report
 
 
