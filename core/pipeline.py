@@ -275,6 +275,12 @@ class _InMemoryRun:
         from core.loading import hub_online, load_model, model_context
 
         spec, ev = self.spec, self.spec.evaluation
+        self.tasks: list[Any] = []
+        if ev.tasks:  # a missing task fails the run before any weight is read
+            from core import zeroshot
+
+            root = data.default_data_dir(self.data_dir)
+            self.tasks = [zeroshot.resolve(name, root, hub_online()) for name in ev.tasks]
         check_cancel(self.should_cancel)
         self.stages.emit("loading", 0.0, "loading", f"loading {spec.model.source}")
         t = time.perf_counter()
@@ -298,12 +304,6 @@ class _InMemoryRun:
         if ev.enabled:
             text, self.eval_source = data.load_text(ev.source, "evaluation", ev.text_field, self.data_dir)
             self.eval_ids = data.tokenize(self.tok, text)
-        self.tasks = []
-        if ev.tasks:
-            from core import zeroshot
-
-            root = data.default_data_dir(self.data_dir)
-            self.tasks = [zeroshot.resolve(name, root, hub_online()) for name in ev.tasks]
         self.timings["calibrate_s"] = time.perf_counter() - t
         shape = f"{self.calibration.shape[0]} windows x {self.seqlen} tokens"
         self.stages.emit("calibrating", 1.0, "calibrating", shape)
@@ -468,11 +468,11 @@ class _InMemoryRun:
             variant=label,
         )
 
-    def _export(self, i: int, root: Path, report: RunReport) -> float:
-        """Write variant ``i``'s model artifacts under ``root``; the seconds it took."""
+    def _export(self, i: int, root: Path, report: RunReport, shown: Path | str) -> float:
+        """Write variant ``i``'s model artifacts under ``root`` (``shown`` in messages); seconds taken."""
         label, tag = self._tag(i)
         check_cancel(self.should_cancel)
-        self.stages.emit(f"exporting{i}", 0.0, "exporting", f"{tag}writing {root.name}", variant=label)
+        self.stages.emit(f"exporting{i}", 0.0, "exporting", f"{tag}writing {shown}", variant=label)
         t = time.perf_counter()
         root.mkdir(parents=True, exist_ok=True)
         outputs = self.spec.outputs
@@ -492,7 +492,7 @@ class _InMemoryRun:
             with export.staging_dir(out) as tmp:
                 if not self.sweep:
                     report = self._prune_variant(0, self.variants[0][1], resume_dir, cache)
-                    self.timings["export_s"] = self._export(0, tmp, report)
+                    self.timings["export_s"] = self._export(0, tmp, report, out)
                     report.timings = self.timings
                 else:
                     report = self._sweep(tmp, snapshot, resume_dir, cache)
@@ -521,14 +521,14 @@ class _InMemoryRun:
                 self._add("restore_s", time.perf_counter() - t)
             rep = self._prune_variant(i, prune, resume_dir, cache)
             vroot = tmp / sweep.VARIANTS_DIR / label
-            rep.timings["export_s"] = self._export(i, vroot, rep)
+            rep.timings["export_s"] = self._export(i, vroot, rep, f"{sweep.VARIANTS_DIR}/{label}")
             vspec = self.spec.model_copy(update={"prune": prune, "sweep": None})
             report_doc.finish(vroot, rep, vspec)
             export.write_reports(vroot, rep, self.spec.outputs)
             self._add("export_s", rep.timings["export_s"])
             entries.append(sweep.variant_entry(label, prune, rep, rep.timings["prune_s"]))
             reports[label] = rep
-            self.stages.emit(f"exporting{i}", 1.0, "exporting", f"[{label}] done", variant=label)
+            self.stages.emit(f"exporting{i}", 1.0, "exporting", f"{self._tag(i)[1]}exported", variant=label)
         result, top_gate = sweep.summarize(entries, self.spec.gate)
         result.captures = cache.captures
         head = reports[result.headline]
