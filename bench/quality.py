@@ -132,16 +132,16 @@ def main() -> None:
             ev = ppl()
             eval_s = time.perf_counter() - t
         sp = evaluate.sparsity_report(model, spec)
-        errs = [r["recon_error"] for r in info["layer_records"].values() if r.get("recon_error") is not None]
-        swaps = sum(r.get("dsnot", {}).get("swaps", 0) for r in info["layer_records"].values())
+        errs = [r["recon_error"] for r in info.layer_records.values() if r.get("recon_error") is not None]
+        swaps = sum(r.get("dsnot", {}).get("swaps", 0) for r in info.layer_records.values())
         row.update(
             ppl=ev["ppl"],
             sparsity_measured=sp["overall"],
             nm_ok=sp.get("nm_ok"),
-            prune_s=round(info["prune_s"], 2),
-            mask_s=round(info["mask_s"], 2),
-            owl_s=round(info["owl"]["first_pass_s"], 2) if info.get("owl") else None,
-            owl_block_sparsity=info["owl"]["block_sparsity"] if info.get("owl") else None,
+            prune_s=round(info.prune_s, 2),
+            mask_s=round(info.mask_s, 2),
+            owl_s=round(info.owl["first_pass_s"], 2) if info.owl else None,
+            owl_block_sparsity=info.owl["block_sparsity"] if info.owl else None,
             recon_error_mean=statistics.fmean(errs) if errs else None,
             dsnot_swaps=swaps if spec.refine == "dsnot" else None,
             eval_s=round(eval_s, 2),

@@ -135,7 +135,7 @@ def main() -> None:
             "baseline_s": round(base_s, 2),
             "engine_s": round(eng_s, 2),
             "speedup": round(base_s / eng_s, 2),
-            "engine_mask_s": round(rep["mask_s"], 3),
+            "engine_mask_s": round(rep.mask_s, 3),
             "masks": compare(eng_masks, base_masks),
         }
         print(pattern, result["wanda"][pattern], file=sys.stderr, flush=True)
@@ -158,7 +158,7 @@ def main() -> None:
     for method in ("wanda", "sparsegpt"):
         spec = PruneSpec(method=method, pattern="unstructured", batch_size=args.batch_size)
         rep, total = timed(engine.prune, copy.deepcopy(dense), sg_cal, spec)
-        mask_cmp[method] = {"mask_s": round(rep["mask_s"], 3), "prune_s": round(total, 2)}
+        mask_cmp[method] = {"mask_s": round(rep.mask_s, 3), "prune_s": round(total, 2)}
     mask_cmp["sparsegpt_over_wanda_mask_time"] = round(
         mask_cmp["sparsegpt"]["mask_s"] / mask_cmp["wanda"]["mask_s"], 1
     )
