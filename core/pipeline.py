@@ -652,6 +652,7 @@ def _run_streaming(
             check_cancel(should_cancel)
             timings["export_s"] = st["export_s"] + time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
+            report.timings = timings  # validation copied the dict: hand it the finished one
             rss._sample()
             report.peak_rss_mb = round(rss.mb, 1)
             report_doc.finish(tmp, report, spec)

@@ -86,6 +86,12 @@ def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path
     assert report.verdict.ratio == pytest.approx(ratio)
     png = out / "plots" / "layer_sparsity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from core.report.plots import block_recon
+
+    rows = block_recon(report.layers)
+    assert [b for b, _, _ in rows] == [0, 1] and all(0 < mean <= mx for _, mean, mx in rows)
+    assert (out / "plots" / "block_recon_error.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](plots/block_recon_error.png)" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Quality gate" in html
     md = (out / "report.md").read_text()
