@@ -25,12 +25,13 @@ from api.ui import router as ui_router
 from jobs import logs
 from jobs.auth import KeyRing
 from jobs.events import EventLog
-from jobs.outbox import sweep as sweep_outbox
+from jobs.lifecycle import resend_unsent, sweep_leases
 from jobs.queue import Queue
 from jobs.redisconn import API_RETRIES, aconnect, connect
 from jobs.retention import sweep_all as sweep_retention
 from jobs.settings import Settings, get_settings
 from jobs.sources import SourcePolicy, service_policy
+from jobs.spec import Job
 from jobs.storage import make_store
 from jobs.store import JobStore
 from jobs.webhooks import secret_from_env
@@ -135,13 +136,28 @@ def create_app(
                     _every(
                         settings.outbox_interval,
                         "outbox sweep",
-                        sweep_outbox,
+                        resend_unsent,
                         svc.store,
                         svc.queue,
                         settings.outbox_age,
                     )
                 )
             )
+
+        def drop_artifacts(job: Job) -> None:  # a job the lease sweeper failed or cancelled
+            svc.artifacts.delete_prefix(f"{job.tenant}/{job.id}")
+
+        # re-queue jobs whose worker stopped renewing its lease (a lost host)
+        lease_sweep = _every(
+            settings.lease_renew_s,
+            "lease sweep",
+            sweep_leases,
+            svc.store,
+            svc.queue,
+            settings.max_attempts,
+            drop_artifacts,
+        )
+        tasks.append(asyncio.create_task(lease_sweep))
         retention_s = settings.retention_s
         if settings.retention_interval > 0 and retention_s is not None:  # delete old finished jobs
             tasks.append(

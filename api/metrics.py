@@ -1,5 +1,5 @@
-"""Prometheus metrics: HTTP latency (middleware) plus job counts, queue depth and job durations
-read from Redis at scrape time (the worker runs in other processes)."""
+"""Prometheus metrics: HTTP latency (middleware) plus job counts, queue depth, job durations, live
+workers, leases and re-queues read from Redis at scrape time (the worker runs in other processes)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from jobs import lifecycle
 
 if TYPE_CHECKING:
     from api.deps import Services
@@ -26,7 +28,8 @@ class JobsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         try:
             counts = self.svc.store.status_counts()
-            depth = self.svc.queue.depth()
+            messages = self.svc.queue.messages()
+            life = lifecycle.counts(self.svc.store)
             buckets, total = self.svc.store.duration_histogram()
             block_buckets, block_total = self.svc.store.block_histogram()
             deleted = self.svc.store.deleted_count()
@@ -42,7 +45,34 @@ class JobsCollector(Collector):
         yield CounterMetricFamily(
             "prune_jobs_deleted", "Finished jobs deleted by retention (PRUNE_RETENTION_DAYS).", value=deleted
         )
-        yield GaugeMetricFamily("prune_queue_depth", "Tasks waiting in the broker queue.", value=depth)
+        yield GaugeMetricFamily(
+            "prune_queue_depth",
+            "Runnable jobs waiting for a worker (queued; not cancelled).",
+            value=counts["queued"],
+        )
+        yield GaugeMetricFamily(
+            "prune_broker_messages",
+            "Task messages in the broker list, including those of cancelled or superseded jobs.",
+            value=messages,
+        )
+        yield GaugeMetricFamily(
+            "prune_workers_live",
+            "Workers whose heartbeat is current (PRUNE_LEASE_EXPIRE).",
+            value=life["workers"],
+        )
+        yield GaugeMetricFamily(
+            "prune_leases_live", "Running jobs whose lease is current.", value=life["leases"]
+        )
+        yield CounterMetricFamily(
+            "prune_leases_expired",
+            "Leases the sweeper found expired (the job's worker stopped renewing it).",
+            value=life["leases_expired"],
+        )
+        yield CounterMetricFamily(
+            "prune_requeues",
+            "Jobs put back in the queue for another attempt (lease expired, upload failed).",
+            value=life["requeued"],
+        )
         yield HistogramMetricFamily(
             "prune_job_duration_seconds",
             "Run time of finished jobs (start to end).",

@@ -17,14 +17,14 @@ from pydantic import BaseModel, Field
 from api.deps import Services, authenticated, current_tenant, services, unique_json_keys
 from api.problems import ProblemError, problems
 from core import tasks
-from jobs import faults
+from jobs import lifecycle
 from jobs.auth import Tenant as AuthTenant
 from jobs.events import Event, check_id
 from jobs.logs import set_job_id
 from jobs.sources import SourceRefused
-from jobs.spec import TERMINAL, Job, JobError, JobPage, JobRequest, JobStatus
+from jobs.spec import TERMINAL, Job, JobPage, JobRequest, JobStatus
 from jobs.storage.local import LocalArtifactStore, safe_name
-from jobs.store import IdempotencyConflict, InvalidTransition, JobNotFound, TooManyActiveJobs
+from jobs.store import IdempotencyConflict, JobNotFound, TooManyActiveJobs
 from jobs.webhooks import WebhookError, validate_url
 
 log = logging.getLogger("api")
@@ -108,8 +108,14 @@ def create_job(
     if body.webhook is not None:
         _check_webhook(svc, body.webhook.url)
     try:
-        job, created = svc.store.create(
-            tenant, body, idempotency_key, max_active=principal.max_active_jobs, sources=sources
+        job, created = lifecycle.submit(
+            svc.store,
+            svc.queue,
+            tenant,
+            body,
+            idempotency_key,
+            max_active=principal.max_active_jobs,
+            sources=sources,
         )
     except IdempotencyConflict as e:
         raise ProblemError(
@@ -125,30 +131,15 @@ def create_job(
             headers={"Retry-After": str(RETRY_AFTER_S)},
             limit=e.limit,
         ) from None
+    except lifecycle.QueueUnavailable as e:
+        raise ProblemError(503, str(e), "queue-unavailable") from None
     set_job_id(job.id)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id).path)
     if created:
         log.info("job %s: created for tenant %s", job.id, tenant)
-        faults.after_create(body.model.source)  # no-op unless PRUNE_FAULTS=1 (tests: the API dies here)
-    response.headers["Location"] = str(request.url_for("get_job", job_id=job.id).path)
-    if not created:
+    else:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-        return job
-    try:
-        svc.queue.enqueue(job.id, job.delivery)
-    except Exception as e:
-        log.exception("enqueue failed for job %s", job.id)
-        svc.store.transition(
-            job.id,
-            [JobStatus.queued],
-            JobStatus.failed,
-            error=JobError(code="queue_unavailable", message="the job queue is unavailable"),
-        )
-        raise ProblemError(503, f"could not queue the job: {type(e).__name__}", "queue-unavailable") from None
-    try:
-        svc.store.confirm_sent(job.id, job.delivery)
-    except Exception as e:  # the task is sent: the outbox sweeper sends it again, superseding this one
-        log.warning("job %s: sent but not confirmed (%s)", job.id, e)
     return job
 
 
@@ -222,27 +213,21 @@ def get_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
 def cancel_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
     """A queued job is cancelled at once and never starts; a running one becomes `cancelling` and stops
     at the next block boundary. Repeating a cancel is harmless; a finished job answers 409."""
-    job = _job(svc, tenant, job_id)
-    for _ in range(5):
-        try:
-            if job.status == JobStatus.queued:
-                return svc.store.transition(job_id, [JobStatus.queued], JobStatus.cancelled)
-            if job.status == JobStatus.running:
-                return svc.store.transition(job_id, [JobStatus.running], JobStatus.cancelling)
-            if job.status == JobStatus.cancelling:
-                return job
-            raise ProblemError(
-                409,
-                f"job {job_id} is already {job.status.value}",
-                "job-finished",
-                "Job finished",
-                job_status=job.status.value,
-            )
-        except InvalidTransition as e:  # it moved meanwhile (e.g. started): retry on its new status
-            job = e.job
-        except JobNotFound:  # deleted by retention meanwhile
-            raise _not_found(job_id) from None
-    raise ProblemError(409, f"job {job_id} changed too often; retry", "conflict")
+    _job(svc, tenant, job_id)
+    try:
+        return lifecycle.cancel(svc.store, job_id)
+    except lifecycle.JobFinished as e:
+        raise ProblemError(
+            409,
+            f"job {job_id} is already {e.job.status.value}",
+            "job-finished",
+            "Job finished",
+            job_status=e.job.status.value,
+        ) from None
+    except JobNotFound:  # deleted by retention meanwhile
+        raise _not_found(job_id) from None
+    except lifecycle.CancelConflict as e:
+        raise ProblemError(409, str(e), "conflict") from None
 
 
 def _sse(ev: Event) -> str:

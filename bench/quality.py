@@ -58,7 +58,7 @@ def configs() -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("docs/bench/quality.json"))
+    ap.add_argument("--out", type=Path, default=Path("docs/bench/quality_methods.json"))
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)

@@ -1,4 +1,4 @@
-"""``python -m core``: prune a model, measure a model's perplexity, or unpack a compact artifact.
+"""``python -m core``: prune a model, inspect what would be pruned, measure perplexity, unpack.
 
 ``prune`` prints the report JSON on stdout and progress on stderr; ``eval`` prints a JSON
 result on stdout. Bad arguments and invalid input exit with code 2 and a one-line message on
@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("dense", "compact", "int8", "compact-int8"),
         help="model artifact to write (repeat; default dense): docs/formats.md",
     )
+
+    ins = sub.add_parser(
+        "inspect", help="print what would be pruned (blocks, layers, experts), prune nothing"
+    )
+    ins.add_argument("--model", required=True, help="Hugging Face directory, .gguf file, or hub id (online)")
+    ins.add_argument("--gguf-file", help="GGUF file name inside --model (a directory)")
+    ins.add_argument("--ignore", action="append", default=[], help="fnmatch pattern of layers to keep dense")
+    ins.add_argument("--prune-routers", action="store_true", help="count MoE routers/gates as pruned")
+    ins.add_argument("--json", action="store_true", help="print the full description as JSON")
 
     un = sub.add_parser("unpack", help="restore a compact directory as a standard Hugging Face directory")
     un.add_argument("dir", help="compact (or compact-int8) directory")
@@ -222,6 +231,17 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from core.describe import describe_model, format_text
+    from core.spec import ModelSpec
+
+    desc = describe_model(
+        ModelSpec(source=args.model, gguf_file=args.gguf_file), routers=args.prune_routers, ignore=args.ignore
+    )
+    print(json.dumps(desc, indent=2) if args.json else format_text(desc), end="\n" if args.json else "")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import time
 
@@ -266,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_prune(args)
         if args.command == "unpack":
             return _cmd_unpack(args)
+        if args.command == "inspect":
+            return _cmd_inspect(args)
         return _cmd_eval(args)
     except ValidationError as exc:
         print(f"error: invalid arguments: {_validation_message(exc)}", file=sys.stderr)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HESSIAN_LIMIT_BYTES",
+    "Args",
     "BlockResult",
     "CaptureCache",
     "Captured",
@@ -674,9 +675,7 @@ def run_blocks(
                 from core.owl_pass import owl_budgets
 
                 assert cap is not None and store is not None
-                budgets, owl_info = owl_budgets(
-                    blocks, f"{family.blocks}", list(_Batches(store, cap.args[0])), spec, should_cancel
-                )
+                budgets, owl_info = owl_budgets(blocks, family.blocks, store, cap.args, spec, should_cancel)
                 result.owl = owl_info
             for i, block in enumerate(blocks):
                 check_cancel(should_cancel)

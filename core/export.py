@@ -21,7 +21,7 @@ from typing import Any
 
 from core.errors import InvalidInput
 from core.report import markdown_sections
-from core.result import RunReport
+from core.result import CalibrationInfo, ExpertTokens, RunReport
 from core.spec import OutputSpec
 
 __all__ = [
@@ -127,11 +127,39 @@ def render_markdown(report: RunReport) -> str:
             "",
         ]
     lines += markdown_sections(report)
+    lines += _expert_lines(report.experts, cal)
+    lines += _warning_lines(report.warnings)
     lines += _artifact_lines(report.artifacts)
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in report.timings.items()]
     lines += ["", f"Peak RSS: {_fmt(report.peak_rss_mb, 0)} MB", ""]
     return "\n".join(lines)
+
+
+def _expert_lines(experts: list[ExpertTokens], cal: CalibrationInfo) -> list[str]:
+    """Calibration tokens the router sent to each expert, per experts module."""
+    if not experts:
+        return []
+    lines = [
+        "## Experts",
+        "",
+        f"Calibration tokens routed to each expert ({cal.nsamples * cal.seqlen:,} tokens in all; "
+        "a token goes to top-k experts). An expert that saw none is pruned by magnitude.",
+        "",
+        "| experts module | tokens per expert (expert 0, 1, ...) | min | max | saw none (magnitude) |",
+        "|---|---|---|---|---|",
+    ]
+    for e in experts:
+        tok = e.tokens
+        none = ", ".join(map(str, e.fallback_magnitude)) or "-"
+        lines.append(f"| `{e.module}` | {' '.join(map(str, tok))} | {min(tok)} | {max(tok)} | {none} |")
+    return [*lines, ""]
+
+
+def _warning_lines(warnings: list[str] | None) -> list[str]:
+    if not warnings:
+        return []
+    return ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
 
 
 def _artifact_lines(art: dict[str, Any] | None) -> list[str]:

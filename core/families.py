@@ -346,11 +346,8 @@ def prunable_linears(model: nn.Module, family: Family | None = None) -> dict[str
     return out
 
 
-def check_config(config: Any) -> Family:
-    """Refuse, before any weight is read, a config whose model discovery cannot prune.
-
-    Builds the model skeleton on the ``meta`` device (no memory, no weights) and discovers it.
-    """
+def skeleton(config: Any) -> nn.Module:
+    """The model ``config`` describes, built on the ``meta`` device (no memory, no weights)."""
     from accelerate import init_empty_weights
 
     from core.loading import model_class
@@ -358,7 +355,7 @@ def check_config(config: Any) -> Family:
     try:
         cls = model_class(config)
         with init_empty_weights(include_buffers=True):
-            model = cls.from_config(config)
+            return cls.from_config(config)
     except UnsupportedModel:
         raise
     except Exception as exc:
@@ -366,7 +363,14 @@ def check_config(config: Any) -> Family:
             f"cannot build model type {getattr(config, 'model_type', None)!r} to inspect it: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
-    return family_for(model)
+
+
+def check_config(config: Any) -> Family:
+    """Refuse, before any weight is read, a config whose model discovery cannot prune.
+
+    Builds the model skeleton (:func:`skeleton`) and discovers it.
+    """
+    return family_for(skeleton(config))
 
 
 def describe(model: nn.Module, routers: bool = False, ignore: list[str] | None = None) -> dict[str, Any]:

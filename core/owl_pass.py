@@ -5,8 +5,10 @@ pruning pass feeds block ``i`` the outputs of the already pruned blocks ``< i``.
 the ratios come from a separate first pass over the dense model: block by block, the captured
 calibration inputs are run through each (still dense) block with forward pre-hooks collecting
 ``||X_j||^2`` for its prunable linears; the block's Wanda scores ``|W| ||X||`` give its outlier
-ratio, and its dense outputs feed the next block. The cost is one extra forward of the
-calibration set through all blocks (no masks), reported as ``owl.first_pass_s``.
+ratio, and its dense outputs feed the next block. Each block runs with its own captured
+arguments (attention mask of its layer type, its rotary embeddings...), as in the pruning pass.
+The cost is one extra forward of the calibration set through all blocks (no masks), reported as
+``owl.first_pass_s``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from core import families
 from core.allocation import layer_budgets, outlier_ratio, owl_sparsities
-from core.engine import Batch, run_block
+from core.engine import Args, run_block
 from core.methods.wanda import wanda_scores
 from core.progress import CancelFn, check_cancel
 from core.spec import PruneSpec
@@ -33,13 +35,18 @@ __all__ = ["owl_budgets"]
 def owl_budgets(
     blocks: Sequence[nn.Module],
     prefix: str,
-    batches: list[Batch],
+    hidden: Sequence[torch.Tensor],
+    block_args: Sequence[Sequence[Args]],
     spec: PruneSpec,
     should_cancel: CancelFn | None = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """``({layer: pruned count}, info)`` for OWL; ``batches`` (block 0's inputs) are not modified."""
+    """``({layer: pruned count}, info)`` for OWL.
+
+    ``hidden``: block 0's input per batch (not modified); ``block_args[i][j]``: the ``(args,
+    kwargs)`` the model passes block ``i`` for batch ``j`` (:class:`core.engine.Captured`).
+    """
     t0 = time.perf_counter()
-    hidden = [b[0] for b in batches]
+    hidden = list(hidden)
     ratios: list[float] = []
     numels: list[int] = []
     block_layers: list[dict[str, int]] = []
@@ -53,8 +60,8 @@ def owl_budgets(
         handles = [m.register_forward_pre_hook(shared.hook(accs[n])) for n, m in targets.items()]
         try:
             outs = []
-            for h, b in zip(hidden, batches, strict=True):
-                outs.append(run_block(block, (h, b[1], b[2])))
+            for h, (args, kwargs) in zip(hidden, block_args[i], strict=True):
+                outs.append(run_block(block, (h, args, kwargs)))
                 shared.clear()
         finally:
             shared.clear()

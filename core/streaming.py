@@ -26,7 +26,7 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from core import engine, families
+from core.checkpoint import Checkpoint, weight_files
 from core.errors import InvalidInput, ModelLoadError
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.result import PruneResult
@@ -59,35 +60,10 @@ _SKIP_COPY_NAMES = {"config.json", "model.safetensors.index.json", "pytorch_mode
 # --------------------------------------------------------------------------------------------
 
 
-def _weight_files(model_dir: Path) -> dict[str, str]:
-    """``{tensor name: file name}`` from the index, or from the single ``model.safetensors``."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except Exception as exc:
-            raise ModelLoadError(f"corrupted safetensors index {index}: {exc}") from None
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(
-            f"model directory {model_dir} holds no safetensors weights (streaming needs them)"
-        )
-    from safetensors import safe_open
-
-    out: dict[str, str] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                out.update({k: f.name for k in fh.keys()})
-        except Exception as exc:
-            raise ModelLoadError(f"corrupted safetensors file {f}: {exc}") from None
-    return out
-
-
 def checkpoint_bytes(model_dir: str | Path) -> int:
     """Total size of the checkpoint's safetensors files in bytes."""
     model_dir = Path(model_dir)
-    return sum((model_dir / f).stat().st_size for f in set(_weight_files(model_dir).values()))
+    return sum((model_dir / f).stat().st_size for f in set(weight_files(model_dir).values()))
 
 
 def should_stream(
@@ -106,82 +82,6 @@ def should_stream(
 
         available_memory = int(psutil.virtual_memory().available)
     return checkpoint_bytes(model_dir) > fraction * available_memory
-
-
-class Checkpoint:
-    """Reads named tensors from a (sharded) safetensors checkpoint.
-
-    Each :meth:`load` opens the files it needs and closes them before returning, so no mmap'd
-    pages stay mapped between steps. Names are the model's ``state_dict`` names; checkpoints
-    saved without the base-model prefix (old GPT-2/BLOOM/OPT hub files) are resolved too.
-    """
-
-    def __init__(self, model_dir: Path, model: nn.Module | None = None) -> None:
-        self.dir = model_dir
-        self.weight_map = _weight_files(model_dir)
-        self.base_prefix = getattr(model, "base_model_prefix", "") or ""
-        renamings = _renamings(model) if model is not None else []
-        self._to_ckpt = {_model_name(k, renamings): k for k in self.weight_map}
-
-    def resolve(self, name: str) -> str | None:
-        """The checkpoint's name for the model tensor ``name`` (None if absent)."""
-        if name in self._to_ckpt:
-            return self._to_ckpt[name]
-        if name in self.weight_map:
-            return name
-        p = self.base_prefix + "."
-        if self.base_prefix and name.startswith(p) and name[len(p) :] in self.weight_map:
-            return name[len(p) :]
-        return None
-
-    def saved_name(self, name: str) -> str:
-        """The name to write ``name`` under: the checkpoint's own when transformers renames it on
-        load (GPT-NeoX ``embed_out`` -> ``lm_head``), as ``save_pretrained`` reverts those."""
-        return self._to_ckpt.get(name, name)
-
-    def load(self, names: Sequence[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` in ``dtype``, owning its memory; ModelLoadError if one is missing."""
-        from safetensors import safe_open
-
-        by_file: dict[str, list[tuple[str, str]]] = {}
-        for name in names:
-            key = self.resolve(name)
-            if key is None:
-                raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
-            by_file.setdefault(self.weight_map[key], []).append((name, key))
-        out: dict[str, torch.Tensor] = {}
-        for fname, pairs in by_file.items():
-            path = self.dir / fname
-            try:
-                with safe_open(str(path), framework="pt") as fh:
-                    for name, key in pairs:
-                        t = fh.get_tensor(key)
-                        out[name] = t.to(dtype) if t.is_floating_point() else t.clone()
-            except ModelLoadError:
-                raise
-            except Exception as exc:
-                raise ModelLoadError(f"cannot read tensors from {path}: {exc}") from None
-        return out
-
-
-def _renamings(model: nn.Module) -> list[Any]:
-    """transformers' load-time key renamings for ``model`` (plain renamings only)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # pragma: no cover - older transformers: no renamings
-        return []
-    try:
-        return [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
-    except Exception:  # pragma: no cover - be lenient: fall back to identical names
-        return []
-
-
-def _model_name(key: str, renamings: list[Any]) -> str:
-    """The model's ``state_dict`` name of checkpoint tensor ``key`` after load-time renamings."""
-    for r in renamings:
-        key, _ = r.rename_source_key(key)
-    return key
 
 
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -437,7 +337,7 @@ def prune_streaming(
             prefix = f"{family.blocks}.{index}."
             measured.add(families.block_targets(block, prefix[:-1], routers=spec.prune_routers))
             fname = shard_name(len(groups) + index + 1, nshards)
-            sd = {ckpt.saved_name(prefix + k): v for k, v in block.state_dict().items()}
+            sd = ckpt.to_saved({prefix + k: v for k, v in block.state_dict().items()})
             sizes[0] += _save_shard(sd, self.mdir / fname)
             weight_map.update(dict.fromkeys(sd, fname))
             del sd
@@ -483,7 +383,7 @@ def prune_streaming(
             on_progress(Progress(stage="exporting", fraction=0.0, message="writing non-block tensors"))
         for gi, group in enumerate(groups):
             fname = shard_name(gi + 1, nshards)
-            tensors = {ckpt.saved_name(k): v for k, v in ckpt.load(group, dtype).items()}
+            tensors = ckpt.to_saved(ckpt.load(group, dtype))
             total_size += _save_shard(tensors, mdir / fname)
             weight_map.update(dict.fromkeys(tensors, fname))
             del tensors

@@ -20,7 +20,14 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
     (job time limit + 1 h) is above the longest allowed job so a running job is never redelivered
     while its worker is alive.
     """
-    app = Celery("prune", broker=settings.redis_url, backend=settings.redis_url, include=include or [])
+    app = Celery(
+        "prune",
+        broker=settings.redis_url,
+        backend=settings.redis_url,
+        include=include or [],
+        set_as_current=include
+        is not None,  # a sender (API, a worker's re-send) never replaces the worker's app
+    )
     vt = settings.visibility_timeout
     transport = {
         "visibility_timeout": vt,
@@ -54,18 +61,22 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
 
 
 class Queue:
-    """Enqueue jobs and report queue depth."""
+    """Enqueue jobs and count the broker's messages."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.app = make_celery(settings)
         self.r = client or redis.Redis.from_url(settings.redis_url)
 
-    def enqueue(self, job_id: str, token: str | None = None) -> None:
+    def enqueue(self, job_id: str, token: str | None = None, countdown: float | None = None) -> None:
         """Send the run task for `job_id` to the GPU queue, carrying the job's delivery token (a worker
-        skips a message whose token is no longer the record's: it was superseded by a re-send)."""
-        self.app.send_task(RUN_TASK, args=[job_id, token], queue=self.settings.queue, ignore_result=True)
+        skips a message whose token is no longer the record's: it was superseded by a re-send);
+        `countdown`: seconds before a worker may start it."""
+        self.app.send_task(
+            RUN_TASK, args=[job_id, token], queue=self.settings.queue, ignore_result=True, countdown=countdown
+        )
 
-    def depth(self) -> int:
-        """Messages waiting in the broker queue (not counting the one being run)."""
+    def messages(self) -> int:
+        """Messages waiting in the broker queue, runnable or not (a cancelled or superseded job's
+        message stays until a worker's main process drops it; not counting the one being run)."""
         return int(self.r.llen(self.settings.queue))

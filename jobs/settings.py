@@ -39,8 +39,10 @@ class Settings:
     `s3`; the S3 store reads its own PRUNE_S3_* variables), PRUNE_OUTBOX_INTERVAL and PRUNE_OUTBOX_AGE
     (the API's outbox sweeper: seconds between sweeps, 0 = off; age after which a job whose task was
     never confirmed sent is sent again), PRUNE_RETENTION_DAYS (finished jobs older than this are
-    deleted with their artifacts; 0 or empty = kept forever) and PRUNE_RETENTION_INTERVAL (seconds
-    between the API's retention sweeps, 0 = off).
+    deleted with their artifacts; 0 or empty = kept forever), PRUNE_RETENTION_INTERVAL (seconds
+    between the API's retention sweeps, 0 = off), PRUNE_LEASE_RENEW and PRUNE_LEASE_EXPIRE (a worker
+    renews its lease on a running job every PRUNE_LEASE_RENEW seconds; the API's sweeper, which runs
+    as often, re-queues a job whose lease was not renewed for PRUNE_LEASE_EXPIRE seconds).
     """
 
     redis_url: str = "redis://localhost:6379/0"
@@ -62,6 +64,8 @@ class Settings:
     outbox_age: float = 60.0
     retention_days: float = 30.0
     retention_interval: float = 3600.0
+    lease_renew_s: float = 10.0
+    lease_expire_s: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -86,6 +90,8 @@ class Settings:
             outbox_age=float(os.environ.get("PRUNE_OUTBOX_AGE") or cls.outbox_age),
             retention_days=_retention_days(),
             retention_interval=float(os.environ.get("PRUNE_RETENTION_INTERVAL") or cls.retention_interval),
+            lease_renew_s=float(os.environ.get("PRUNE_LEASE_RENEW") or cls.lease_renew_s),
+            lease_expire_s=float(os.environ.get("PRUNE_LEASE_EXPIRE") or cls.lease_expire_s),
         )
 
     @property

@@ -28,6 +28,10 @@ class JobStatus(StrEnum):
 
 
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+HELD: frozenset[JobStatus] = frozenset({JobStatus.running, JobStatus.cancelling})
+"""Statuses in which a worker holds the job (and renews its lease)."""
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.queued, *HELD})
+"""Statuses that count against a tenant's active-job limit: every status but the terminal ones."""
 
 
 WebhookEvent = Literal["started", "progress", "completed"]
@@ -132,8 +136,9 @@ class Job(_Record):
     )
     delivery: str | None = Field(
         default=None,
-        description="Token of the job's current task message; it changes when a job whose first "
-        "enqueue was never confirmed is sent again, and workers skip messages carrying an older one.",
+        description="Token of the job's current task message (its fencing token): it changes whenever "
+        "the job is sent again (first enqueue never confirmed, lease expired, upload retry); workers "
+        "skip messages carrying an older one and every write of a worker holding an older one is refused.",
     )
 
 

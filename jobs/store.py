@@ -16,16 +16,22 @@ Layout (prefix "prune"):
 - `prune:blocks`                   hash of per-block pruning time histogram buckets (metrics, worker)
 - `prune:active:<tenant>`          set of the tenant's queued/running/cancelling job ids (quota)
 - `prune:outbox`                   sorted set of queued jobs whose task message is not known to be sent
-                                   (score: Unix time of creation or of the last re-send; jobs.outbox)
+                                   (score: Unix time of creation or of the last re-send; jobs.lifecycle)
 - `prune:events:<id>`              the job's event stream (jobs.events)
+- `prune:lease:<id>`               id of the worker holding the running job, with a TTL (the lease,
+                                   jobs.lifecycle); gone when the worker stopped renewing it
+- `prune:leases`                   sorted set of held jobs, score: Unix time their lease expires
+- `prune:workers`                  sorted set of worker ids, score: Unix time their heartbeat expires
+- `prune:lifecycle`                hash of lifecycle counters (`leases_expired`, `requeued`; metrics)
 
 Every status change is a WATCH/MULTI transaction that also appends a `status` event, so a
 concurrent cancel and start can never both win, and the stream and record always agree.
 
 Outbox: `create` records the job in `prune:outbox` and gives it a delivery token (`Job.delivery`) in
 the same script; the API sends the task with that token, then `confirm_sent` drops the entry. A job
-leaving `queued` leaves the outbox in the same transaction. `jobs.outbox.sweep` re-sends old entries
-with a fresh token (`reissue`), so a job whose API died before sending it still runs, once.
+leaving `queued` leaves the outbox in the same transaction. `jobs.lifecycle.resend_unsent` re-sends
+old entries with a fresh token (`reissue`), so a job whose API died before sending it still runs,
+once. The job lifecycle built on these transactions (claims, leases, re-queues) is jobs.lifecycle.
 
 Retention: every transition into a terminal status adds the job to `prune:finished` in the same
 transaction. `delete_finished` removes a finished job's record, event stream, index entries and
@@ -49,12 +55,11 @@ from typing import Any
 import redis
 
 from jobs.events import MAXLEN, encode, events_key
-from jobs.spec import TERMINAL, Job, JobPage, JobProgress, JobRequest, JobStatus
+from jobs.spec import ACTIVE, HELD, TERMINAL, Job, JobPage, JobProgress, JobRequest, JobStatus
 
 DURATION_BUCKETS: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, math.inf)
 BLOCK_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, math.inf)
 IDEMPOTENCY_TTL = 24 * 3600
-ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.queued, JobStatus.running, JobStatus.cancelling})
 
 # KEYS: idem, job, idx, idx:queued, counts, events, active, outbox, idemref
 # ARGV: id, record, digest, ttl, idem?, event, maxlen, max active jobs (0 = no limit), outbox score
@@ -110,6 +115,15 @@ class InvalidTransition(Exception):
         self.target = target
 
 
+class Fenced(Exception):
+    """A write carried a delivery token that is no longer the job's (or the job is no longer held):
+    the job was sent again and another attempt owns it now. Nothing was written."""
+
+    def __init__(self, job_id: str, token: str | None) -> None:
+        super().__init__(f"job {job_id}: delivery token {token} is no longer the job's; write refused")
+        self.job_id, self.token = job_id, token
+
+
 class TooManyActiveJobs(Exception):
     """The tenant already has its maximum number of queued or running jobs."""
 
@@ -155,8 +169,25 @@ def request_digest(request: JobRequest) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-Mutation = Callable[[Job], "tuple[Job, list[tuple[str, dict[str, Any]]]] | None"]
+def status_event(previous: JobStatus | None, job: Job, **extra: Any) -> dict[str, Any]:
+    """The payload of the `status` event recording `job`'s move from `previous` (the only place it is
+    built): status, previous, attempts, and the error (failed) or summary (succeeded)."""
+    data: dict[str, Any] = {
+        "status": job.status.value,
+        "previous": previous.value if previous else None,
+        "attempts": job.attempts,
+        **extra,
+    }
+    if job.error is not None and job.status == JobStatus.failed:
+        data["error"] = job.error.model_dump()
+    if job.summary is not None and job.status == JobStatus.succeeded:
+        data["summary"] = job.summary.model_dump()
+    return data
+
+
 Extra = Callable[[Any], None]
+Change = tuple[Job, list[tuple[str, dict[str, Any]]]]
+Mutation = Callable[[Job], "Change | tuple[Job, list[tuple[str, dict[str, Any]]], Extra] | None"]
 
 
 class JobStore:
@@ -207,6 +238,25 @@ class JobStore:
     def _deleted(self) -> str:
         return f"{self.prefix}:deleted"
 
+    def lease_key(self, job_id: str) -> str:
+        """Key holding the id of the worker whose lease on the job is live (expires with the lease)."""
+        return f"{self.prefix}:lease:{job_id}"
+
+    @property
+    def leases_key(self) -> str:
+        """Sorted set of held jobs (score: Unix time their lease expires)."""
+        return f"{self.prefix}:leases"
+
+    @property
+    def workers_key(self) -> str:
+        """Sorted set of worker ids (score: Unix time their heartbeat expires)."""
+        return f"{self.prefix}:workers"
+
+    @property
+    def lifecycle_key(self) -> str:
+        """Hash of lifecycle counters (metrics)."""
+        return f"{self.prefix}:lifecycle"
+
     @property
     def outbox_key(self) -> str:
         """Sorted set of queued jobs whose task message is not confirmed sent (score: Unix time)."""
@@ -246,6 +296,10 @@ class JobStore:
     def outbox(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
         """(job id, score) of outbox entries with a score up to `before`, oldest first."""
         return self._up_to(self.outbox_key, before, limit)
+
+    def leases(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
+        """(job id, lease deadline) of held jobs whose lease expires up to `before`, oldest first."""
+        return self._up_to(self.leases_key, before, limit)
 
     def finished(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
         """(job id, finish time) of jobs that finished up to `before` (Unix time), oldest first."""
@@ -334,7 +388,7 @@ class JobStore:
             self.outbox_key,
             self._idemref(job.id),
         ]
-        event = encode("status", {"status": "queued", "previous": None})["data"]
+        event = encode("status", status_event(None, job))["data"]
         idem = "1" if idempotency_key else "0"
         args = [job.id, job.model_dump_json(), digest, ttl, idem, event, MAXLEN, max_active or 0]
         while True:
@@ -387,18 +441,21 @@ class JobStore:
             self.r.zrem(self.outbox_key, job_id)
         return token if changed else None
 
-    def mutate(self, job_id: str, fn: Mutation, *, extra: Extra | None = None) -> tuple[Job, bool]:
+    def mutate(
+        self, job_id: str, fn: Mutation, *, extra: Extra | None = None, watch: Iterable[str] = ()
+    ) -> tuple[Job, bool]:
         """Apply `fn` to the record atomically (optimistic WATCH/MULTI, retried on conflicts).
 
-        `fn` returns None to leave the job as is, or (new job, events to append). `extra(pipe)` adds
-        commands to the same transaction when the job changes. Returns the resulting job and whether
-        it changed.
+        `fn` returns None to leave the job as is, or (new job, events to append[, extra of this change]).
+        `extra(pipe)` (and the one `fn` returned) add commands to the same transaction when the job
+        changes. `watch`: other keys `fn` reads, whose
+        change meanwhile retries the whole step too. Returns the resulting job and whether it changed.
         """
         key = self.job_key(job_id)
         with self.r.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *watch)
                     raw = pipe.get(key)
                     if raw is None:
                         raise JobNotFound(job_id)
@@ -407,13 +464,14 @@ class JobStore:
                     if result is None:
                         pipe.unwatch()
                         return old, False
-                    new, events = result
+                    new, events, *more = result
                     pipe.multi()
                     pipe.set(key, new.model_dump_json())
                     if new.status != old.status:
                         self._reindex(pipe, old, new)
-                    if extra is not None:
-                        extra(pipe)
+                    for add in [extra, *more]:
+                        if add is not None:
+                            add(pipe)
                     for type_, data in events:
                         pipe.xadd(
                             events_key(self.prefix, job_id),
@@ -433,6 +491,9 @@ class JobStore:
         pipe.hincrby(self._counts, new.status.value, 1)
         if old.status == JobStatus.queued:  # claimed, cancelled or failed: never to be re-sent
             pipe.zrem(self.outbox_key, new.id)
+        if old.status in HELD and new.status not in HELD:  # finished or re-queued: nobody holds it
+            pipe.delete(self.lease_key(new.id))
+            pipe.zrem(self.leases_key, new.id)
         if new.status in ACTIVE:
             pipe.sadd(self._active(new.tenant), new.id)
         else:
@@ -445,38 +506,45 @@ class JobStore:
             pipe.hincrby(self._durations, "+Inf" if math.isinf(le) else f"{le:g}", 1)
             pipe.hincrbyfloat(self._durations, "sum", seconds)
 
-    def transition(self, job_id: str, allowed: Iterable[JobStatus], to: JobStatus, **changes: Any) -> Job:
+    def transition(
+        self,
+        job_id: str,
+        allowed: Iterable[JobStatus],
+        to: JobStatus,
+        *,
+        token: str | None = None,
+        **changes: Any,
+    ) -> Job:
         """Move the job to `to` if its status is in `allowed`; raise InvalidTransition otherwise.
 
-        `changes` are other record fields to set; terminal statuses stamp `finished_at`.
+        `token`: only while the record still carries this delivery token (else Fenced, nothing
+        written). `changes` are other record fields to set; terminal statuses stamp `finished_at`.
         """
         allowed = frozenset(allowed)
 
         def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]]:
+            if token is not None and job.delivery != token:
+                raise Fenced(job_id, token)
             if job.status not in allowed:
                 raise InvalidTransition(job, to)
             update = dict(changes)
             if to in TERMINAL:
                 update.setdefault("finished_at", now())
             new = job.model_copy(update={"status": to, **update})
-            data: dict[str, Any] = {
-                "status": to.value,
-                "previous": job.status.value,
-                "attempts": new.attempts,
-            }
-            if new.error is not None and to == JobStatus.failed:
-                data["error"] = new.error.model_dump()
-            if new.summary is not None and to == JobStatus.succeeded:
-                data["summary"] = new.summary.model_dump()
-            return new, [("status", data)]
+            return new, [("status", status_event(job.status, new))]
 
         return self.mutate(job_id, fn)[0]
 
-    def set_progress(self, job_id: str, progress: JobProgress) -> bool:
-        """Record progress of a running (or cancelling) job and append a progress event."""
+    def set_progress(self, job_id: str, progress: JobProgress, token: str | None = None) -> bool:
+        """Record progress of a running (or cancelling) job and append a progress event.
+
+        With `token`: raise Fenced (nothing written) unless the job is held under that delivery token.
+        Without: False when the job is not held."""
 
         def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]] | None:
-            if job.status not in (JobStatus.running, JobStatus.cancelling):
+            if token is not None and (job.delivery != token or job.status not in HELD):
+                raise Fenced(job_id, token)
+            if job.status not in HELD:
                 return None
             return job.model_copy(update={"progress": progress}), [("progress", progress.model_dump())]
 

@@ -55,8 +55,17 @@ def _wait(
 class Stack:
     """Child processes of one service instance, all stopped by `stop()` (or the context manager)."""
 
-    def __init__(self, home: Path, redis_url: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        redis_url: str | None = None,
+        env: dict[str, str] | None = None,
+        *,
+        api_app: str = "api.app:app",
+        worker_app: str = "worker.app",
+    ) -> None:
         self.home = Path(home).resolve()
+        self.api_app, self.worker_app = api_app, worker_app  # tests point these at fault-injecting wrappers
         self.logs = self.home / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.redis_url = redis_url
@@ -123,14 +132,14 @@ class Stack:
         return url
 
     def start_api(self, port: int | None = None) -> str:
-        """Spawn uvicorn serving api.app:app and wait for /healthz."""
+        """Spawn uvicorn serving the API app (api.app:app) and wait for /healthz."""
         port = port or free_port()
         self.api_url = self.extra_env.get("PRUNE_PUBLIC_URL") or f"http://127.0.0.1:{port}"
         cmd = [
             sys.executable,
             "-m",
             "uvicorn",
-            "api.app:app",
+            self.api_app,
             "--host",
             "127.0.0.1",
             "--port",
@@ -161,7 +170,7 @@ class Stack:
             "-m",
             "celery",
             "-A",
-            "worker.app",
+            self.worker_app,
             "worker",
             "-Q",
             queue,

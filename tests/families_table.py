@@ -32,7 +32,6 @@ def rows() -> list[list[str]]:
     """One row per matrix entry: family, class, blocks, pruned per block, attention, status."""
     from tests import oracle, tiny_models
     from tests.core.test_arch_matrix import KNOWN_FAILING
-    from tests.core.test_arch_streaming import STREAMING_FAILING
 
     out = []
     for name in tiny_models.MATRIX:
@@ -46,7 +45,7 @@ def rows() -> list[list[str]]:
         router = "router dense" if entry.kind == "moe" else ""
         notes = "; ".join(x for x in (attention and f"{attention} layers", router, entry.note) if x)
         status = "no (xfail)" if name in KNOWN_FAILING else "yes"
-        status += "; streaming: no (xfail)" if name in STREAMING_FAILING else "; streaming: yes"
+        status += "; streaming: yes"  # tests/core/test_arch_streaming.py covers every entry
         out.append([f"`{name}`", f"`{type(model).__name__}`", f"`{prefix}`", _pruned(targets), notes, status])
     return out
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 
-from celery.signals import setup_logging, worker_init
+from celery.signals import setup_logging, worker_init, worker_ready
 
-from jobs import logs
+from jobs import lifecycle, logs
 from jobs.queue import make_celery
 from jobs.settings import get_settings
 
 app = make_celery(get_settings(), include=["worker.tasks"])
+log = logging.getLogger(__name__)
 
 
 @setup_logging.connect
@@ -21,8 +25,30 @@ def _json_logging(loglevel: int | str | None = None, **_: object) -> None:
 
 @worker_init.connect
 def _preload_engine(**_: object) -> None:
-    """Import the engine (torch) once in the parent so forked children start jobs quickly."""
+    """Name this worker for its pool children's leases, and import the engine (torch) once in the
+    parent so forked children start jobs quickly."""
+    os.environ.setdefault("PRUNE_WORKER_ID", f"{socket.gethostname()}:{os.getpid()}")
     try:
         import core.pipeline  # noqa: F401
     except ImportError as e:  # the task reports a clear error per job instead
-        logging.getLogger(__name__).warning("engine not importable yet: %s", e)
+        log.warning("engine not importable yet: %s", e)
+
+
+@worker_ready.connect
+def _heartbeat(**_: object) -> None:
+    """Report this worker alive every PRUNE_LEASE_RENEW seconds (the `prune_workers_live` metric)."""
+    from worker.runner import context
+
+    settings = get_settings()
+    worker = lifecycle.worker_id()
+
+    def beat() -> None:
+        while True:
+            try:
+                lifecycle.heartbeat(context().store, worker, settings.lease_expire_s)
+            except Exception as e:  # Redis away: the next beat tries again
+                log.warning("heartbeat not recorded: %s", e)
+            stop.wait(settings.lease_renew_s)
+
+    stop = threading.Event()
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()

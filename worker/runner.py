@@ -1,7 +1,15 @@
-"""Run one job: claim it, call the engine, upload artifacts, then record the outcome."""
+"""Run one job: claim it, call the engine, upload artifacts, then record the outcome.
+
+Every status change goes through `jobs.lifecycle`; every write names the attempt's delivery token
+and stops the attempt (`Fenced`, nothing more written) once the job was re-queued elsewhere. The
+scratch directory `<work>/<job id>` survives a lost attempt on this host: `resume/` holds the
+engine's block checkpoints (a re-queued job continues after its last pruned block) and `out/` a
+complete export whose upload failed (the next attempt only uploads it). It is removed once the job
+finishes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -18,20 +26,22 @@ from core.eta import EtaEstimator
 from core.progress import Progress
 from core.result import RunReport
 from core.spec import RunSpec
+from jobs import lifecycle
 from jobs.events import EventLog
+from jobs.lifecycle import Fenced, HeldElsewhere, Lease, Superseded
+from jobs.queue import Queue
 from jobs.redisconn import connect
 from jobs.settings import Settings, get_settings
 from jobs.spec import TERMINAL, Job, JobError, JobProgress, JobStatus, JobSummary
 from jobs.storage import ArtifactStore, StorageError, make_store
 from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher
-from jobs.store import InvalidTransition, JobStore, now
+from jobs.store import InvalidTransition, JobStore
 from jobs.webhooks import WebhookError, secret_from_env
-from worker import faults, inputs
+from worker import inputs
 from worker.notify import Notifier
 
 log = logging.getLogger("worker.runner")
 
-ACTIVE = (JobStatus.running, JobStatus.cancelling)
 ENGINE_SHARE = 0.97  # fraction of the job the engine accounts for; the rest is uploading
 THROTTLE_S = 0.5
 
@@ -45,6 +55,7 @@ class Context:
     events: EventLog
     artifacts: ArtifactStore
     webhook_secret: str | None = None
+    queue: Queue | None = None  # re-sends a job given back after a failed upload
 
 
 def _webhook_secret() -> str | None:
@@ -66,53 +77,8 @@ def context() -> Context:
         EventLog(client, settings.key_prefix),
         make_store(settings),
         _webhook_secret(),
+        Queue(settings, client),
     )
-
-
-class Superseded(Exception):
-    """The message carries a delivery token the job no longer has: the job was sent again."""
-
-
-def _claim(ctx: Context, job_id: str, token: str | None = None) -> Job:
-    """Atomically move the job to running (counting the attempt) or to its final state.
-
-    Raises Superseded, changing nothing, when `token` is given and is not the record's (a message
-    without a token, sent before tokens existed, is accepted). A redelivered message carries the
-    token of the claim it repeats, so a job whose worker died is claimed again as before.
-    """
-    cap = ctx.settings.max_attempts
-
-    def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]] | None:
-        if token is not None and token != job.delivery:
-            raise Superseded(job_id)
-        if job.status in TERMINAL:
-            return None  # e.g. cancelled while queued: skip, the task is acked
-        if job.status == JobStatus.cancelling:  # its worker died after a cancel request
-            new = job.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
-        elif job.attempts >= cap:
-            err = JobError(
-                code="worker_lost", message=f"worker died {job.attempts} times while running this job"
-            )
-            new = job.model_copy(update={"status": JobStatus.failed, "finished_at": now(), "error": err})
-        else:
-            new = job.model_copy(
-                update={
-                    "status": JobStatus.running,
-                    "attempts": job.attempts + 1,
-                    "started_at": now(),
-                    "progress": JobProgress(stage="loading", message="starting"),
-                }
-            )
-        data: dict[str, Any] = {
-            "status": new.status.value,
-            "previous": job.status.value,
-            "attempts": new.attempts,
-        }
-        if new.error:
-            data["error"] = new.error.model_dump()
-        return new, [("status", data)]
-
-    return ctx.store.mutate(job_id, fn)[0]
 
 
 def summarize(report: RunReport) -> JobSummary:
@@ -138,20 +104,13 @@ def summarize(report: RunReport) -> JobSummary:
 
 
 class _Reporter:
-    """on_progress / should_cancel callbacks bound to one job."""
+    """on_progress / should_cancel callbacks bound to one attempt (its delivery token and lease)."""
 
-    def __init__(
-        self,
-        ctx: Context,
-        job_id: str,
-        fault: dict[str, Any] | None = None,
-        notifier: Notifier | None = None,
-    ) -> None:
-        self.ctx, self.job_id = ctx, job_id
+    def __init__(self, ctx: Context, job: Job, lease: Lease, notifier: Notifier | None = None) -> None:
+        self.ctx, self.job_id, self.token, self.lease = ctx, job.id, lease.token, lease
         self.t0 = time.monotonic()
         self.last: tuple[str, int | None, str | None] | None = None
         self.last_t = 0.0
-        self.fault = fault
         self.notifier = notifier
         self.prev_t = self.t0  # time of the previous engine callback (block timing)
         self.eta = EtaEstimator()  # smoothed: no swings early in the job
@@ -169,10 +128,10 @@ class _Reporter:
         self.prev_t = t
 
     def progress(self, p: Progress, share: float = ENGINE_SHARE) -> None:
-        self._record(p, share)
-        faults.maybe_fire(self.fault, p.stage, p.block, self.should_cancel)  # no-op unless PRUNE_FAULTS=1
-
-    def _record(self, p: Progress, share: float) -> None:
+        """Record progress; a cancel requested meanwhile stops the job before it enters a new stage."""
+        self.lease.check()
+        if self.last is not None and p.stage != self.last[0] and self.should_cancel():
+            raise Cancelled("cancelled by request")
         frac = min(max(float(p.fraction), 0.0), 1.0) * share
         t = time.monotonic()
         self._observe_block(p, t)
@@ -191,31 +150,60 @@ class _Reporter:
             variant=p.variant,
         )
         try:
-            self.ctx.store.set_progress(self.job_id, prog)
+            lifecycle.progress(self.ctx.store, self.job_id, self.token, prog)
         except redis.RedisError as e:  # a Redis blip must not kill a long job
             log.warning("job %s: progress not recorded: %s", self.job_id, e)
         if self.notifier is not None and key != self.hook_key:  # once per stage and per block
             self.hook_key = key
             self.notifier.send("progress", "job.progress", {"status": "running", **prog.model_dump()})
 
+    def publish(self, type_: str, data: dict[str, Any]) -> None:
+        """Append an event of this attempt (Fenced once the job was re-queued)."""
+        lifecycle.publish(self.ctx.store, self.job_id, self.token, type_, data)
+
     def should_cancel(self) -> bool:
+        self.lease.check()
         try:
             job = self.ctx.store.get(self.job_id)
         except redis.RedisError as e:
             log.warning("job %s: cancel check failed: %s", self.job_id, e)
             return False
+        if job is not None and job.delivery != self.token:
+            raise Fenced(self.job_id, self.token)
         return job is None or job.status == JobStatus.cancelling
 
 
-def _finish(ctx: Context, job_id: str, to: JobStatus, **changes: Any) -> None:
+def _scratch(ctx: Context, job_id: str) -> tuple[Path, Path, Path]:
+    """The job's work dir, its export dir and its block checkpoints; whatever a lost attempt left
+    there is removed except `resume/` and a complete `out/` (renamed into place with its manifest)."""
+    work = ctx.settings.work_dir / job_id
+    out, resume = work / "out", work / "resume"
+    work.mkdir(parents=True, exist_ok=True)
+    keep = {resume.name} | ({out.name} if _complete(out) else set())
+    for p in work.iterdir():
+        if p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return work, out, resume
+
+
+def _complete(out: Path) -> bool:
+    """Whether `out` holds a whole export: its manifest, and every file it lists at its size."""
     try:
-        ctx.store.transition(job_id, ACTIVE, to, **changes)
-    except InvalidTransition as e:
-        log.warning("job %s: %s", job_id, e)
+        files = json.loads((out / "manifest.json").read_text())["files"]
+        return all((out / name).stat().st_size == meta["size"] for name, meta in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def worker_id() -> str:
+    """The id this worker's leases carry: the Celery main process sets PRUNE_WORKER_ID for its pool
+    children, so a job whose pool child died is claimed again by the same worker at once."""
+    return lifecycle.worker_id()
 
 
 def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -> str:
-    """Run a job end to end and return its final status (or 'skipped' / 'superseded' / 'missing').
+    """Run a job end to end and return its final status (or 'skipped' / 'superseded' / 'missing' /
+    'held' / 'fenced' / 'requeued').
 
     `token` is the message's delivery token: a message superseded by a re-send is acked and ignored
     (no state change, no file touched)."""
@@ -223,45 +211,78 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
     if ctx.store.get(job_id) is None:
         log.error("job %s: no such job; dropping the task", job_id)
         return "missing"
+    s = ctx.settings
     try:
-        job = _claim(ctx, job_id, token)
+        job = lifecycle.claim(
+            ctx.store, job_id, token, worker=worker_id(), cap=s.max_attempts, lease_s=s.lease_expire_s
+        )
     except Superseded:
         log.info("job %s: message superseded by a re-send (token %s); skipping it", job_id, token)
         return "superseded"
+    except HeldElsewhere as e:
+        log.warning("%s; dropping this redelivered message", e)
+        return "held"
     prefix = f"{job.tenant}/{job.id}"
     if job.status != JobStatus.running:
         if job.status in (JobStatus.cancelled, JobStatus.failed):
             ctx.artifacts.delete_prefix(prefix)
-            shutil.rmtree(ctx.settings.work_dir / job.id, ignore_errors=True)  # a dead attempt's scratch
+            shutil.rmtree(s.work_dir / job.id, ignore_errors=True)  # a dead attempt's scratch
         log.info("job %s: %s, not running it", job_id, job.status.value)
         if job.status == JobStatus.cancelled and job.started_at is None:  # cancelled while queued
             _notify_completed(ctx, job, Notifier(ctx.events, job, ctx.webhook_secret))
         return "skipped"
+    assert job.delivery is not None
+    with Lease(ctx.store, job_id, job.delivery, worker_id(), s.lease_renew_s, s.lease_expire_s) as lease:
+        return _attempt(ctx, job, lease)
 
-    work = ctx.settings.work_dir / job.id
-    shutil.rmtree(work, ignore_errors=True)  # a redelivered job restarts cleanly
+
+def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
+    """One claimed attempt, under its lease: prune (or reuse a complete export), upload, finish."""
+    job_id, token, prefix = job.id, lease.token, f"{job.tenant}/{job.id}"
+    work, out, resume = _scratch(ctx, job_id)
     ctx.artifacts.delete_prefix(prefix)
-    work.mkdir(parents=True, exist_ok=True)
-    out = work / "out"
     notifier = Notifier(ctx.events, job, ctx.webhook_secret)
-    rep = _Reporter(ctx, job_id, faults.fault_for(job.request.model.source, job.attempts), notifier)
+    rep = _Reporter(ctx, job, lease, notifier)
     log.info("job %s: running (attempt %d)", job_id, job.attempts)
     notifier.send("started", "job.started", {"status": "running", "attempt": job.attempts})
+    finished = True
     try:
-        report = _execute(ctx, job, out, rep)
+        if _complete(out):  # an earlier attempt exported it; only its upload failed
+            rep.publish("log", {"message": "re-using the output exported by an earlier attempt"})
+            report = RunReport.model_validate_json((out / "report.json").read_text())
+        else:
+            report = _execute(ctx, job, out, rep, resume)
         rep.progress(
             Progress(stage="uploading", fraction=1.0, message="storing artifacts"), share=ENGINE_SHARE
         )
         if rep.should_cancel():
             raise Cancelled("cancelled by request")
-        infos = _upload(ctx, out, prefix, rep)
-        files = [{"name": i.name, "size": i.size, "sha256": i.sha256} for i in infos]
-        ctx.events.publish(job_id, "artifacts", {"files": files})
+        try:
+            infos = _upload(ctx, out, prefix, rep)
+        except StorageError as e:
+            delay = ctx.settings.storage_backoff * 2 ** (ctx.settings.storage_retries + 1)
+            assert ctx.queue is not None
+            try:
+                again = lifecycle.give_back(
+                    ctx.store, ctx.queue, job_id, token, cap=ctx.settings.max_attempts,
+                    reason="upload_failed", delay_s=delay,
+                )  # fmt: skip
+            except InvalidTransition:  # cancelling
+                raise Cancelled("cancelled by request") from None
+            if again is None:
+                raise
+            finished = False
+            log.warning("job %s: %s; re-queued, keeping the export for the next attempt", job_id, e)
+            return "requeued"
+        rep.publish(
+            "artifacts", {"files": [{"name": i.name, "size": i.size, "sha256": i.sha256} for i in infos]}
+        )
         shutil.rmtree(work, ignore_errors=True)  # scratch is gone before the job reads as finished
         try:
-            ctx.store.transition(
+            lifecycle.finish(
+                ctx.store,
                 job_id,
-                [JobStatus.running],
+                token,
                 JobStatus.succeeded,
                 summary=summarize(report),
                 progress=JobProgress(stage="done", fraction=1.0, eta_s=0.0),
@@ -273,10 +294,12 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
                 raise
         log.info("job %s: succeeded", job_id)
         return JobStatus.succeeded.value
+    except Fenced:
+        finished = False  # another attempt owns the job (and maybe this work dir): touch nothing
+        log.warning("job %s: re-queued elsewhere (token %s is stale); stopping this attempt", job_id, token)
+        return "fenced"
     except Cancelled:
-        ctx.artifacts.delete_prefix(prefix)
-        shutil.rmtree(work, ignore_errors=True)
-        _finish(ctx, job_id, JobStatus.cancelled)
+        _end(ctx, job, token, JobStatus.cancelled)
         log.info("job %s: cancelled", job_id)
         return JobStatus.cancelled.value
     except Exception as e:  # CoreError, StorageError, time limit or a bug: the job fails, the worker lives
@@ -285,14 +308,26 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
             log.exception("job %s: unexpected error", job_id)
         else:
             log.warning("job %s: failed: %s", job_id, err.message)
-        ctx.artifacts.delete_prefix(prefix)
-        shutil.rmtree(work, ignore_errors=True)
-        ctx.events.publish(job_id, "error", err.model_dump())
-        _finish(ctx, job_id, JobStatus.failed, error=err)
+        _end(ctx, job, token, JobStatus.failed, err)
         return JobStatus.failed.value
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        _notify_completed(ctx, job, notifier)
+        if finished:
+            shutil.rmtree(work, ignore_errors=True)
+            _notify_completed(ctx, job, notifier)
+
+
+def _end(ctx: Context, job: Job, token: str, to: JobStatus, err: JobError | None = None) -> None:
+    """Finish a failed or cancelled attempt: its artifacts and scratch go, then the status changes."""
+    ctx.artifacts.delete_prefix(f"{job.tenant}/{job.id}")
+    shutil.rmtree(ctx.settings.work_dir / job.id, ignore_errors=True)
+    try:
+        if err is not None:
+            lifecycle.publish(ctx.store, job.id, token, "error", err.model_dump())
+            lifecycle.finish(ctx.store, job.id, token, to, error=err)
+        else:
+            lifecycle.finish(ctx.store, job.id, token, to)
+    except (InvalidTransition, Fenced) as e:
+        log.warning("job %s: %s", job.id, e)
 
 
 def _notify_completed(ctx: Context, job: Job, notifier: Notifier) -> None:
@@ -314,16 +349,18 @@ def _notify_completed(ctx: Context, job: Job, notifier: Notifier) -> None:
 
 
 def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
-    """Upload the artifacts, retrying StorageError with exponential backoff (all-or-nothing per try)."""
+    """Upload the artifacts, retrying StorageError with exponential backoff (all-or-nothing per try).
+    Each try first checks that this attempt still holds the job (Fenced otherwise)."""
     delay = ctx.settings.storage_backoff
     for attempt in range(ctx.settings.storage_retries + 1):
+        lifecycle.check_held(ctx.store, rep.job_id, rep.token)
         try:
             return ctx.artifacts.upload_dir(out, prefix)
         except StorageError as e:
             if attempt == ctx.settings.storage_retries:
                 raise StorageError(f"{e} (gave up after {attempt + 1} tries)") from None
             log.warning("job %s: upload failed (%s); retrying in %.1f s", rep.job_id, e, delay)
-            ctx.events.publish(rep.job_id, "log", {"message": f"upload failed, retrying in {delay:g} s: {e}"})
+            rep.publish("log", {"message": f"upload failed, retrying in {delay:g} s: {e}"})
             time.sleep(delay)
             delay *= 2
             if rep.should_cancel():
@@ -331,7 +368,7 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
     raise AssertionError("unreachable")
 
 
-def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> RunReport:
+def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) -> RunReport:
     from core import pipeline  # torch lives behind this import
 
     checked = run_spec(job)
@@ -346,6 +383,7 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter) -> RunReport:
         on_progress=rep.progress,
         should_cancel=rep.should_cancel,
         data_dir=ctx.settings.data_dir,
+        resume_dir=resume,  # block checkpoints: a re-queued attempt on this host continues from them
     )
     return report
 

@@ -190,8 +190,16 @@ def test_each_expert_is_calibrated_on_its_routed_tokens(family: str) -> None:
         masks_r, masks_a = routed.masks[name], everyone.masks[name]
         assert all(not torch.equal(masks_r[e], masks_a[e]) for e in range(masks_r.shape[0])), name
     model = copy.deepcopy(dense)
-    engine_prune(model, ids, "unstructured")
+    result = engine_prune(model, ids, "unstructured")
     assert_same_as_oracle(dense, model, routed)
+    # The run result says how many tokens each expert saw: the oracle's routed counts.
+    want = {
+        n.removesuffix(".gate_up_proj"): routed.tokens[n]
+        for n in expert_params
+        if n.endswith(".gate_up_proj")
+    }
+    assert {e.module: e.tokens for e in result.experts} == want
+    assert not any(e.fallback_magnitude for e in result.experts) and not result.warnings
 
 
 def test_docs_core_holds_the_generated_families_table() -> None:

@@ -20,10 +20,6 @@ from tests import tiny_models
 from tests.core.test_arch_matrix import BATCH, KNOWN_FAILING, calib, single_thread  # noqa: F401
 
 SHARD = "60KB"
-STREAMING_FAILING = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
-"""Open defect (strict xfail): streaming looks up fused expert tensors (``experts.gate_up_proj``) by
-their in-memory names, but transformers saves these families' experts per expert, so the streaming
-path refuses them with ModelLoadError (never a wrong model). In-memory pruning of them passes."""
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -40,15 +36,7 @@ def load(family: str, src: Path):
     return auto.from_pretrained(src, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="streaming: fused-expert names"))
-        if f in STREAMING_FAILING
-        else f
-        for f in tiny_models.MATRIX
-    ],
-)
+@pytest.mark.parametrize("family", tiny_models.MATRIX)
 def test_streaming_equals_in_memory(family: str, tmp_path: Path) -> None:
     src = tiny_models.save(family, tmp_path / "src", max_shard_size=SHARD)
     assert len(list(src.glob("*.safetensors"))) > 1, "the checkpoint should be sharded"

@@ -244,3 +244,52 @@ def test_default_batch_size_depends_on_device() -> None:
     )
     assert spec.batch_for(512, "cuda") == 8
     assert PruneSpec(method="wanda", batch_size=3).batch_for(512, "cpu") == 3
+
+
+NEVER = 3
+"""The expert the router of :func:`_never_routed` can never choose."""
+
+
+def _never_routed() -> nn.Module:
+    """A tiny GPT-OSS whose routers can never choose expert :data:`NEVER` (router bias -1e4)."""
+    model = tiny_models.build("gpt_oss")
+    for m in model.modules():
+        if hasattr(m, "top_k") and isinstance(getattr(m, "bias", None), nn.Parameter):
+            with torch.no_grad():
+                m.bias[NEVER] = -1e4
+    return model
+
+
+def test_expert_no_token_reached_is_pruned_by_magnitude_with_a_warning() -> None:
+    from tests import oracle
+
+    dense = _never_routed()
+    ids = torch.randint(1, tiny_models.VOCAB, (4, 32), generator=torch.Generator().manual_seed(3))
+    model = copy.deepcopy(dense)
+    res = engine.prune(model, ids, PruneSpec(method="wanda", batch_size=2))
+    k = dense.config.num_experts_per_tok
+    assert len(res.experts) == dense.config.num_hidden_layers
+    for e in res.experts:
+        assert e.tokens[NEVER] == 0 and e.fallback_magnitude == [NEVER]
+        assert sum(e.tokens) == ids.numel() * k and all(t > 0 for i, t in enumerate(e.tokens) if i != NEVER)
+    assert len(res.warnings) == 2 * dense.config.num_hidden_layers  # gate_up_proj and down_proj
+    assert all("saw no calibration token" in w and f".experts.{NEVER}." in w for w in res.warnings)
+
+    # Expert NEVER: magnitude per matrix (floor(0.5 * numel) smallest |w|, lower flat index first);
+    # the routed experts: Wanda on their own tokens, as the whole-model oracle computes.
+    ref = oracle.wanda(dense, ids, None, 2)
+    dense_sd, pruned_sd = dense.state_dict(), model.state_dict()
+    prefix, blocks = oracle.decoder_blocks(dense)
+    checked = 0
+    for i, block in enumerate(blocks):
+        for t in oracle.block_targets(f"{prefix}.{i}", block):
+            if t.kind != "experts":
+                continue
+            w = t.matrices()[NEVER]
+            magnitude = torch.zeros(w.numel(), dtype=torch.bool)
+            magnitude[torch.argsort(w.abs().flatten(), stable=True)[: w.numel() // 2]] = True
+            want = ref.masks[t.name].clone()
+            want[NEVER] = t.stored([magnitude.view_as(w)])[0]
+            assert torch.equal(pruned_sd[t.name] == 0, want | (dense_sd[t.name] == 0)), t.name
+            checked += 1
+    assert checked == 2 * len(blocks)

@@ -146,3 +146,28 @@ def test_time_breakdown_adds_up() -> None:
     rows = dict(time_breakdown(t))
     assert rows["other"] == pytest.approx(1.0) and "eval" not in rows and "mask" not in rows
     assert sum(v for k, v in rows.items() if k != "total") == pytest.approx(rows["total"])
+
+
+def test_report_says_how_many_tokens_each_expert_saw(data_dir: Path, tmp_path: Path) -> None:
+    from tests import tiny_models
+    from tests.core.test_engine import NEVER, _never_routed
+
+    src = tmp_path / "moe"
+    _never_routed().save_pretrained(src)
+    tiny_models.tokenizer().save_pretrained(src)
+    body = spec(src, data_dir).model_dump()
+    body["prune"]["pattern"] = "unstructured"
+    report = pipeline.run(RunSpec.model_validate(body), tmp_path / "out", data_dir=data_dir)
+    experts = [e.model_dump() for e in report.experts]
+    assert [e["module"] for e in experts] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    for e in experts:
+        assert (
+            sum(e["tokens"]) == 4 * 32 * 2 and e["tokens"][NEVER] == 0 and e["fallback_magnitude"] == [NEVER]
+        )
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["experts"] == experts and len(saved["warnings"]) == 4
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Experts" in md and "## Warnings" in md
+    row = next(line for line in md.splitlines() if line.startswith("| `model.layers.1.mlp.experts`"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == " ".join(map(str, experts[1]["tokens"])) and cells[2] == "0" and cells[4] == str(NEVER)

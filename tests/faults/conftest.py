@@ -1,8 +1,11 @@
 """A private stack for fault injection: redis-server (AOF, fsync always), uvicorn API, Celery worker.
 
-The worker and the API run with PRUNE_FAULTS=1 and the `PLAN` below (see `worker/faults.py`,
-`jobs/faults.py`): a job whose model source contains a plan key (a symlink to the tiny model named
-after the fault) gets that fault. The API's outbox sweeper runs every 0.5 s with a 3 s age.
+The worker and the API are the production apps wrapped by test-only hooks (`tests.faults.worker_hooks`,
+`tests.faults.api_hooks:app`) that read the `PLAN` below (`tests/faults/plan.py`): a job whose model
+source contains a plan key (a symlink to the tiny model named after the fault) gets that fault.
+The API's outbox sweeper runs every 0.5 s with a 3 s age; workers renew their lease every
+`LEASE_RENEW` s and the API re-queues a job whose lease was not renewed for `LEASE_EXPIRE` s. The
+broker's visibility timeout is an hour: no test gets a job back through it.
 Tests kill and restart these processes; every test leaves the stack running for the next one.
 """
 
@@ -30,11 +33,13 @@ from tests.service_fixtures import DATA_DIR, SIGNING_KEY
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 STAGES = ("loading", "calibrating", "pruning", "evaluating", "exporting", "uploading")
-VISIBILITY_TIMEOUT = 8
+VISIBILITY_TIMEOUT = 3600
+LEASE_RENEW = 1.0
+LEASE_EXPIRE = 6.0
 OUTBOX = "prune:outbox"
 
 PLAN: dict[str, dict[str, Any]] = {
-    "poison": {"action": "kill", "stage": "pruning", "block": 1},
+    "poison": {"action": "kill", "stage": "loading"},  # every attempt loads (pruning resumes past a block)
     "kill-child": {"action": "hold", "stage": "pruning", "block": 1, "max_attempt": 1},
     "kill-worker": {"action": "hold", "stage": "pruning", "block": 1, "max_attempt": 1},
     "pause-redis": {"action": "hold", "stage": "pruning", "block": 1, "hold_s": 4},
@@ -205,8 +210,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
         "PRUNE_SIGNING_KEY": SIGNING_KEY,
         "PRUNE_DATA_DIR": str(DATA_DIR),
         "PRUNE_MODEL_ROOTS": str(home / "models"),
-        "PRUNE_FAULTS": "1",
         "PRUNE_FAULT_PLAN": json.dumps(PLAN),
+        "PRUNE_LEASE_RENEW": str(LEASE_RENEW),
+        "PRUNE_LEASE_EXPIRE": str(LEASE_EXPIRE),
         "PRUNE_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
         "PRUNE_MAX_ATTEMPTS": "3",
         "PRUNE_STORAGE_RETRIES": "2",
@@ -215,7 +221,13 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
         "PRUNE_OUTBOX_INTERVAL": "0.5",
     }
     redis_port, api_port = free_port(), free_port()
-    stack = Stack(home, redis_url=f"redis://127.0.0.1:{redis_port}/0", env=env)
+    stack = Stack(
+        home,
+        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        env=env,
+        api_app="tests.faults.api_hooks:app",
+        worker_app="tests.faults.worker_hooks",
+    )
     client = redis.Redis(port=redis_port, socket_timeout=5)
     http = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=httpx.Timeout(30, read=60))
     fs = FaultStack(stack, home, redis_port, api_port, http, client)

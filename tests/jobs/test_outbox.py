@@ -11,7 +11,7 @@ import time
 import redis
 
 from jobs.events import EventLog
-from jobs.outbox import sweep
+from jobs.lifecycle import resend_unsent as sweep
 from jobs.spec import JobRequest, JobStatus
 from jobs.store import JobStore
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,48 @@ def test_a_redelivered_message_keeps_its_token_and_is_claimed_again(ctx: Context
     ctx.store.transition(capped, [S.queued], S.running, attempts=3)
     assert run_job(capped, ctx, token=ctx.store.require(capped).delivery) == "skipped"
     assert ctx.store.require(capped).error.code == "worker_lost"  # the redelivery cap still holds
+
+
+class Sender:
+    """Records the messages the runner asks to send (give-back after a failed upload)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str | None, float | None]] = []
+
+    def enqueue(self, job_id: str, token: str | None = None, countdown: float | None = None) -> None:
+        self.sent.append((job_id, token, countdown))
+
+
+def test_failed_upload_is_given_back_and_the_next_attempt_only_uploads(
+    ctx: Context, tiny_model_dir, small_text: Path, tmp_path: Path
+) -> None:
+    req = JobRequest.model_validate(
+        {
+            "model": {"source": str(tiny_model_dir("llama"))},
+            "prune": {"method": "wanda", "pattern": "2:4"},
+            "calibration": {"source": str(small_text), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"enabled": False},
+        }
+    )
+    job, _ = ctx.store.create("default", req)
+    (tmp_path / "not-a-dir").write_text("x")  # every upload fails with an OSError
+    broken = LocalArtifactStore(tmp_path / "not-a-dir", Signer(b"k"), "http://x")
+    settings = replace(ctx.settings, storage_retries=0)
+    sender = Sender()
+    assert run_job(job.id, replace(ctx, settings=settings, artifacts=broken, queue=sender), job.delivery) == (
+        "requeued"
+    )
+    back = ctx.store.require(job.id)
+    assert back.status == S.queued and back.attempts == 1 and back.delivery != job.delivery
+    assert sender.sent == [(job.id, back.delivery, settings.storage_backoff * 2)]
+    work = settings.work_dir / job.id
+    assert (work / "out" / "manifest.json").exists()  # the export is kept for the next attempt
+
+    assert run_job(job.id, replace(ctx, settings=settings, queue=sender), back.delivery) == "succeeded"
+    events = ctx.events.page(job.id, limit=1000)
+    second = max(i for i, e in enumerate(events) if e.type == "status" and e.data["status"] == "running")
+    assert {e.data["stage"] for e in events[second:] if e.type == "progress"} == {"uploading"}
+    done = ctx.store.require(job.id)
+    assert done.status == S.succeeded and done.attempts == 2
+    assert "manifest.json" in {a.name for a in ctx.artifacts.list(f"default/{job.id}")}
+    assert not work.exists()

@@ -1,0 +1,506 @@
+"""The job lifecycle: every status change of a job and who makes it, in one place.
+
+```
+            submit                claim                       finish
+  (none) ──────────► queued ─────────────► running ───────────────────► succeeded | failed
+                      │  ▲                  │   │ ▲
+               cancel │  └── requeue ───────┘   │ └ claim again (its pool child died; same worker)
+                      ▼     (lease expired,     │ cancel
+                  cancelled  upload failed)     ▼        finish
+                                            cancelling ────────► cancelled
+```
+
+- The API (`api/routes.py`) calls `submit` and `cancel`; every API process runs `sweep_leases` and
+  `resend_unsent` in the background (`api/app.py`).
+- The worker (`worker/runner.py`) calls `claim`, holds a `Lease` while it runs the job, writes through
+  `progress` / `publish` / `finish`, and calls `give_back` when its upload failed. Its main process
+  asks `unrunnable` before handing a message to a pool process (`worker/tasks.py`).
+
+Delivery tokens fence every attempt. `Job.delivery` is the token of the job's current task message:
+`submit` sets it, and every re-send (`resend_unsent`, `sweep_leases`, `give_back`) replaces it in the
+same transaction that re-queues the job. A worker's message carries the token it was sent with, and
+every write the worker makes (progress, events, status, the artifact upload check) names that token;
+a write under a token that is no longer the record's raises `Fenced` and changes nothing. So a worker
+that lost its job (a zombie: paused, partitioned, or just slow to notice) cannot touch it any more.
+
+Leases. A worker holding a job (running or cancelling) keeps `prune:lease:<id>` alive: it holds the
+worker's id and expires `lease_expire_s` after the last renewal (`renew`, every `lease_renew_s`,
+refused once the token is stale). `prune:leases` indexes the deadlines. `sweep_leases` takes every job
+whose lease key is gone: a cancelling one becomes cancelled, one that already used its attempts fails
+(`worker_lost`), any other goes back to queued with a new token and is sent again (through the outbox,
+so an API dying meanwhile loses nothing). The broker's visibility timeout remains as a last resort:
+a message it redelivers is dropped while another live worker holds the job's lease.
+
+Outbox. `submit` creates the record and its `prune:outbox` entry in one script, sends the task, then
+drops the entry (`JobStore.confirm_sent`); `resend_unsent` re-sends entries older than an age with a
+fresh token (`JobStore.reissue`), so a job whose API died between the two writes still runs, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol
+
+import redis
+
+from jobs.events import MAXLEN, encode, events_key
+from jobs.spec import HELD, TERMINAL, Job, JobError, JobProgress, JobRequest, JobStatus
+from jobs.store import (
+    Fenced,
+    InvalidTransition,
+    JobNotFound,
+    JobStore,
+    Mutation,
+    new_delivery_token,
+    now,
+    status_event,
+)
+
+__all__ = [
+    "CancelConflict",
+    "Fenced",
+    "HeldElsewhere",
+    "JobFinished",
+    "Lease",
+    "QueueUnavailable",
+    "Superseded",
+    "cancel",
+    "claim",
+    "finish",
+    "give_back",
+    "heartbeat",
+    "progress",
+    "publish",
+    "renew",
+    "resend_unsent",
+    "submit",
+    "sweep_leases",
+    "unrunnable",
+    "worker_id",
+]
+
+log = logging.getLogger("jobs.lifecycle")
+Events = list[tuple[str, dict[str, Any]]]
+
+
+class Sender(Protocol):
+    """What the lifecycle needs of `jobs.queue.Queue`."""
+
+    def enqueue(self, job_id: str, token: str | None = None, countdown: float | None = None) -> None: ...
+
+
+class QueueUnavailable(Exception):
+    """The task could not be sent; the job was marked failed (`queue_unavailable`)."""
+
+
+class JobFinished(Exception):
+    """Cancel of a job that already finished."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(f"job {job.id} is already {job.status.value}")
+        self.job = job
+
+
+class CancelConflict(Exception):
+    """The job changed status too often during a cancel; the caller may retry."""
+
+
+class Superseded(Exception):
+    """The message carries a delivery token the job no longer has: the job was sent again."""
+
+
+class HeldElsewhere(Exception):
+    """Another live worker holds the job's lease (a broker redelivery of a job still running)."""
+
+
+def worker_id() -> str:
+    """This worker's id: PRUNE_WORKER_ID (set by the worker's main process for its pool children),
+    else host:pid."""
+    return os.environ.get("PRUNE_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _lost(attempts: int) -> JobError:
+    return JobError(code="worker_lost", message=f"worker died {attempts} times while running this job")
+
+
+def _requeued(job: Job, message: str) -> Job:
+    """`job` back in the queue under a new delivery token."""
+    return job.model_copy(
+        update={
+            "status": JobStatus.queued,
+            "delivery": new_delivery_token(),
+            "progress": JobProgress(message=message),
+        }
+    )
+
+
+# ---- API side -------------------------------------------------------------------------------------
+
+
+def submit(
+    store: JobStore,
+    queue: Sender,
+    tenant: str,
+    request: JobRequest,
+    idempotency_key: str | None = None,
+    *,
+    max_active: int | None = None,
+    sources: dict[str, str] | None = None,
+) -> tuple[Job, bool]:
+    """Create the job (with its outbox entry), send its task, confirm the send; (job, created).
+
+    An idempotent replay returns (existing job, False) and sends nothing. Raises the store's
+    IdempotencyConflict / TooManyActiveJobs, or QueueUnavailable (the job is then failed). A confirm
+    that fails after the send only costs a superseded message (`resend_unsent` sends it again).
+    """
+    job, created = store.create(tenant, request, idempotency_key, max_active=max_active, sources=sources)
+    if not created:
+        return job, False
+    try:
+        queue.enqueue(job.id, job.delivery)
+    except Exception as e:
+        log.exception("enqueue failed for job %s", job.id)
+        err = JobError(code="queue_unavailable", message="the job queue is unavailable")
+        store.transition(job.id, [JobStatus.queued], JobStatus.failed, error=err)
+        raise QueueUnavailable(f"could not queue the job: {type(e).__name__}") from None
+    try:
+        store.confirm_sent(job.id, job.delivery)
+    except Exception as e:
+        log.warning("job %s: sent but not confirmed (%s)", job.id, e)
+    return job, True
+
+
+def cancel(store: JobStore, job_id: str, tries: int = 5) -> Job:
+    """A queued job is cancelled at once (it never starts); a running one becomes cancelling and its
+    worker stops at the next block boundary; a cancelling one is returned as is. Raises JobFinished,
+    JobNotFound (deleted meanwhile) or CancelConflict."""
+    job = store.require(job_id)
+    for _ in range(tries):
+        try:
+            if job.status == JobStatus.queued:
+                return store.transition(job_id, [JobStatus.queued], JobStatus.cancelled)
+            if job.status == JobStatus.running:
+                return store.transition(job_id, [JobStatus.running], JobStatus.cancelling)
+            if job.status == JobStatus.cancelling:
+                return job
+            raise JobFinished(job)
+        except InvalidTransition as e:  # it moved meanwhile (e.g. started): retry on its new status
+            job = e.job
+    raise CancelConflict(f"job {job_id} changed too often; retry")
+
+
+def resend_unsent(store: JobStore, queue: Sender, older_than_s: float) -> list[str]:
+    """Re-send every queued job whose outbox entry is older than `older_than_s` (new token each);
+    drop entries of jobs no longer queued. A failed send stops the sweep (its entry stays, its age
+    restarted). Returns the ids sent."""
+    before = time.time() - older_than_s
+    sent: list[str] = []
+    for job_id, _ in store.outbox(before):
+        token = store.reissue(job_id, before)
+        if token is None:
+            continue
+        try:
+            queue.enqueue(job_id, token)
+        except Exception as e:
+            log.warning("job %s: re-send failed (%s); retrying in a later sweep", job_id, e)
+            break
+        store.confirm_sent(job_id, token)
+        log.warning("job %s: its task was never confirmed sent; sent it again", job_id)
+        sent.append(job_id)
+    return sent
+
+
+def sweep_leases(
+    store: JobStore, queue: Sender, cap: int, on_finished: Callable[[Job], None] | None = None
+) -> list[str]:
+    """Act on every held job whose lease expired (its worker stopped renewing it): re-queue it with a
+    new token and send it (attempts left), fail it (`worker_lost`, attempts used) or finish a
+    cancelling one as cancelled. `on_finished(job)` cleans up after the last two (artifacts).
+    Safe in any number of API processes at once: each job is taken by one transaction. Returns the
+    ids of the jobs re-queued."""
+    requeued: list[str] = []
+    for job_id, _ in store.leases(time.time()):
+        lease = store.lease_key(job_id)
+
+        def fn(job: Job, lease: str = lease) -> tuple[Job, Events] | None:
+            if job.status not in HELD or store.r.exists(lease):
+                return None  # finished, or renewed meanwhile
+            if job.status == JobStatus.cancelling:
+                new = job.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
+            elif job.attempts >= cap:
+                new = job.model_copy(
+                    update={"status": JobStatus.failed, "finished_at": now(), "error": _lost(job.attempts)}
+                )
+            else:
+                new = _requeued(job, "re-queued: its worker stopped renewing the lease")
+            return new, [("status", status_event(job.status, new, reason="lease_expired"))]
+
+        try:
+            job, changed = store.mutate(job_id, _outboxed(store, fn, "leases_expired"), watch=[lease])
+        except JobNotFound:
+            store.r.zrem(store.leases_key, job_id)
+            continue
+        if not changed:
+            if job.status not in HELD:
+                store.r.zrem(store.leases_key, job_id)
+            continue
+        log.warning("job %s: lease expired (attempt %d); now %s", job_id, job.attempts, job.status.value)
+        if job.status == JobStatus.queued:
+            _send(store, queue, job)
+            requeued.append(job_id)
+        elif on_finished is not None:
+            on_finished(job)
+    return requeued
+
+
+def _outboxed(store: JobStore, fn: Mutation, counter: str) -> Mutation:
+    """`fn` as a mutation that also counts `counter` and, when the job ends up queued, counts a
+    re-queue and records the job in the outbox in the same transaction (`_send` drops the entry once
+    the message is sent; `resend_unsent` sends it if that never happens)."""
+
+    def step(job: Job) -> tuple[Job, Events] | None:
+        result = fn(job)
+        if result is None:
+            return None
+        new, events = result
+
+        def extra(pipe: Any) -> None:
+            pipe.hincrby(store.lifecycle_key, counter, 1)
+            if new.status == JobStatus.queued:
+                pipe.hincrby(store.lifecycle_key, "requeued", 1)
+                pipe.zadd(store.outbox_key, {new.id: time.time()})
+
+        return new, events, extra
+
+    return step
+
+
+def _send(store: JobStore, queue: Sender, job: Job, countdown: float | None = None) -> None:
+    """Send a re-queued job's task; on failure its outbox entry makes `resend_unsent` send it."""
+    try:
+        queue.enqueue(job.id, job.delivery, countdown=countdown)
+    except Exception as e:
+        log.warning("job %s: re-queued but not sent (%s); the outbox sweeper sends it", job.id, e)
+        return
+    store.confirm_sent(job.id, job.delivery)
+
+
+def heartbeat(store: JobStore, worker: str, ttl_s: float) -> None:
+    """Record that `worker` is alive for the next `ttl_s` seconds (the live-workers metric)."""
+    t = time.time()
+    with store.r.pipeline(transaction=True) as pipe:
+        pipe.zadd(store.workers_key, {worker: t + ttl_s})
+        pipe.zremrangebyscore(store.workers_key, "-inf", t - 3600)  # long gone
+        pipe.execute()
+
+
+def counts(store: JobStore) -> dict[str, int]:
+    """Live workers, live leases, and the counters of expired leases and re-queues."""
+    t = time.time()
+    raw = {
+        (k.decode() if isinstance(k, bytes) else k): int(v)
+        for k, v in store.r.hgetall(store.lifecycle_key).items()
+    }
+    return {
+        "workers": int(store.r.zcount(store.workers_key, t, "+inf")),
+        "leases": int(store.r.zcount(store.leases_key, t, "+inf")),
+        "leases_expired": raw.get("leases_expired", 0),
+        "requeued": raw.get("requeued", 0),
+    }
+
+
+# ---- worker side ----------------------------------------------------------------------------------
+
+
+def unrunnable(store: JobStore, job_id: str, token: str | None) -> str | None:
+    """Why a task message cannot run its job, decided from the record alone (the worker's main
+    process asks this before using a pool process): `missing`, `superseded` (older token) or the
+    job's terminal status; None when a pool process must look at it (`claim` decides)."""
+    job = store.get(job_id)
+    if job is None:
+        return "missing"
+    if token is not None and token != job.delivery:
+        return "superseded"
+    if job.status in TERMINAL:
+        return job.status.value
+    return None
+
+
+def claim(store: JobStore, job_id: str, token: str | None, *, worker: str, cap: int, lease_s: float) -> Job:
+    """Atomically take the job for `worker`: queued → running (counting the attempt) with a lease of
+    `lease_s` seconds, or to its final status; the resulting record is returned.
+
+    A held job whose message is delivered again (its pool child died, the broker redelivered) is
+    claimed again by the same worker, or once its lease expired; a cancelling one becomes cancelled,
+    and one that used `cap` attempts fails. Raises Superseded (older token; a message without one
+    is accepted) or HeldElsewhere (another live worker holds the lease), changing nothing.
+    """
+    lease = store.lease_key(job_id)
+
+    def take(pipe: Any) -> None:
+        pipe.set(lease, worker, px=int(lease_s * 1000))
+        pipe.zadd(store.leases_key, {job_id: time.time() + lease_s})
+
+    def fn(job: Job) -> tuple[Job, Events] | tuple[Job, Events, Callable[[Any], None]] | None:
+        if token is not None and token != job.delivery:
+            raise Superseded(job_id)
+        if job.status in TERMINAL:
+            return None  # e.g. cancelled while queued: skip, the task is acked
+        if job.status in HELD:
+            owner = store.r.get(lease)
+            owner = owner.decode() if isinstance(owner, bytes) else owner
+            if owner is not None and owner != worker:
+                raise HeldElsewhere(f"job {job_id} is held by live worker {owner}")
+        if job.status == JobStatus.cancelling:  # its worker died after a cancel request
+            new = job.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
+            return new, [("status", status_event(job.status, new))]
+        if job.attempts >= cap:
+            update = {"status": JobStatus.failed, "finished_at": now(), "error": _lost(job.attempts)}
+            new = job.model_copy(update=update)
+            return new, [("status", status_event(job.status, new))]
+        new = job.model_copy(
+            update={
+                "status": JobStatus.running,
+                "attempts": job.attempts + 1,
+                "started_at": now(),
+                "progress": JobProgress(stage="loading", message="starting"),
+            }
+        )
+        return new, [("status", status_event(job.status, new, worker=worker))], take
+
+    return store.mutate(job_id, fn, watch=[lease])[0]
+
+
+# KEYS: job, lease, leases; ARGV: token, worker, lease ms, deadline (Unix s), job id
+_RENEW = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local job = cjson.decode(raw)
+if job['delivery'] ~= ARGV[1] or (job['status'] ~= 'running' and job['status'] ~= 'cancelling') then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+return 1
+"""
+
+# KEYS: job, events; ARGV: token, maxlen, event type, event data
+_PUBLISH = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local job = cjson.decode(raw)
+if job['delivery'] ~= ARGV[1] or (job['status'] ~= 'running' and job['status'] ~= 'cancelling') then
+  return false
+end
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', ARGV[3], 'data', ARGV[4])
+"""
+
+
+def renew(store: JobStore, job_id: str, token: str, worker: str, lease_s: float) -> bool:
+    """Extend `worker`'s lease on the job by `lease_s` seconds; False (nothing written) when the job
+    is no longer held under `token`."""
+    keys = [store.job_key(job_id), store.lease_key(job_id), store.leases_key]
+    args = [token, worker, int(lease_s * 1000), time.time() + lease_s, job_id]
+    return bool(store.r.register_script(_RENEW)(keys=keys, args=args))
+
+
+def publish(store: JobStore, job_id: str, token: str, type_: str, data: dict[str, Any]) -> str:
+    """Append an event for the job held under `token`; raise Fenced (nothing appended) otherwise."""
+    fields = encode(type_, data)
+    keys = [store.job_key(job_id), events_key(store.prefix, job_id)]
+    eid = store.r.register_script(_PUBLISH)(keys=keys, args=[token, MAXLEN, type_, fields["data"]])
+    if eid is None:
+        raise Fenced(job_id, token)
+    return eid.decode() if isinstance(eid, bytes) else str(eid)
+
+
+def check_held(store: JobStore, job_id: str, token: str) -> Job:
+    """The record while the job is held under `token` (before writing artifacts); raise Fenced."""
+    job = store.require(job_id)
+    if job.delivery != token or job.status not in HELD:
+        raise Fenced(job_id, token)
+    return job
+
+
+def progress(store: JobStore, job_id: str, token: str, prog: JobProgress) -> None:
+    """Record progress of the job held under `token` (with its event); raise Fenced otherwise."""
+    store.set_progress(job_id, prog, token=token)
+
+
+def finish(store: JobStore, job_id: str, token: str, to: JobStatus, **changes: Any) -> Job:
+    """End the attempt held under `token`: succeeded (from running only), failed or cancelled (from
+    running or cancelling). Raises Fenced (another attempt owns the job) or InvalidTransition (e.g.
+    succeeded while a cancel was requested)."""
+    allowed = [JobStatus.running] if to == JobStatus.succeeded else list(HELD)
+    return store.transition(job_id, allowed, to, token=token, **changes)
+
+
+def give_back(
+    store: JobStore, queue: Sender, job_id: str, token: str, *, cap: int, reason: str, delay_s: float
+) -> Job | None:
+    """Put the running job held under `token` back in the queue for a later attempt (its upload
+    failed; the exported output stays in the work dir) and send it after `delay_s` seconds.
+
+    None, changing nothing, when the job already used `cap` attempts (the caller fails it). Raises
+    Fenced or InvalidTransition (e.g. cancelling: the caller finishes it as cancelled)."""
+
+    def fn(job: Job) -> tuple[Job, Events] | None:
+        if job.delivery != token:
+            raise Fenced(job_id, token)
+        if job.status != JobStatus.running:
+            raise InvalidTransition(job, JobStatus.queued)
+        if job.attempts >= cap:
+            return None
+        new = _requeued(job, f"re-queued: {reason}")
+        return new, [("status", status_event(job.status, new, reason=reason))]
+
+    job, changed = store.mutate(job_id, _outboxed(store, fn, "given_back"))
+    if not changed:
+        return None
+    _send(store, queue, job, countdown=delay_s)
+    return job
+
+
+class Lease:
+    """Renews the worker's lease on a job every `renew_s` seconds on a daemon thread while the
+    `with` block runs. `lost` turns True once a renewal is refused (the job was re-queued)."""
+
+    def __init__(
+        self, store: JobStore, job_id: str, token: str, worker: str, renew_s: float, expire_s: float
+    ) -> None:
+        self.store, self.job_id, self.token, self.worker = store, job_id, token, worker
+        self.renew_s, self.expire_s = renew_s, expire_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.renew_s):
+            try:
+                ok = renew(self.store, self.job_id, self.token, self.worker, self.expire_s)
+            except redis.RedisError as e:  # a Redis blip: the next renewal tries again
+                log.warning("job %s: lease not renewed: %s", self.job_id, e)
+                continue
+            if not ok:
+                log.warning("job %s: lease lost (the job was re-queued); stopping", self.job_id)
+                self.lost = True
+                return
+
+    def check(self) -> None:
+        """Raise Fenced once the lease is lost."""
+        if self.lost:
+            raise Fenced(self.job_id, self.token)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
