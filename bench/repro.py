@@ -1,13 +1,22 @@
-"""Reproducibility of the README demo job (SmolLM2-135M, wanda 2:4) under kernel/thread settings.
+"""Reproducibility of the README demo job (SmolLM2-135M, wanda 2:4) across installs, kernels, threads.
 
-Usage: python bench/repro.py --label NAME [--python PY] [--env K=V ...] [--out docs/bench/repro.jsonl]
+    python bench/repro.py venv DIR                      # a fresh venv pinned by constraints.txt
+    python bench/repro.py run --label NAME [--python DIR/bin/python] [--env K=V ...] [--out F.jsonl]
+    python bench/repro.py compare F.jsonl [--reference LABEL] [--md]
 
-Runs `PY -m core prune` with the demo settings (calibration: 32 x 512 tokens of WikiText-2;
-evaluation: 40 windows of 512) in a child whose environment gets the --env settings (e.g.
-ATEN_CPU_CAPABILITY=default, OMP_NUM_THREADS=1, MKL_CBWR=COMPATIBLE), then prints (and appends to
---out) one JSON line: the sha256 of every model file from manifest.json, the perplexities, the
-host facts the child's report recorded (CPU, SIMD flags, ATen capability, BLAS, threads), timings.
-`--python` runs another interpreter (a fresh virtual environment) on this checkout's code.
+`venv` creates DIR with `python -m venv` (no system site-packages) and installs the engine's
+dependencies with `pip install -c constraints.txt` (torch==2.13.0 CPU and the rest from the local
+wheels/registry), then prints its `pip freeze` and that list's sha256.
+
+`run` runs `PY -m core prune` with the demo settings (calibration: 32 x 512 tokens of WikiText-2;
+evaluation: --eval-windows windows of 512, 40 as in the demo; the dense baseline cache off) in a
+child whose environment gets the --env settings (e.g. ATEN_CPU_CAPABILITY=default,
+OMP_NUM_THREADS=1), then prints (and appends to --out) one JSON line: the sha256 of every model
+file from manifest.json, the perplexities, the host facts the child's report recorded (CPU, SIMD
+flags, ATen capability, BLAS, threads), the child's package versions and the load average.
+
+`compare` prints, per run, whether its model files are bit-identical to the reference run's and how
+far its perplexities are from the reference's.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,51 +38,144 @@ from bench.common import REPO, SMOLLM2_FILE, data_dir, machine, smollm2_dir
 
 DEMO = [
     "--method", "wanda", "--pattern", "2:4", "--calibration", "wikitext2", "--nsamples", "32",
-    "--seqlen", "512", "--eval-data", "wikitext2", "--eval-seqlen", "512", "--eval-windows", "40",
+    "--seqlen", "512", "--eval-data", "wikitext2", "--eval-seqlen", "512",
     "--dtype", "float32", "--quiet",
 ]  # fmt: skip
 """The demo job of scripts/stack.py (`demo_request`) as `python -m core prune` flags."""
+ENGINE_REQUIREMENTS = ["torch==2.13.0", ".[engine]"]
+"""What a repro venv installs (with constraints.txt): torch first (the CPU wheel), then the engine."""
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--label", required=True)
-    p.add_argument("--python", default=sys.executable, help="interpreter of the run (a venv's python)")
-    p.add_argument("--env", action="append", default=[], help="K=V for the child (repeatable)")
-    p.add_argument("--out", type=Path, help="append the JSON line here")
-    args = p.parse_args()
-    extra = dict(kv.split("=", 1) for kv in args.env)
+def freeze(python: str) -> list[str]:
+    """`pip freeze` of an interpreter (the project itself left out)."""
+    out = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
+    return sorted(line for line in out.splitlines() if line and not line.startswith(("-e ", "prune-service")))
+
+
+def make_venv(target: Path) -> dict[str, Any]:
+    """A fresh venv at `target` with the engine's dependencies pinned by constraints.txt."""
+    if target.exists():
+        raise SystemExit(f"{target} exists: give a new directory")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "venv", str(target)], check=True)
+    python = str(target / "bin" / "python")
+    pin = ["-c", str(REPO / "constraints.txt")]
+    for req in ENGINE_REQUIREMENTS:
+        cmd = [python, "-m", "pip", "install", "-q", *pin, req]
+        subprocess.run(cmd, cwd=REPO, check=True)
+    pins = freeze(python)
+    return {
+        "venv": str(target),
+        "python": python,
+        "install_s": round(time.perf_counter() - t0, 1),
+        "packages": len(pins),
+        "freeze_sha256": hashlib.sha256("\n".join(pins).encode()).hexdigest(),
+        "freeze": pins,
+    }
+
+
+def run_demo(
+    label: str, python: str, extra: dict[str, str], eval_windows: int, dense_eval: bool = True
+) -> dict[str, Any]:
+    """One demo run in a child interpreter; the JSON row described in the module docstring."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PRUNE_DATA_DIR": str(data_dir())}
+    env["PRUNE_BASELINE_CACHE"] = "off"  # measure the dense perplexity in every run
     env.update(extra)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="repro-") as tmp:
         out = Path(tmp) / "out"
-        cmd = [args.python, "-m", "core", "prune", "--model", str(smollm2_dir() / SMOLLM2_FILE), *DEMO]
+        cmd = [python, "-m", "core", "prune", "--model", str(smollm2_dir() / SMOLLM2_FILE), *DEMO]
+        cmd += ["--eval-windows", str(eval_windows), "--out", str(out)]
+        cmd += [] if dense_eval else ["--no-dense-eval"]
         t0 = time.perf_counter()
-        proc = subprocess.run([*cmd, "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-3000:])
-            return 1
+            raise SystemExit(f"run {label} failed:\n{proc.stderr[-3000:]}")
         report = json.loads((out / "report.json").read_text())
         files = json.loads((out / "manifest.json").read_text())["files"]
-        model = {k: v["sha256"] for k, v in sorted(files.items()) if k.startswith("model/")}
-        combined = hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()
+    model = {k: v["sha256"] for k, v in sorted(files.items()) if k.startswith("model/")}
+    pins = freeze(python)
     ev = report["evaluation"]
-    row = {
-        "label": args.label,
-        "python": args.python,
+    return {
+        "label": label,
+        "python": python,
         "env": extra,
         "model_files_sha256": model,
-        "model_digest": combined,
-        "weights_sha256": model.get("model/model.safetensors"),
+        "model_digest": hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest(),
         "dense_ppl": ev.get("dense_ppl"),
         "pruned_ppl": ev.get("pruned_ppl"),
+        "eval_windows": ev.get("windows"),
         "sparsity": report["sparsity"]["overall"],
         "versions": report["versions"],
+        "freeze_sha256": hashlib.sha256("\n".join(pins).encode()).hexdigest(),
         "wall_s": round(wall, 1),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "bench_machine": machine(),
     }
-    line = json.dumps(row)
+
+
+def compare(rows: list[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
+    """Each run against the reference run (default: the first): identical model files? perplexity deltas."""
+    ref = next((r for r in rows if r["label"] == reference), rows[0]) if reference else rows[0]
+    out = []
+    for r in rows:
+        host = r["versions"]["host"]
+        out.append(
+            {
+                "label": r["label"],
+                "env": " ".join(f"{k}={v}" for k, v in r["env"].items()) or "-",
+                "aten": host["aten_cpu_capability"],
+                "threads": host["torch_threads"],
+                "same_install": r["freeze_sha256"] == ref["freeze_sha256"],
+                "identical_weights": r["model_digest"] == ref["model_digest"],
+                "dense_ppl": r["dense_ppl"],
+                "pruned_ppl": r["pruned_ppl"],
+                "pruned_delta_pct": round(100 * (r["pruned_ppl"] / ref["pruned_ppl"] - 1), 3),
+                "dense_delta_pct": (
+                    round(100 * (r["dense_ppl"] / ref["dense_ppl"] - 1), 4) if r["dense_ppl"] else None
+                ),
+                "load": round(r["loadavg_before"][0], 1),
+            }
+        )
+    return out
+
+
+def _markdown(table: list[dict[str, Any]]) -> str:
+    cols = list(table[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("venv", help="a fresh virtual environment pinned by constraints.txt")
+    v.add_argument("dir", type=Path)
+    r = sub.add_parser("run", help="one demo run")
+    r.add_argument("--label", required=True)
+    r.add_argument("--python", default=sys.executable, help="interpreter of the run (a venv's python)")
+    r.add_argument("--env", action="append", default=[], help="K=V for the child (repeatable)")
+    r.add_argument("--eval-windows", type=int, default=40)
+    r.add_argument("--no-dense-eval", action="store_true", help="skip the dense baseline (saves time)")
+    r.add_argument("--out", type=Path, help="append the JSON line here")
+    c = sub.add_parser("compare", help="compare the runs of a JSONL file")
+    c.add_argument("file", type=Path)
+    c.add_argument("--reference", help="label of the reference run (default: the first)")
+    c.add_argument("--md", action="store_true", help="a Markdown table instead of JSON")
+    args = p.parse_args(argv)
+    if args.command == "venv":
+        print(json.dumps(make_venv(args.dir.resolve())))
+        return 0
+    if args.command == "compare":
+        rows = [json.loads(line) for line in args.file.read_text().splitlines() if line.strip()]
+        table = compare(rows, args.reference)
+        print(_markdown(table) if args.md else json.dumps(table, indent=1))
+        return 0
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    line = json.dumps(run_demo(args.label, args.python, extra, args.eval_windows, not args.no_dense_eval))
     print(line)
     if args.out:
         with args.out.open("a") as f:
