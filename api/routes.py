@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import Services, authenticated, current_tenant, services, unique_json_keys
 from api.problems import ProblemError, problems
+from core import tasks
 from jobs import lifecycle
 from jobs.auth import Tenant as AuthTenant
 from jobs.events import Event, check_id
@@ -170,6 +171,10 @@ def _check_sources(svc: Services, body: JobRequest) -> dict[str, str]:
         policy.check_spec(body)  # the remaining rules (gguf_file)
     except SourceRefused as e:
         raise _refused(["model", "gguf_file"], e.message, "source-refused") from None
+    for i, task in enumerate(body.evaluation.tasks):
+        problem = tasks.submit_problem(task, svc.settings.data_dir, tasks.hub_offline())
+        if problem is not None:
+            raise _refused(["evaluation", "tasks", i], problem, "task-unavailable")
     return out
 
 

@@ -126,7 +126,7 @@ def main() -> None:
             }
         )
         t = time.perf_counter()
-        report = pipeline.run(spec, work / "run", data_dir=data_dir())
+        report = pipeline.run(spec, work / "run", data_dir=data_dir()).to_json()
         run_s = time.perf_counter() - t
         run = work / "run"
         t = time.perf_counter()

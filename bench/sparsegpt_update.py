@@ -61,7 +61,7 @@ def main() -> None:
         }
     )
     with tempfile.TemporaryDirectory() as tmp:
-        report = run(spec, Path(tmp) / "out")
+        report = run(spec, Path(tmp) / "out").to_json()
     out = {
         "benchmark": "sparsegpt mask without weight update",
         "pattern": args.pattern,

@@ -213,7 +213,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from core.pipeline import run
 
     report = run(spec, args.out, on_progress=_progress_printer(args.quiet), data_dir=args.data_dir)
-    print(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report.to_json(), indent=2))
     return 0
 
 

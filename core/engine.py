@@ -52,6 +52,7 @@ __all__ = [
     "HESSIAN_LIMIT_BYTES",
     "Args",
     "BlockResult",
+    "CaptureCache",
     "Captured",
     "HiddenStore",
     "InMemory",
@@ -210,6 +211,27 @@ def capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, 
         for i, b in enumerate(originals):
             blocks[i] = b
     return out
+
+
+class CaptureCache:
+    """Block arguments captured once and handed to every prune of the same dense model (a sweep):
+    the capture stops before the first block, so it does not depend on the blocks' weights."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._cap: Captured | None = None
+        self.captures = 0
+        """How many capture forwards this cache ran."""
+
+    def get(
+        self, model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, batch_size: int
+    ) -> Captured:
+        """A fresh view of the captured arguments (the loop consumes its lists; tensors are shared)."""
+        key = (calibration.data_ptr(), tuple(calibration.shape), batch_size, len(blocks))
+        if self._cap is None or key != self._key:
+            self._cap, self._key = capture(model, blocks, calibration, batch_size), key
+            self.captures += 1
+        return Captured(hidden=list(self._cap.hidden), args=[list(a) for a in self._cap.args])
 
 
 def capture_block_inputs(
@@ -583,12 +605,14 @@ def run_blocks(
     spill_dir: Path | None = None,
     device: torch.device | str | None = None,
     note: str = "",
+    capture_cache: CaptureCache | None = None,
 ) -> PruneResult:
     """Prune every decoder block of ``model`` on calibration ids ``[n, seqlen]``: the one loop.
 
     ``source`` provides block weights (default: in memory). ``spill_dir``: keep the hidden states
     there instead of in memory. ``resume_dir``: persist each finished block and continue a run
-    interrupted earlier with the same fingerprint (:mod:`core.resume`).
+    interrupted earlier with the same fingerprint (:mod:`core.resume`). ``capture_cache``: reuse
+    the block arguments captured by an earlier prune of the same dense model.
     """
     from core import resume
 
@@ -636,7 +660,11 @@ def run_blocks(
         with eager_experts(model):
             if need_stats and start < nblocks:
                 with source.capture_context():
-                    cap = capture(model, blocks, cal, batch_size)
+                    cap = (
+                        capture_cache.get(model, blocks, cal, batch_size)
+                        if capture_cache is not None
+                        else capture(model, blocks, cal, batch_size)
+                    )
                 hidden = ckpt.hidden() if ckpt and start else cap.hidden
                 store = HiddenStore(spill_dir, hidden)
                 cap.hidden = []
@@ -704,10 +732,14 @@ def prune(
     on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     resume_dir: Path | None = None,
+    capture_cache: CaptureCache | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, on calibration ids ``[n, seqlen]``.
 
     Progress is reported once per block with stage ``pruning`` and ``fraction = block / nblocks``;
-    ``should_cancel`` is checked between blocks.
+    ``should_cancel`` is checked between blocks. ``capture_cache``: see :func:`run_blocks`.
     """
-    return run_blocks(model, calibration, spec, InMemory(), on_progress, should_cancel, resume_dir=resume_dir)
+    return run_blocks(
+        model, calibration, spec, InMemory(), on_progress, should_cancel, resume_dir=resume_dir,
+        capture_cache=capture_cache,
+    )  # fmt: skip

@@ -43,3 +43,10 @@ class CorruptArtifact(InvalidInput):
     """A packed artifact (compact format) is truncated, modified or not one of ours."""
 
     code = "corrupt_artifact"
+
+
+class TaskError(InvalidInput):
+    """A zero-shot task is unknown, its data is missing, or the harness failed on it; the message
+    names the task."""
+
+    code = "task_error"

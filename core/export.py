@@ -21,6 +21,7 @@ from typing import Any
 
 from core.errors import InvalidInput
 from core.report import markdown_sections
+from core.result import CalibrationInfo, ExpertTokens, RunReport
 from core.spec import OutputSpec
 
 __all__ = [
@@ -87,25 +88,27 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: RunReport) -> str:
     """A short human summary of ``report``."""
-    m, s, e, t = report["model"], report["sparsity"], report.get("evaluation") or {}, report["timings"]
-    spec = report["spec"]["prune"]
-    cal = report["calibration"]
+    m, s, e, cal = report.model, report.sparsity, report.evaluation, report.calibration
+    spec = report.spec["prune"]
+    title = "# Pruning report" + (f" — variant {report.variant}" if report.variant else "")
     lines = [
-        "# Pruning report",
+        title,
         "",
-        f"- Model: `{m['source']}` ({m['architecture']}, family {m['family']}, {m['nblocks']} blocks, "
-        f"{m['params']:,} parameters)",
-        f"- Method: **{spec['method']}**, pattern `{spec['pattern']}`, target sparsity {_fmt(s['target'])}"
-        + (f", ignored {len(s.get('ignored', []))} layers" if s.get("ignored") else ""),
-        f"- Calibration: {cal['nsamples']} windows x {cal['seqlen']} tokens from `{cal['source']}`, "
-        f"seed {cal['seed']}",
-        f"- Measured sparsity of pruned layers: {_fmt(s['overall'], 4)}"
-        + (f"; N:M pattern holds: {s['nm_ok']}" if s.get("nm_ok") is not None else ""),
+        f"- Model: `{m.source}` ({m.architecture}, family {m.family}, {m.nblocks} blocks, "
+        f"{m.params:,} parameters)",
+        f"- Method: **{spec['method']}**, pattern `{spec['pattern']}`, target sparsity {_fmt(s.target)}"
+        + (f", ignored {len(s.ignored)} layers" if s.ignored else ""),
+        f"- Calibration: {cal.nsamples} windows x {cal.seqlen} tokens from `{cal.source}`, seed {cal.seed}",
+        f"- Measured sparsity of pruned layers: {_fmt(s.overall, 4)}"
+        + (f"; N:M pattern holds: {s.nm_ok}" if s.nm_ok is not None else ""),
         "",
     ]
-    streamed = report.get("streaming") or {}
+    if report.sweep is not None:
+        lines[-1:-1] = [f"- Sweep of {len(report.sweep.variants)} variants; the figures below are "
+                        f"those of the headline variant `{report.sweep.headline}`"]  # fmt: skip
+    streamed = report.streaming
     if streamed.get("used"):
         lines[-1:-1] = [
             f"- Streaming mode (block by block from the checkpoint); perplexity {streamed['evaluation']}"
@@ -116,40 +119,40 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             "| model | perplexity |",
             "|---|---|",
-            f"| dense | {_fmt(e.get('dense_ppl'))} |",
-            f"| pruned | {_fmt(e.get('pruned_ppl'))} |",
+            f"| dense | {_fmt(e.dense_ppl)} |",
+            f"| pruned | {_fmt(e.pruned_ppl)} |",
             "",
-            f"{e['windows']} windows x {e['seqlen']} tokens of `{e['source']}` ({e['tokens']} tokens). "
-            f"Formula: {e['formula']}.",
+            f"{e.windows} windows x {e.seqlen} tokens of `{e.source}` ({e.tokens} tokens). "
+            f"Formula: {e.formula}.",
             "",
         ]
     lines += markdown_sections(report)
-    lines += _expert_lines(report.get("experts"), cal)
-    lines += _warning_lines(report.get("warnings"))
-    lines += _artifact_lines(report.get("artifacts"))
+    lines += _expert_lines(report.experts, cal)
+    lines += _warning_lines(report.warnings)
+    lines += _artifact_lines(report.artifacts)
     lines += ["## Timings (s)", "", "| step | seconds |", "|---|---|"]
-    lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in t.items()]
-    lines += ["", f"Peak RSS: {_fmt(report.get('peak_rss_mb'), 0)} MB", ""]
+    lines += [f"| {k.removesuffix('_s')} | {_fmt(v, 2)} |" for k, v in report.timings.items()]
+    lines += ["", f"Peak RSS: {_fmt(report.peak_rss_mb, 0)} MB", ""]
     return "\n".join(lines)
 
 
-def _expert_lines(experts: list[dict[str, Any]] | None, cal: dict[str, Any]) -> list[str]:
+def _expert_lines(experts: list[ExpertTokens], cal: CalibrationInfo) -> list[str]:
     """Calibration tokens the router sent to each expert, per experts module."""
     if not experts:
         return []
     lines = [
         "## Experts",
         "",
-        f"Calibration tokens routed to each expert ({cal['nsamples'] * cal['seqlen']:,} tokens in all; "
+        f"Calibration tokens routed to each expert ({cal.nsamples * cal.seqlen:,} tokens in all; "
         "a token goes to top-k experts). An expert that saw none is pruned by magnitude.",
         "",
         "| experts module | tokens per expert (expert 0, 1, ...) | min | max | saw none (magnitude) |",
         "|---|---|---|---|---|",
     ]
     for e in experts:
-        tok = e["tokens"]
-        none = ", ".join(map(str, e.get("fallback_magnitude") or [])) or "-"
-        lines.append(f"| `{e['module']}` | {' '.join(map(str, tok))} | {min(tok)} | {max(tok)} | {none} |")
+        tok = e.tokens
+        none = ", ".join(map(str, e.fallback_magnitude)) or "-"
+        lines.append(f"| `{e.module}` | {' '.join(map(str, tok))} | {min(tok)} | {max(tok)} | {none} |")
     return [*lines, ""]
 
 
@@ -196,7 +199,7 @@ def _file_modes(root: Path) -> None:
 
 
 def save_formats(
-    root: Path, report: dict[str, Any], outputs: OutputSpec, perplexity: Any = None
+    root: Path, report: RunReport, outputs: OutputSpec, perplexity: Any = None
 ) -> dict[str, Any] | None:
     """Turn ``root/model`` into the artifacts ``outputs.formats`` names (:func:`core.formats.export`)
     and return the report's ``artifacts`` section; None when no model is exported."""
@@ -204,18 +207,18 @@ def save_formats(
         return None
     from core import formats
 
-    layers = list((report.get("sparsity") or {}).get("layers") or {})
-    pruned = (report.get("evaluation") or {}).get("pruned_ppl")
+    layers = list(report.sparsity.layers)
+    pruned = report.evaluation.pruned_ppl if report.evaluation else None
     return formats.export(root, list(outputs.formats), layers, perplexity, pruned)
 
 
-def write_reports(root: Path, report: dict[str, Any], outputs: OutputSpec) -> dict[str, Any]:
+def write_reports(root: Path, report: RunReport, outputs: OutputSpec) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and finally ``manifest.json``; return the manifest.
 
     ``report.json`` is always written (it is the run's machine-readable record); ``report.md``
     only when ``outputs.report``.
     """
-    (root / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    (root / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     if outputs.report:
         (root / "report.md").write_text(render_markdown(report), encoding="utf-8")
     man = manifest(root)

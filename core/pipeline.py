@@ -30,12 +30,23 @@ from core import (
     preflight,
     resume,
     streaming,
+    sweep,
 )
 from core import report as report_doc
 from core.errors import InvalidInput
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.report import generations
-from core.spec import ModelSpec, RunSpec
+from core.result import (
+    CalibrationInfo,
+    Evaluation,
+    Generation,
+    ModelInfo,
+    RunReport,
+    SparsityInfo,
+    TaskScore,
+    Variant,
+)
+from core.spec import ModelSpec, PruneSpec, RunSpec
 
 __all__ = ["STAGE_WEIGHTS", "run", "use_streaming"]
 
@@ -51,6 +62,7 @@ STAGE_WEIGHTS: dict[str, float] = {
     "dense_eval": 0.15,
     "pruning": 0.45,
     "pruned_eval": 0.15,
+    "tasks": 0.10,
     "exporting": 0.10,
 }
 
@@ -118,15 +130,18 @@ def _versions() -> dict[str, Any]:
 
 
 class _Stages:
-    """Maps a stage's local fraction to the overall progress fraction."""
+    """Maps a stage's local fraction to the overall progress fraction.
 
-    def __init__(self, enabled: list[str], on_progress: ProgressFn | None) -> None:
-        total = sum(STAGE_WEIGHTS[s] for s in enabled)
+    ``enabled``: ``(key, weight)`` in run order; a sweep repeats the per-variant keys with a suffix.
+    """
+
+    def __init__(self, enabled: list[tuple[str, float]], on_progress: ProgressFn | None) -> None:
+        total = sum(w for _, w in enabled)
         self.spans: dict[str, tuple[float, float]] = {}
         acc = 0.0
-        for s in enabled:
-            w = STAGE_WEIGHTS[s] / total
-            self.spans[s] = (acc, acc + w)
+        for key, weight in enabled:
+            w = weight / total
+            self.spans[key] = (acc, acc + w)
             acc += w
         self.on_progress = on_progress
 
@@ -174,12 +189,17 @@ def run(
     data_dir: str | Path | None = None,
     reported_spec: RunSpec | None = None,
     resume_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report dict.
+) -> RunReport:
+    """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report.
 
-    ``resume_dir``: block checkpoints (:mod:`core.resume`, under ``resume_dir/blocks``): every
-    pruned block and the next block's inputs are persisted; a later run of the same spec
-    continues after the last finished block with bit-identical output. Cleared on success.
+    ``resume_dir``: block checkpoints (:mod:`core.resume`, under ``resume_dir/blocks``; a sweep's
+    variants under ``resume_dir/variants/<label>/blocks``): every pruned block and the next block's
+    inputs are persisted; a later run of the same spec continues after the last finished block with
+    bit-identical output. Cleared on success.
+
+    A sweep (``spec.sweep``) loads, calibrates and measures the dense model once, then prunes each
+    variant from the dense weights into ``out_dir/variants/<label>/`` (artifacts and its own report);
+    the top-level report has the sweep table and curve and describes the headline variant.
 
     ``reported_spec`` is what the report records as its ``spec`` when it differs from what ran
     (e.g. the ``s3://`` URIs whose local copies ``spec`` names); default ``spec``.
@@ -194,183 +214,335 @@ def run(
 
         resolve_source(spec.model)  # a missing source is reported as such, not as a streaming error
         if use_streaming(spec.model):
+            if spec.sweep is not None or spec.evaluation.tasks:
+                raise InvalidInput(
+                    "this checkpoint would be pruned in streaming mode (too large for the RAM), which "
+                    "evaluates nothing and prunes once: sweeps and zero-shot tasks need the model in "
+                    "memory (model.stream 'never')"
+                )
             return _run_streaming(
                 spec, out, on_progress, should_cancel, data_dir, t_start, reported_spec, resume_dir
             )
-    ev = spec.evaluation
-    enabled = ["loading", "calibrating"]
-    if ev.enabled and ev.dense_baseline:
-        enabled.append("dense_eval")
-    enabled.append("pruning")
-    if ev.enabled:
-        enabled.append("pruned_eval")
-    enabled.append("exporting")
-    stages = _Stages(enabled, on_progress)
-    timings: dict[str, float] = {}
+    return _InMemoryRun(spec, on_progress, should_cancel, data_dir, reported_spec or spec).run(
+        out, t_start, Path(resume_dir) if resume_dir is not None else None
+    )
 
-    with _PeakRSS() as rss:
-        from core.loading import load_model, model_context
 
-        check_cancel(should_cancel)
-        stages.emit("loading", 0.0, "loading", f"loading {spec.model.source}")
+class _InMemoryRun:
+    """:func:`run` with the whole model in memory: one load, one calibration and one dense
+    evaluation, then every variant (one outside sweeps) pruned from the dense weights."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        on_progress: ProgressFn | None,
+        should_cancel: CancelFn | None,
+        data_dir: str | Path | None,
+        reported: RunSpec,
+    ) -> None:
+        self.spec, self.should_cancel, self.data_dir, self.reported = spec, should_cancel, data_dir, reported
+        self.variants = spec.variants()
+        self.sweep = spec.sweep is not None
+        ev = spec.evaluation
+        self.dense_eval = ev.enabled and ev.dense_baseline
+        enabled = [("loading", STAGE_WEIGHTS["loading"]), ("calibrating", STAGE_WEIGHTS["calibrating"])]
+        if self.dense_eval:
+            enabled.append(("dense_eval", STAGE_WEIGHTS["dense_eval"]))
+        if ev.tasks and ev.dense_baseline:
+            enabled.append(("dense_tasks", STAGE_WEIGHTS["tasks"]))
+        for i in range(len(self.variants)):
+            enabled.append((f"pruning{i}", STAGE_WEIGHTS["pruning"]))
+            if ev.enabled:
+                enabled.append((f"pruned_eval{i}", STAGE_WEIGHTS["pruned_eval"]))
+            if ev.tasks:
+                enabled.append((f"pruned_tasks{i}", STAGE_WEIGHTS["tasks"]))
+            enabled.append((f"exporting{i}", STAGE_WEIGHTS["exporting"]))
+        self.stages = _Stages(enabled, on_progress)
+        self.timings: dict[str, float] = {}
+
+    def _add(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+    def _tag(self, i: int) -> tuple[str | None, str]:
+        """(variant label or None, message prefix) of variant ``i``."""
+        if not self.sweep:
+            return None, ""
+        label = self.variants[i][0]
+        return label, f"[{label} {i + 1}/{len(self.variants)}] "
+
+    def _setup(self) -> None:
+        """Load the model, read calibration windows and evaluation tokens, resolve the tasks."""
+        from core.loading import hub_online, load_model, model_context
+
+        spec, ev = self.spec, self.spec.evaluation
+        self.tasks: list[Any] = []
+        if ev.tasks:  # a missing task fails the run before any weight is read
+            from core import zeroshot
+
+            root = data.default_data_dir(self.data_dir)
+            self.tasks = [zeroshot.resolve(name, root, hub_online()) for name in ev.tasks]
+        check_cancel(self.should_cancel)
+        self.stages.emit("loading", 0.0, "loading", f"loading {spec.model.source}")
         t = time.perf_counter()
-        loaded = load_model(spec.model)
-        model, tok = loaded.model, loaded.tokenizer
-        timings["load_s"] = time.perf_counter() - t
-        stages.emit("loading", 1.0, "loading", "model loaded")
+        self.loaded = load_model(spec.model)
+        self.model, self.tok = self.loaded.model, self.loaded.tokenizer
+        self.timings["load_s"] = time.perf_counter() - t
+        self.stages.emit("loading", 1.0, "loading", "model loaded")
 
-        check_cancel(should_cancel)
-        stages.emit("calibrating", 0.0, "calibrating", f"reading {spec.calibration.source}")
+        check_cancel(self.should_cancel)
+        self.stages.emit("calibrating", 0.0, "calibrating", f"reading {spec.calibration.source}")
         t = time.perf_counter()
-        context = model_context(model)
+        context = model_context(self.model)
         cal = spec.calibration
-        seqlen = data.resolve_seqlen(cal.seqlen, context)
-        calibration, cal_source = data.calibration_windows(
-            cal.source, tok, cal.nsamples, seqlen, cal.seed, cal.text_field, data_dir
+        self.seqlen = data.resolve_seqlen(cal.seqlen, context)
+        self.calibration, self.cal_source = data.calibration_windows(
+            cal.source, self.tok, cal.nsamples, self.seqlen, cal.seed, cal.text_field, self.data_dir
         )
-        eval_ids = None
-        eval_seqlen = data.resolve_seqlen(ev.seqlen, context) if ev.seqlen is not None else seqlen
-        eval_source = None
+        self.eval_ids = None
+        self.eval_seqlen = data.resolve_seqlen(ev.seqlen, context) if ev.seqlen is not None else self.seqlen
+        self.eval_source = None
         if ev.enabled:
-            text, eval_source = data.load_text(ev.source, "evaluation", ev.text_field, data_dir)
-            eval_ids = data.tokenize(tok, text)
-        timings["calibrate_s"] = time.perf_counter() - t
-        stages.emit("calibrating", 1.0, "calibrating", f"{calibration.shape[0]} windows x {seqlen} tokens")
+            text, self.eval_source = data.load_text(ev.source, "evaluation", ev.text_field, self.data_dir)
+            self.eval_ids = data.tokenize(self.tok, text)
+        self.timings["calibrate_s"] = time.perf_counter() - t
+        shape = f"{self.calibration.shape[0]} windows x {self.seqlen} tokens"
+        self.stages.emit("calibrating", 1.0, "calibrating", shape)
+        vocab = int(getattr(self.model.config, "vocab_size", 50000))
+        self.ebatch = _eval_batch(self.eval_seqlen, vocab)
 
-        vocab = int(getattr(model.config, "vocab_size", 50000))
-        ebatch = _eval_batch(eval_seqlen, vocab)
+    def _ppl(self, key: str, label: str, model: Any = None, **kw: Any) -> dict[str, Any]:
+        assert self.eval_ids is not None
+        check_cancel(self.should_cancel)
+        ev = self.spec.evaluation
+        if model is not None:  # an exported artifact loaded back (core.formats): no progress
+            return evaluate.perplexity(model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch)
+        self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
 
-        def _eval(key: str, label: str) -> dict[str, Any]:
-            assert eval_ids is not None
-            check_cancel(should_cancel)
-            stages.emit(key, 0.0, "evaluating", f"{label} perplexity")
+        def on_window(done: int, total: int) -> None:
+            msg = f"{label} perplexity: window {done}/{total}"
+            self.stages.emit(key, done / total, "evaluating", msg, **kw)
+            check_cancel(self.should_cancel)
 
-            def on_window(done: int, total: int) -> None:
-                stages.emit(key, done / total, "evaluating", f"{label} perplexity: window {done}/{total}")
-                check_cancel(should_cancel)
+        return evaluate.perplexity(
+            self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch, on_window
+        )
 
-            return evaluate.perplexity(model, eval_ids, eval_seqlen, ev.max_windows, ebatch, on_window)
-
-        def _eval_model(m: Any) -> dict[str, Any]:  # an exported artifact loaded back (core.formats)
-            assert eval_ids is not None
-            check_cancel(should_cancel)
-            return evaluate.perplexity(m, eval_ids, eval_seqlen, ev.max_windows, ebatch)
-
-        dense, dense_cached = None, False
-        timings["eval_s"] = 0.0
-        if ev.enabled and ev.dense_baseline:
+    def _dense(self) -> None:
+        """Dense perplexity (or the cached baseline), dense generations and dense task scores."""
+        ev = self.spec.evaluation
+        self.dense, self.dense_cached = None, False
+        self.timings["eval_s"] = 0.0
+        if self.dense_eval:
             t = time.perf_counter()
-            assert eval_ids is not None
-            bkey = baseline_cache.key(model, eval_ids, eval_seqlen, ev.max_windows, ebatch)
-            dense = baseline_cache.load(bkey)
-            dense_cached = dense is not None
-            if dense is None:
-                dense = _eval("dense_eval", "dense")
-                baseline_cache.store(bkey, dense)
+            assert self.eval_ids is not None
+            bkey = baseline_cache.key(
+                self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch
+            )
+            self.dense = baseline_cache.load(bkey)
+            self.dense_cached = self.dense is not None
+            if self.dense is None:
+                self.dense = self._ppl("dense_eval", "dense")
+                baseline_cache.store(bkey, self.dense)
             else:
-                stages.emit("dense_eval", 1.0, "evaluating", "dense perplexity: cached baseline")
-            timings["dense_eval_s"] = time.perf_counter() - t
-            timings["eval_s"] += timings["dense_eval_s"]
-
+                self.stages.emit("dense_eval", 1.0, "evaluating", "dense perplexity: cached baseline")
+            self.timings["dense_eval_s"] = time.perf_counter() - t
+            self.timings["eval_s"] += self.timings["dense_eval_s"]
         t = time.perf_counter()
-        dense_text = generations.generate(model, tok, ev.generations) if ev.dense_baseline else None
-        timings["generate_s"] = time.perf_counter() - t
-        check_cancel(should_cancel)
+        self.dense_text = (
+            generations.generate(self.model, self.tok, ev.generations) if ev.dense_baseline else None
+        )
+        self._add("generate_s", time.perf_counter() - t)
+        self.dense_scores: dict[str, Any] = {}
+        if self.tasks and ev.dense_baseline:
+            self.dense_scores = self._run_tasks("dense_tasks", "dense")
+
+    def _run_tasks(self, key: str, label: str, **kw: Any) -> dict[str, Any]:
+        from core import zeroshot
+
+        check_cancel(self.should_cancel)
+        self.stages.emit(
+            key, 0.0, "evaluating", f"{label} zero-shot tasks: {', '.join(t.name for t in self.tasks)}", **kw
+        )
+        t = time.perf_counter()
+        scores = zeroshot.evaluate(self.model, self.tok, self.tasks, self.spec.evaluation.task_limit)
+        self._add("tasks_s", time.perf_counter() - t)
+        self.stages.emit(key, 1.0, "evaluating", f"{label} zero-shot tasks done", **kw)
+        return scores
+
+    def _task_scores(self, pruned: dict[str, Any]) -> list[TaskScore]:
+        out = []
+        for task in self.tasks:
+            d, p = self.dense_scores.get(task.name), pruned[task.name]
+            out.append(
+                TaskScore(
+                    task=task.name,
+                    metric=p.metric,
+                    dense=d.value if d else None,
+                    pruned=p.value,
+                    stderr_dense=d.stderr if d else None,
+                    stderr_pruned=p.stderr,
+                    samples=p.samples,
+                    source=task.source,
+                )
+            )
+        return out
+
+    def _prune_variant(self, i: int, prune: PruneSpec, resume_dir: Path | None, cache: Any) -> RunReport:
+        """Prune the (dense) model with ``prune`` and evaluate it; the variant's report."""
+        label, tag = self._tag(i)
+        ev = self.spec.evaluation
 
         def on_block(p: Progress) -> None:
-            stages.emit("pruning", p.fraction, "pruning", p.message, block=p.block, nblocks=p.nblocks)
+            self.stages.emit(f"pruning{i}", p.fraction, "pruning", tag + p.message, block=p.block,
+                             nblocks=p.nblocks, variant=label)  # fmt: skip
 
-        stages.emit("pruning", 0.0, "pruning", f"pruning with {spec.prune.method}")
-        pruned_info = engine.prune(
-            model,
-            calibration,
-            spec.prune,
-            on_block,
-            should_cancel,
-            Path(resume_dir) / "blocks" if resume_dir is not None else None,
-        )
-        timings["prune_s"] = pruned_info.prune_s
-        timings["mask_s"] = pruned_info.mask_s
-        if pruned_info.owl:
-            timings["owl_first_pass_s"] = pruned_info.owl["first_pass_s"]
-
+        check_cancel(self.should_cancel)
+        self.stages.emit(f"pruning{i}", 0.0, "pruning", f"{tag}pruning with {prune.method}", variant=label)
+        if resume_dir is not None:
+            resume_dir = resume_dir / (f"variants/{label}/blocks" if self.sweep else "blocks")
+        info = engine.prune(self.model, self.calibration, prune, on_block, self.should_cancel, resume_dir,
+                            capture_cache=cache)  # fmt: skip
+        own: dict[str, float] = {"prune_s": info.prune_s, "mask_s": info.mask_s}
+        if info.owl:
+            own["owl_first_pass_s"] = info.owl["first_pass_s"]
         pruned = None
         if ev.enabled:
             t = time.perf_counter()
-            pruned = _eval("pruned_eval", "pruned")
-            timings["pruned_eval_s"] = time.perf_counter() - t
-            timings["eval_s"] += timings["pruned_eval_s"]
-
+            pruned = self._ppl(f"pruned_eval{i}", f"{tag}pruned", variant=label)
+            own["pruned_eval_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        texts = generations.pair(dense_text, generations.generate(model, tok, ev.generations))
-        timings["generate_s"] += time.perf_counter() - t
-        sparsity = evaluate.sparsity_report(model, spec.prune)
+        texts = generations.pair(self.dense_text, generations.generate(self.model, self.tok, ev.generations))
+        own["generate_s"] = time.perf_counter() - t
+        scores = self._run_tasks(f"pruned_tasks{i}", f"{tag}pruned", variant=label) if self.tasks else {}
+        for k, v in own.items():
+            self._add(k, v)
+        if "pruned_eval_s" in own:
+            self.timings["eval_s"] += own["pruned_eval_s"]
         evaluation = None
         if ev.enabled:
-            ref = pruned or dense or {}
-            evaluation = {
-                "dense_ppl": dense["ppl"] if dense else None,
-                "dense_cached": dense_cached,
-                "pruned_ppl": pruned["ppl"] if pruned else None,
-                "windows": ref.get("windows"),
-                "seqlen": eval_seqlen,
-                "tokens": ref.get("tokens"),
-                "formula": evaluate.FORMULA,
-                "source": eval_source,
-            }
-        cfg = model.config
-        report: dict[str, Any] = {
-            "spec": (reported_spec or spec).model_dump(mode="json"),
-            "versions": _versions(),
-            "model": {
-                "source": loaded.source,
-                "family": loaded.family.name,
-                "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
-                "model_type": cfg.model_type,
-                "nblocks": len(families.get_blocks(model, loaded.family)),
-                "params": sum(p.numel() for p in model.parameters()),
-                "dtype": spec.model.dtype,
-                "device": spec.model.device,
-                "gguf": loaded.gguf,
-            },
-            "calibration": {
-                "source": cal_source,
-                "nsamples": int(calibration.shape[0]),
-                "seqlen": seqlen,
-                "seed": cal.seed,
-            },
-            "sparsity": sparsity,
-            "layers": pruned_info.layer_records,
-            "allocation": pruned_info.owl,
-            "evaluation": evaluation,
-            "timings": timings,
-            "generations": texts,
-            "peak_rss_mb": None,
-            "streaming": {"used": False, "mode": spec.model.stream},
-            "experts": [e.model_dump(mode="json") for e in pruned_info.experts],
-            "warnings": list(pruned_info.warnings),
-        }
-
-        check_cancel(should_cancel)
-        stages.emit("exporting", 0.0, "exporting", f"writing {out}")
-        t = time.perf_counter()
-        with export.staging_dir(out) as tmp:
-            export.save_model(tmp, model, tok, spec.outputs)
-            report["artifacts"] = export.save_formats(
-                tmp, report, spec.outputs, (lambda m: _eval_model(m)["ppl"]) if ev.enabled else None
+            ref = pruned or self.dense or {}
+            evaluation = Evaluation(
+                dense_ppl=self.dense["ppl"] if self.dense else None,
+                dense_cached=self.dense_cached,
+                pruned_ppl=pruned["ppl"] if pruned else None,
+                windows=ref.get("windows"),
+                seqlen=self.eval_seqlen,
+                tokens=ref.get("tokens"),
+                formula=evaluate.FORMULA,
+                source=self.eval_source,
+                tasks=self._task_scores(scores),
             )
-            timings["export_s"] = time.perf_counter() - t
-            timings["total_s"] = time.perf_counter() - t_start
-            rss._sample()
-            report["peak_rss_mb"] = round(rss.mb, 1)
-            _cuda_peak(report, spec.model.device)
-            report_doc.finish(tmp, report, spec)
-            export.write_reports(tmp, report, spec.outputs)
-            check_cancel(should_cancel)
-        stages.emit("exporting", 1.0, "exporting", "done")
-    if resume_dir is not None:
-        resume.clear(Path(resume_dir))
-    return report
+        model, cfg, spec = self.model, self.model.config, self.spec
+        shown = (
+            self.reported.model_copy(update={"prune": prune, "sweep": None}) if self.sweep else self.reported
+        )
+        return RunReport(
+            spec=shown.model_dump(mode="json"),
+            versions=_versions(),
+            model=ModelInfo(
+                source=self.loaded.source,
+                family=self.loaded.family.name,
+                architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+                model_type=cfg.model_type,
+                nblocks=len(families.get_blocks(model, self.loaded.family)),
+                params=sum(p.numel() for p in model.parameters()),
+                dtype=spec.model.dtype,
+                device=spec.model.device,
+                gguf=self.loaded.gguf,
+            ),
+            calibration=CalibrationInfo(
+                source=self.cal_source,
+                nsamples=int(self.calibration.shape[0]),
+                seqlen=self.seqlen,
+                seed=spec.calibration.seed,
+            ),
+            sparsity=SparsityInfo(**evaluate.sparsity_report(model, prune)),
+            layers=info.layer_records,
+            allocation=info.owl,
+            evaluation=evaluation,
+            timings=own,
+            generations=[Generation(**g) for g in texts],
+            streaming={"used": False, "mode": spec.model.stream},
+            experts=info.experts,
+            warnings=list(info.warnings),
+            variant=label,
+        )
+
+    def _export(self, i: int, root: Path, report: RunReport, shown: Path | str) -> float:
+        """Write variant ``i``'s model artifacts under ``root`` (``shown`` in messages); seconds taken."""
+        label, tag = self._tag(i)
+        check_cancel(self.should_cancel)
+        self.stages.emit(f"exporting{i}", 0.0, "exporting", f"{tag}writing {shown}", variant=label)
+        t = time.perf_counter()
+        root.mkdir(parents=True, exist_ok=True)
+        outputs = self.spec.outputs
+        export.save_model(root, self.model, self.tok, outputs)
+        ppl = (lambda m: self._ppl("", "", model=m)["ppl"]) if self.spec.evaluation.enabled else None
+        report.artifacts = export.save_formats(root, report, outputs, ppl)
+        return time.perf_counter() - t
+
+    def run(self, out: Path, t_start: float, resume_dir: Path | None) -> RunReport:
+        spec = self.spec
+        with _PeakRSS() as rss:
+            self._setup()
+            self._dense()
+            blocks = families.get_blocks(self.model, self.loaded.family)
+            snapshot = sweep.DenseSnapshot(blocks) if len(self.variants) > 1 else None
+            cache = engine.CaptureCache()
+            with export.staging_dir(out) as tmp:
+                if not self.sweep:
+                    report = self._prune_variant(0, self.variants[0][1], resume_dir, cache)
+                    self.timings["export_s"] = self._export(0, tmp, report, out)
+                    report.timings = self.timings
+                else:
+                    report = self._sweep(tmp, snapshot, resume_dir, cache)
+                self.timings["total_s"] = time.perf_counter() - t_start
+                rss._sample()
+                report.peak_rss_mb = round(rss.mb, 1)
+                report.peak_cuda_mb = _cuda_peak(spec.model.device)
+                report_doc.finish(tmp, report, spec)
+                export.write_reports(tmp, report, spec.outputs)
+                check_cancel(self.should_cancel)
+            self.stages.emit(f"exporting{len(self.variants) - 1}", 1.0, "exporting", "done")
+        if resume_dir is not None:
+            resume.clear(resume_dir)
+        return report
+
+    def _sweep(
+        self, tmp: Path, snapshot: sweep.DenseSnapshot | None, resume_dir: Path | None, cache: Any
+    ) -> RunReport:
+        """Every variant into ``tmp/variants/<label>/``; the top-level report (headline variant)."""
+        entries: list[Variant] = []
+        reports: dict[str, RunReport] = {}
+        for i, (label, prune) in enumerate(self.variants):
+            if i and snapshot is not None:
+                t = time.perf_counter()
+                snapshot.restore()
+                self._add("restore_s", time.perf_counter() - t)
+            rep = self._prune_variant(i, prune, resume_dir, cache)
+            vroot = tmp / sweep.VARIANTS_DIR / label
+            rep.timings["export_s"] = self._export(i, vroot, rep, f"{sweep.VARIANTS_DIR}/{label}")
+            vspec = self.spec.model_copy(update={"prune": prune, "sweep": None})
+            report_doc.finish(vroot, rep, vspec)
+            export.write_reports(vroot, rep, self.spec.outputs)
+            self._add("export_s", rep.timings["export_s"])
+            entries.append(sweep.variant_entry(label, prune, rep, rep.timings["prune_s"]))
+            reports[label] = rep
+            self.stages.emit(f"exporting{i}", 1.0, "exporting", f"{self._tag(i)[1]}exported", variant=label)
+        result, top_gate = sweep.summarize(entries, self.spec.gate)
+        result.captures = cache.captures
+        head = reports[result.headline]
+        return head.model_copy(
+            update={
+                "spec": self.reported.model_dump(mode="json"),
+                "timings": self.timings,
+                "artifacts": None,
+                "plots": [],
+                "gate": top_gate,
+                "sweep": result,
+                "variant": result.headline,
+            }
+        )
 
 
 def _run_streaming(
@@ -382,7 +554,7 @@ def _run_streaming(
     t_start: float,
     reported_spec: RunSpec | None = None,
     resume_dir: str | Path | None = None,
-) -> dict[str, Any]:
+) -> RunReport:
     """:func:`run` in streaming mode: tokenizer-only calibration, ``prune_streaming``, reports."""
     import shutil
 
@@ -390,7 +562,8 @@ def _run_streaming(
 
     from core.loading import load_config_and_tokenizer, model_context
 
-    stages = _Stages(["loading", "calibrating", "pruning", "exporting"], on_progress)
+    stages = _Stages([(k, STAGE_WEIGHTS[k]) for k in ("loading", "calibrating", "pruning", "exporting")],
+                     on_progress)  # fmt: skip
     timings: dict[str, float] = {}
     with _PeakRSS() as rss:
         check_cancel(should_cancel)
@@ -435,53 +608,53 @@ def _run_streaming(
             if spec.outputs.model:
                 (tmp / "streamed" / "model").rename(tmp / "model")
             shutil.rmtree(tmp / "streamed")
-            info = info.model_dump(mode="json")  # typed PruneResult -> the report's dict
-            st = info["timings"]
-            timings["prune_s"] = info["prune_s"]
-            timings["mask_s"] = info["mask_s"]
+            st = info.timings
+            timings["prune_s"] = info.prune_s
+            timings["mask_s"] = info.mask_s
             timings["eval_s"] = 0.0
             archs = getattr(config, "architectures", None) or ["?"]
-            report: dict[str, Any] = {
-                "spec": (reported_spec or spec).model_dump(mode="json"),
-                "versions": _versions(),
-                "model": {
-                    "source": where,
-                    "family": family.name,
-                    "architecture": archs[0],
-                    "model_type": config.model_type,
-                    "nblocks": info["nblocks"],
-                    "params": info["params"],
-                    "dtype": spec.model.dtype,
-                    "device": spec.model.device,
-                    "gguf": False,
-                },
-                "calibration": {
-                    "source": cal_source,
-                    "nsamples": int(calibration.shape[0]),
-                    "seqlen": seqlen,
-                    "seed": cal.seed,
-                },
-                "sparsity": info["sparsity"],
-                "evaluation": None,
-                "timings": timings,
-                "peak_rss_mb": None,
-                "streaming": {
+            assert info.sparsity is not None and info.params is not None
+            report = RunReport(
+                spec=(reported_spec or spec).model_dump(mode="json"),
+                versions=_versions(),
+                model=ModelInfo(
+                    source=where,
+                    family=family.name,
+                    architecture=archs[0],
+                    model_type=config.model_type,
+                    nblocks=info.nblocks,
+                    params=info.params,
+                    dtype=spec.model.dtype,
+                    device=spec.model.device,
+                    gguf=False,
+                ),
+                calibration=CalibrationInfo(
+                    source=cal_source, nsamples=int(calibration.shape[0]), seqlen=seqlen, seed=cal.seed
+                ),
+                sparsity=SparsityInfo(**info.sparsity),
+                layers=info.layer_records,
+                evaluation=None,
+                timings=timings,
+                streaming={
                     "used": True,
                     "mode": spec.model.stream,
                     "evaluation": STREAMING_EVAL_NOTE if spec.evaluation.enabled else "disabled",
-                    "checkpoint_bytes": info["checkpoint_bytes"],
-                    "output_bytes": info["output_bytes"],
-                    "spilled": info["spilled"],
+                    "checkpoint_bytes": info.checkpoint_bytes,
+                    "output_bytes": info.output_bytes,
+                    "spilled": info.spilled,
                     "capture_s": st["capture_s"],
                     "blocks_s": st["blocks_s"],
                 },
-            }
-            report["artifacts"] = export.save_formats(tmp, report, spec.outputs)
+                experts=info.experts,
+                warnings=list(info.warnings),
+            )
+            report.artifacts = export.save_formats(tmp, report, spec.outputs)
             check_cancel(should_cancel)
             timings["export_s"] = st["export_s"] + time.perf_counter() - t
             timings["total_s"] = time.perf_counter() - t_start
+            report.timings = timings  # validation copied the dict: hand it the finished one
             rss._sample()
-            report["peak_rss_mb"] = round(rss.mb, 1)
+            report.peak_rss_mb = round(rss.mb, 1)
             report_doc.finish(tmp, report, spec)
             export.write_reports(tmp, report, spec.outputs)
             check_cancel(should_cancel)
@@ -491,9 +664,9 @@ def _run_streaming(
     return report
 
 
-def _cuda_peak(report: dict[str, Any], device: str) -> None:
+def _cuda_peak(device: str) -> float | None:
     if device != "cuda":
-        return
+        return None
     import torch
 
-    report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)

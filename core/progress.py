@@ -15,6 +15,7 @@ class Progress:
     stage: loading | calibrating | pruning | evaluating | exporting
     block / nblocks: 1-based block index while pruning, else None.
     fraction: overall fraction of the run done, in [0, 1].
+    variant: the sweep variant being pruned, evaluated or exported (None outside sweeps).
     """
 
     stage: str
@@ -22,6 +23,7 @@ class Progress:
     block: int | None = None
     nblocks: int | None = None
     message: str = ""
+    variant: str | None = None
 
 
 ProgressFn = Callable[[Progress], None]

@@ -2,7 +2,7 @@
 
 :class:`PruneResult` is what :func:`core.engine.prune` and the block loop return;
 :class:`RunReport` is what :func:`core.pipeline.run` returns and writes as ``report.json``
-(``model_dump(mode="json")``: the same keys the untyped report had).
+(``model_dump(mode="json")``). The worker, the exporters and the human reports read it by attribute.
 """
 
 from __future__ import annotations
@@ -11,11 +11,30 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ExpertTokens", "ModelInfo", "PruneResult", "RunReport"]
+__all__ = [
+    "CalibrationInfo",
+    "Evaluation",
+    "ExpertTokens",
+    "GateCheck",
+    "GateOutcome",
+    "Generation",
+    "ModelInfo",
+    "PruneResult",
+    "RunReport",
+    "SparsityInfo",
+    "SweepResult",
+    "TaskScore",
+    "Variant",
+    "Verdict",
+]
 
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class ExpertTokens(BaseModel):
@@ -60,7 +79,9 @@ class PruneResult(BaseModel):
     sampled_peak_rss_mb: float | None = None
 
 
-class ModelInfo(_Open):
+class ModelInfo(_Closed):
+    """The model that was pruned."""
+
     source: str
     family: str
     architecture: str
@@ -72,17 +93,146 @@ class ModelInfo(_Open):
     gguf: bool
 
 
-class RunReport(_Open):
-    """One run's report (``report.json``)."""
+class CalibrationInfo(_Closed):
+    """The calibration windows actually used."""
+
+    source: str
+    nsamples: int
+    seqlen: int
+    seed: int
+
+
+class SparsityInfo(_Closed):
+    """Measured zeros of the prunable linears (:func:`core.evaluate.sparsity_report`)."""
+
+    target: float | None
+    overall: float
+    all_linears: float | None = None
+    layers: dict[str, float] = Field(default_factory=dict)
+    ignored: list[str] = Field(default_factory=list)
+    nm_ok: bool | None = None
+
+
+class TaskScore(_Closed):
+    """One zero-shot task (lm-evaluation-harness) on the dense and the pruned model."""
+
+    task: str
+    metric: str
+    dense: float | None = None
+    pruned: float | None = None
+    stderr_dense: float | None = None
+    stderr_pruned: float | None = None
+    samples: int | None = None
+    source: str = Field(description="Where the task came from: a local task folder or 'hub'.")
+
+
+class Evaluation(_Closed):
+    """Perplexity before and after (the dense one possibly from the cached baseline)."""
+
+    dense_ppl: float | None
+    dense_cached: bool = False
+    pruned_ppl: float | None
+    windows: int | None
+    seqlen: int
+    tokens: int | None
+    formula: str
+    source: str | None
+    tasks: list[TaskScore] = Field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        """pruned/dense perplexity, or None when either was not measured."""
+        if not self.dense_ppl or self.pruned_ppl is None:
+            return None
+        return float(self.pruned_ppl) / float(self.dense_ppl)
+
+
+class Verdict(_Closed):
+    """A plain verdict on the perplexity ratio (:mod:`core.report.verdict`)."""
+
+    ratio: float | None
+    label: str
+    text: str
+    warning: bool
+
+
+class GateCheck(_Closed):
+    name: str
+    limit: float
+    value: float | None
+    passed: bool
+
+
+class GateOutcome(_Closed):
+    """A quality gate's outcome; for a sweep, ``variant`` is the sparsest passing variant."""
+
+    passed: bool
+    checks: list[GateCheck]
+    variant: str | None = None
+
+
+class Generation(_Closed):
+    prompt: str
+    dense: str | None
+    pruned: str | None
+
+
+class Variant(_Closed):
+    """One variant of a sweep: its own pruning, evaluation and artifact directory."""
+
+    label: str
+    method: str
+    pattern: str
+    target: float
+    sparsity: float
+    nm_ok: bool | None
+    pruned_ppl: float | None
+    ppl_ratio: float | None
+    verdict: str
+    gate: GateOutcome | None = None
+    tasks: list[TaskScore] = Field(default_factory=list)
+    dir: str
+    prune_s: float
+
+
+class SweepResult(_Closed):
+    """Every variant of a sweep and the one the top-level report describes."""
+
+    variants: list[Variant]
+    headline: str
+    """The gate's pick when one passes, else the sparsest variant."""
+    chosen_by_gate: bool
+    captures: int = 0
+    """Calibration argument captures run for all the variants together (1: shared)."""
+
+
+class RunReport(_Closed):
+    """One run's report (``report.json``). For a sweep, the top-level sections describe the
+    headline variant (:attr:`SweepResult.headline`); each variant has its own report."""
 
     spec: dict[str, Any]
-    versions: dict[str, str]
+    versions: dict[str, Any]
     model: ModelInfo
-    calibration: dict[str, Any]
-    sparsity: dict[str, Any]
-    evaluation: dict[str, Any] | None
-    timings: dict[str, Any]
+    calibration: CalibrationInfo
+    sparsity: SparsityInfo
+    layers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    allocation: dict[str, Any] | None = None
+    evaluation: Evaluation | None
+    timings: dict[str, float]
+    generations: list[Generation] = Field(default_factory=list)
     peak_rss_mb: float | None = None
+    peak_cuda_mb: float | None = None
     streaming: dict[str, Any]
     experts: list[ExpertTokens] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    artifacts: dict[str, Any] | None = None
+    verdict: Verdict | None = None
+    gate: GateOutcome | None = None
+    plots: list[str] = Field(default_factory=list)
+    sweep: SweepResult | None = None
+    variant: str | None = None
+    """The sweep variant this report describes (None outside sweeps)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document written as ``report.json``."""
+        return self.model_dump(mode="json")

@@ -10,7 +10,15 @@ import fnmatch
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt", "ria")
 """Method names; `core.methods.REGISTRY` must hold exactly these (a test checks)."""
@@ -33,6 +41,12 @@ OWL_M, OWL_LAMBDA = 5.0, 0.08
 DSNOT_ITERS, DSNOT_THRESHOLD, DSNOT_VAR_POWER = 50, 0.1, 1.0
 RIA_ALPHA = 0.5
 RECON_TOKENS = 2048
+MAX_VARIANTS = 16
+"""Most variants one sweep may ask for."""
+MAX_TASKS = 8
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A zero-shot task name: also the folder name under ``$PRUNE_DATA_DIR/lm_eval_tasks/``."""
+MethodName = Literal["wanda", "magnitude", "sparsegpt", "ria"]
 
 
 class _Strict(BaseModel):
@@ -78,7 +92,7 @@ def check_prunes_something(prune: PruneSpec) -> None:
 class PruneSpec(_Strict):
     """What to prune and how. Validated once, here, for every entry point."""
 
-    method: Literal["wanda", "magnitude", "sparsegpt", "ria"] = "wanda"
+    method: MethodName = "wanda"
     sparsity: float | None = Field(
         default=None,
         description="Fraction of weights zeroed in each pruned layer, in [0, 1). "
@@ -292,6 +306,26 @@ class EvalSpec(_Strict):
     generations: int = Field(
         default=3, ge=0, le=3, description="Fixed prompts continued greedily by the dense and pruned model."
     )
+    tasks: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_TASKS,
+        description="Zero-shot tasks run with lm-evaluation-harness on the dense and the pruned model "
+        "(in memory): a task folder $PRUNE_DATA_DIR/lm_eval_tasks/<task>/ (YAML + local data files), "
+        "else the harness's own task of that name from the hub when online.",
+    )
+    task_limit: int | None = Field(
+        default=None, ge=1, le=100000, description="Examples per task (default: all of them)."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not TASK_NAME.fullmatch(name):
+                raise ValueError(f"task name {name!r} must be letters, digits, '_', '.' or '-' (<= 64)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks must not repeat, got {v}")
+        return v
 
 
 class OutputSpec(_Strict):
@@ -340,15 +374,122 @@ class GateSpec(_Strict):
         return self
 
 
+class SweepSpec(_Strict):
+    """Several variants of one job: every combination of ``methods`` x ``patterns`` x ``sparsities``
+    (an empty list keeps the ``prune`` section's value; ``sparsities`` apply to the unstructured
+    pattern, an N:M pattern implies its own). The other ``prune`` options are shared."""
+
+    sparsities: list[float] = Field(default_factory=list, max_length=MAX_VARIANTS)
+    patterns: list[str] = Field(default_factory=list, max_length=MAX_VARIANTS)
+    methods: list[MethodName] = Field(default_factory=list, max_length=len(METHODS))
+
+    @field_validator("sparsities")
+    @classmethod
+    def _check_sparsities(cls, v: list[float]) -> list[float]:
+        bad = [x for x in v if not 0.0 < x < 1.0]
+        if bad:
+            raise ValueError(f"sweep sparsities must be in (0, 1), got {bad[0]}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sweep sparsities must not repeat, got {v}")
+        return v
+
+    @field_validator("patterns")
+    @classmethod
+    def _check_patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            parse_pattern(p)
+        if len(set(v)) != len(v):
+            raise ValueError(f"sweep patterns must not repeat, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SweepSpec:
+        if not (self.sparsities or self.patterns or self.methods):
+            raise ValueError("a sweep needs at least one of sparsities, patterns, methods")
+        return self
+
+
+def variant_label(prune: PruneSpec) -> str:
+    """A short, path-safe name of one variant: ``wanda-0.5``, ``sparsegpt-2of4``."""
+    if prune.nm is not None:
+        return f"{prune.method}-{prune.nm[0]}of{prune.nm[1]}"
+    return f"{prune.method}-{prune.target_sparsity:g}"
+
+
+def sweep_variants(prune: PruneSpec, sweep: SweepSpec) -> list[tuple[str, PruneSpec]]:
+    """``[(label, PruneSpec)]`` of every variant, in order (methods, then patterns, then sparsities);
+    ValueError naming the variant that is not a valid prune spec."""
+    base = prune.model_dump()
+    out: list[tuple[str, PruneSpec]] = []
+    patterns = sweep.patterns or [prune.pattern]
+    if sweep.sparsities and "unstructured" not in patterns:
+        raise ValueError("sweep.sparsities apply to the unstructured pattern; add 'unstructured' to "
+                         "sweep.patterns (an N:M pattern fixes its sparsity)")  # fmt: skip
+    for method in sweep.methods or [prune.method]:
+        for pattern in patterns:
+            if pattern == "unstructured":
+                default = prune.target_sparsity if prune.nm is None else 0.5
+                levels: list[float | None] = list(sweep.sparsities or [default])
+            else:
+                levels = [None]
+            for level in levels:
+                body = {**base, "method": method, "pattern": pattern, "sparsity": level}
+                try:
+                    v = PruneSpec.model_validate(body)
+                except ValidationError as e:
+                    what = f"{method} {pattern}" + (f" sparsity {level:g}" if level is not None else "")
+                    msgs = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+                    raise ValueError(f"sweep variant {what}: {msgs}") from None
+                out.append((variant_label(v), v))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"sweep variants must have distinct names, got {labels}")
+    if len(out) > MAX_VARIANTS:
+        raise ValueError(f"a sweep may have at most {MAX_VARIANTS} variants, this one has {len(out)}")
+    return out
+
+
 class RunSpec(_Strict):
-    """A whole run: model, pruning, calibration, evaluation, outputs, optional quality gate."""
+    """A whole run: model, pruning, calibration, evaluation, outputs, optional quality gate and sweep."""
 
     model: ModelSpec
     prune: PruneSpec = Field(default_factory=PruneSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvalSpec = Field(default_factory=EvalSpec)
     outputs: OutputSpec = Field(default_factory=OutputSpec)
-    gate: GateSpec | None = Field(default=None, description="Quality gate (docs/ci.md).")
+    gate: GateSpec | None = Field(
+        default=None,
+        description="Quality gate (docs/ci.md); for a sweep it picks the sparsest passing variant.",
+    )
+    sweep: SweepSpec | None = Field(
+        default=None,
+        description="Several variants in one job (the model loaded, calibrated and evaluated dense once); "
+        "each variant's artifacts and report go under variants/<label>/.",
+    )
+
+    def variants(self) -> list[tuple[str, PruneSpec]]:
+        """``[(label, PruneSpec)]``: the sweep's variants, or the one ``prune`` section."""
+        if self.sweep is None:
+            return [(variant_label(self.prune), self.prune)]
+        return sweep_variants(self.prune, self.sweep)
+
+    @field_validator("sweep")
+    @classmethod
+    def _variants_valid(cls, v: SweepSpec | None, info: ValidationInfo) -> SweepSpec | None:
+        prune = info.data.get("prune")
+        if v is not None and isinstance(prune, PruneSpec):
+            sweep_variants(prune, v)  # every variant is a valid prune spec (errors located at `sweep`)
+        return v
+
+    @model_validator(mode="after")
+    def _sweep_valid(self) -> RunSpec:
+        if self.sweep is not None:
+            if self.model.stream == "always":
+                raise ValueError("a sweep prunes the in-memory model several times: use model.stream 'never'"
+                                 " or 'auto'")  # fmt: skip
+        if self.evaluation.tasks and not self.evaluation.enabled:
+            raise ValueError("evaluation.tasks need evaluation.enabled = true")
+        return self
 
     @model_validator(mode="after")
     def _gate_measurable(self) -> RunSpec:

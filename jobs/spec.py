@@ -82,6 +82,7 @@ class JobProgress(_Record):
     fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="Overall fraction done.")
     eta_s: float | None = Field(default=None, description="Estimated seconds left.")
     message: str = ""
+    variant: str | None = Field(default=None, description="The sweep variant this step belongs to.")
 
 
 class JobError(_Record):
@@ -101,7 +102,17 @@ class JobSummary(_Record):
     ppl_ratio: float | None = Field(default=None, description="pruned/dense perplexity.")
     verdict: str | None = Field(default=None, description="good, fair, poor, damaged or unknown.")
     gate: dict[str, Any] | None = Field(
-        default=None, description="Quality gate outcome `{passed, checks}`; `passed: false` keeps artifacts."
+        default=None,
+        description="Quality gate outcome `{passed, checks, variant}`; `passed: false` keeps artifacts. "
+        "For a sweep, `variant` is the sparsest passing variant.",
+    )
+    variant: str | None = Field(default=None, description="Sweep: the headline variant the metrics are of.")
+    variants: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Sweep: `{label, method, pattern, sparsity, pruned_ppl, ppl_ratio, passed}` per variant.",
+    )
+    tasks: list[dict[str, Any]] = Field(
+        default_factory=list, description="Zero-shot tasks: `{task, metric, dense, pruned}` (lm-eval)."
     )
 
 

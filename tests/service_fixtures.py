@@ -24,6 +24,8 @@ from scripts.stack import REPO, Stack, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA_DIR = Path(os.environ.get("PRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+TASKS_DIR = REPO / "tests" / "data" / "lm_eval_tasks"
+"""Tiny zero-shot task folders (lm-evaluation-harness YAML + local data) for offline tests."""
 SIGNING_KEY = "test-signing-key"
 WEBHOOK_SECRET = "whsec_dGVzdC13ZWJob29rLXNlY3JldC0zMmJ5dGVzISE="
 
@@ -53,6 +55,17 @@ def key_prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
 
 
+def service_data_dir(root: Path) -> Path:
+    """A data directory for a service under test: every entry of the shared one (symlinked) plus
+    the test task folders as ``lm_eval_tasks/``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in DATA_DIR.iterdir() if DATA_DIR.is_dir() else []:
+        if entry.name != "lm_eval_tasks":
+            (root / entry.name).symlink_to(entry)
+    (root / "lm_eval_tasks").symlink_to(TASKS_DIR)
+    return root
+
+
 @dataclass
 class Service:
     """A running stack: its URLs, home directory and process handles."""
@@ -76,7 +89,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     home = tmp_path_factory.mktemp("prune-home")
     env = {
         "PRUNE_SIGNING_KEY": SIGNING_KEY,
-        "PRUNE_DATA_DIR": str(DATA_DIR),
+        "PRUNE_DATA_DIR": str(service_data_dir(home / "data")),
         "PRUNE_URL_TTL": "600",
         # every tmp dir of the session (tiny models) is an allowed model root
         "PRUNE_MODEL_ROOTS": str(tmp_path_factory.getbasetemp()),

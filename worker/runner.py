@@ -24,6 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.errors import Cancelled, CoreError
 from core.eta import EtaEstimator
 from core.progress import Progress
+from core.result import RunReport
 from core.spec import RunSpec
 from jobs import lifecycle
 from jobs.events import EventLog
@@ -80,19 +81,25 @@ def context() -> Context:
     )
 
 
-def summarize(report: dict[str, Any]) -> JobSummary:
+def summarize(report: RunReport) -> JobSummary:
     """Headline metrics from the engine's report."""
-    ev = report.get("evaluation") or {}
-    sp = report.get("sparsity") or {}
-    timings = {k: float(v) for k, v in (report.get("timings") or {}).items() if isinstance(v, int | float)}
+    ev, v, sw = report.evaluation, report.verdict, report.sweep
+    variants = [
+        {"label": x.label, "method": x.method, "pattern": x.pattern, "sparsity": x.sparsity,
+         "pruned_ppl": x.pruned_ppl, "ppl_ratio": x.ppl_ratio, "passed": x.gate.passed if x.gate else None}
+        for x in (sw.variants if sw else [])
+    ]  # fmt: skip
     return JobSummary(
-        dense_ppl=ev.get("dense_ppl"),
-        pruned_ppl=ev.get("pruned_ppl"),
-        sparsity=sp.get("overall"),
-        durations=timings,
-        ppl_ratio=(report.get("verdict") or {}).get("ratio"),
-        verdict=(report.get("verdict") or {}).get("label"),
-        gate=report.get("gate"),
+        dense_ppl=ev.dense_ppl if ev else None,
+        pruned_ppl=ev.pruned_ppl if ev else None,
+        sparsity=report.sparsity.overall,
+        durations={k: float(t) for k, t in report.timings.items()},
+        ppl_ratio=v.ratio if v else None,
+        verdict=v.label if v else None,
+        gate=report.gate.model_dump(mode="json") if report.gate else None,
+        variant=sw.headline if sw else None,
+        variants=variants,
+        tasks=[t.model_dump(include={"task", "metric", "dense", "pruned"}) for t in (ev.tasks if ev else [])],
     )
 
 
@@ -102,13 +109,13 @@ class _Reporter:
     def __init__(self, ctx: Context, job: Job, lease: Lease, notifier: Notifier | None = None) -> None:
         self.ctx, self.job_id, self.token, self.lease = ctx, job.id, lease.token, lease
         self.t0 = time.monotonic()
-        self.last: tuple[str, int | None] | None = None
+        self.last: tuple[str, int | None, str | None] | None = None
         self.last_t = 0.0
         self.notifier = notifier
         self.prev_t = self.t0  # time of the previous engine callback (block timing)
         self.eta = EtaEstimator()  # smoothed: no swings early in the job
         self.last_block: int | None = None
-        self.hook_key: tuple[str, int | None] | None = None
+        self.hook_key: tuple[str, int | None, str | None] | None = None
 
     def _observe_block(self, p: Progress, t: float) -> None:
         """Per-block pruning time (since the previous callback) into the shared histogram."""
@@ -128,7 +135,7 @@ class _Reporter:
         frac = min(max(float(p.fraction), 0.0), 1.0) * share
         t = time.monotonic()
         self._observe_block(p, t)
-        key = (p.stage, p.block)
+        key = (p.stage, p.block, p.variant)
         if key == self.last and t - self.last_t < THROTTLE_S:
             return
         self.last, self.last_t = key, t
@@ -140,6 +147,7 @@ class _Reporter:
             fraction=round(frac, 4),
             eta_s=eta,
             message=p.message,
+            variant=p.variant,
         )
         try:
             lifecycle.progress(self.ctx.store, self.job_id, self.token, prog)
@@ -241,7 +249,7 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
     try:
         if _complete(out):  # an earlier attempt exported it; only its upload failed
             rep.publish("log", {"message": "re-using the output exported by an earlier attempt"})
-            report = json.loads((out / "report.json").read_text())
+            report = RunReport.model_validate_json((out / "report.json").read_text())
         else:
             report = _execute(ctx, job, out, rep, resume)
         rep.progress(
@@ -360,7 +368,7 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
     raise AssertionError("unreachable")
 
 
-def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) -> dict[str, Any]:
+def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) -> RunReport:
     from core import pipeline  # torch lives behind this import
 
     checked = run_spec(job)
@@ -377,8 +385,6 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) ->
         data_dir=ctx.settings.data_dir,
         resume_dir=resume,  # block checkpoints: a re-queued attempt on this host continues from them
     )
-    if not isinstance(report, dict):
-        report = json.loads((out / "report.json").read_text())
     return report
 
 

@@ -1,69 +1,79 @@
 """Human reports of a run: verdict, gate, plots (matplotlib) and ``report.html``.
 
-:func:`finish` is called by the pipeline on the report dict before the reports are written: it adds
-``verdict`` (and ``gate`` when the spec has one) and writes ``plots/*.png`` and ``report.html``.
+:func:`finish` is called by the pipeline on the report before the reports are written: it sets
+``verdict`` (and ``gate`` when the spec has one and the run did not decide it already, as a sweep
+does) and writes ``plots/*.png`` and ``report.html``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from core import gate as gates
 from core.report.html import render_html
 from core.report.plots import write_plots
+from core.report.tables import gate_rows, sweep_rows, task_rows
 from core.report.timing import time_breakdown
 from core.report.verdict import verdict
+from core.result import RunReport
 from core.spec import RunSpec
 
 __all__ = ["finish", "markdown_sections", "verdict"]
 
 
-def finish(root: Path, report: dict[str, Any], spec: RunSpec) -> None:
-    """Add the verdict and gate outcome to ``report``; write plots and ``report.html`` under ``root``
+def finish(root: Path, report: RunReport, spec: RunSpec) -> None:
+    """Set the verdict and gate outcome of ``report``; write plots and ``report.html`` under ``root``
     (when ``outputs.report``)."""
-    report["verdict"] = verdict(report.get("evaluation"))
-    if spec.gate is not None:
-        report["gate"] = gates.check(spec.gate, report)
+    report.verdict = verdict(report.evaluation)
+    if spec.gate is not None and report.gate is None:
+        report.gate = gates.check(spec.gate, report.evaluation, report.sparsity.overall)
     if not spec.outputs.report:
         return
-    report["plots"] = write_plots(root, report)
+    report.plots = write_plots(root, report)
     (root / "report.html").write_text(render_html(root, report), encoding="utf-8")
 
 
-def markdown_sections(report: dict[str, Any]) -> list[str]:
-    """Markdown lines for the verdict, the gate and the plots (appended to report.md)."""
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    esc = lambda c: " ".join(str(c).split()).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return [*lines, *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows), ""]
+
+
+def markdown_sections(report: RunReport) -> list[str]:
+    """Markdown lines for the verdict, sweep, gate, zero-shot tasks, generations, time and plots."""
     lines: list[str] = []
-    v = report.get("verdict")
+    v = report.verdict
     if v:
-        lines += ["## Verdict", "", f"**{v['label']}** — {v['text']}", ""]
-    if (report.get("evaluation") or {}).get("dense_cached"):
+        lines += ["## Verdict", "", f"**{v.label}** — {v.text}", ""]
+    if report.evaluation is not None and report.evaluation.dense_cached:
         lines += ["The dense perplexity was reused from the cached dense baseline (same weights and "
                   "evaluation tokens); it was not measured again by this run.", ""]  # fmt: skip
-    g = report.get("gate")
+    sw = report.sweep
+    if sw:
+        how = "the sparsest variant that passes the gate" if sw.chosen_by_gate else "the sparsest variant"
+        lines += ["## Sweep", "", f"Headline variant: **{sw.headline}** ({how}); each variant's "
+                  "artifacts and report are under its directory.", ""]  # fmt: skip
+        header, rows = sweep_rows(sw.variants)
+        lines += _md_table(header, rows)
+    g = report.gate
     if g:
-        lines += [f"## Quality gate: {'passed' if g['passed'] else 'FAILED'}", ""]
-        lines += ["| check | limit | measured | passed |", "|---|---|---|---|"]
-        for c in g["checks"]:
-            value = "not measured" if c["value"] is None else f"{c['value']:.4g}"
-            lines.append(f"| {c['name']} | {c['limit']:g} | {value} | {'yes' if c['passed'] else 'no'} |")
-        lines.append("")
-    gens = report.get("generations") or []
-    if gens:
-        lines += [
-            "## Generations (greedy, fixed prompts)",
-            "",
-            "| prompt | dense | pruned |",
-            "|---|---|---|",
-        ]
-        cell = lambda t: "—" if t is None else " ".join(str(t).split()).replace("|", "\\|")  # noqa: E731
-        lines += [f"| {cell(g['prompt'])} | {cell(g['dense'])} | {cell(g['pruned'])} |" for g in gens]
-        lines.append("")
-    rows = time_breakdown(report.get("timings") or {})
-    if rows:
-        lines += ["## Where the time went", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {name} | {sec:.2f} |" for name, sec in rows]
-        lines.append("")
-    for name in report.get("plots") or []:
+        lines += [f"## Quality gate: {'passed' if g.passed else 'FAILED'}", ""]
+        if sw is not None:
+            lines += [f"Chosen variant: **{g.variant}**" if g.variant else "No variant passes the gate.", ""]
+        lines += _md_table(["check", "limit", "measured", "passed"], gate_rows(g))
+    tasks = report.evaluation.tasks if report.evaluation else []
+    if tasks:
+        lines += ["## Zero-shot tasks (lm-evaluation-harness)", ""]
+        lines += _md_table(*task_rows(tasks))
+    if report.generations:
+        lines += ["## Generations (greedy, fixed prompts)", ""]
+        cell = lambda t: "—" if t is None else t  # noqa: E731
+        rows = [[g.prompt, cell(g.dense), cell(g.pruned)] for g in report.generations]
+        lines += _md_table(["prompt", "dense", "pruned"], rows)
+    rows_t = time_breakdown(report.timings)
+    if rows_t:
+        lines += ["## Where the time went", ""]
+        lines += _md_table(["stage", "seconds"], [[name, f"{sec:.2f}"] for name, sec in rows_t])
+    for name in report.plots:
         lines += [f"![{Path(name).stem}]({name})", ""]
     return lines

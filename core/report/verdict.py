@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from core.gate import ppl_ratio
+from core.result import Evaluation, Verdict
 
 BANDS: tuple[tuple[float, str, str], ...] = (
     (1.10, "good", "perplexity within 10% of the dense model"),
@@ -14,15 +12,14 @@ BANDS: tuple[tuple[float, str, str], ...] = (
 """(largest ratio, label, text) bands; above the last one the model is badly damaged."""
 
 
-def verdict(evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    """``{ratio, label, text, warning}`` for the run's perplexities (label ``unknown`` when the
-    ratio was not measured)."""
-    ratio = ppl_ratio(evaluation)
+def verdict(evaluation: Evaluation | None) -> Verdict:
+    """The verdict on the run's perplexities (label ``unknown`` when the ratio was not measured)."""
+    ratio = evaluation.ratio if evaluation is not None else None
     if ratio is None:
-        return {"ratio": None, "label": "unknown", "text": "dense and pruned perplexity not both measured",
-                "warning": False}  # fmt: skip
+        return Verdict(ratio=None, label="unknown", text="dense and pruned perplexity not both measured",
+                       warning=False)  # fmt: skip
     for limit, label, text in BANDS:
         if ratio <= limit:
-            return {"ratio": ratio, "label": label, "text": f"ratio {ratio:.2f}: {text}", "warning": False}
+            return Verdict(ratio=ratio, label=label, text=f"ratio {ratio:.2f}: {text}", warning=False)
     text = f"ratio {ratio:.2f}: WARNING, the pruned model is badly damaged (perplexity x{ratio:.1f})"
-    return {"ratio": ratio, "label": "damaged", "text": text, "warning": True}
+    return Verdict(ratio=ratio, label="damaged", text=text, warning=True)

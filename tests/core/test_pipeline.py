@@ -44,22 +44,22 @@ def test_run_exports_reloadable_sparse_model(
         make_spec(tiny_model_dir(family), pattern="2:4"), out, events.append, data_dir=data_dir
     )
 
-    assert REPORT_KEYS <= set(report) and TIMINGS <= set(report["timings"])
-    assert report["model"]["family"] == family and report["model"]["nblocks"] == 2
-    assert report["calibration"] == {
-        "source": report["calibration"]["source"],
+    assert REPORT_KEYS <= set(report.to_json()) and TIMINGS <= set(report.timings)
+    assert report.model.family == family and report.model.nblocks == 2
+    assert report.calibration.model_dump() == {
+        "source": report.calibration.source,
         "nsamples": 4,
         "seqlen": 32,
         "seed": 0,
     }
-    s = report["sparsity"]
-    assert s["nm_ok"] is True and s["overall"] == pytest.approx(0.5) and s["target"] == 0.5
-    e = report["evaluation"]
-    assert e["windows"] == 3 and e["seqlen"] == 32 and "W * (seqlen - 1)" in e["formula"]
-    assert e["dense_ppl"] > 1 and e["pruned_ppl"] > 1
-    assert report["peak_rss_mb"] > 0
+    s = report.sparsity
+    assert s.nm_ok is True and s.overall == pytest.approx(0.5) and s.target == 0.5
+    e = report.evaluation
+    assert e.windows == 3 and e.seqlen == 32 and "W * (seqlen - 1)" in e.formula
+    assert e.dense_ppl > 1 and e.pruned_ppl > 1
+    assert report.peak_rss_mb > 0
 
-    assert json.loads((out / "report.json").read_text())["sparsity"]["overall"] == s["overall"]
+    assert json.loads((out / "report.json").read_text())["sparsity"]["overall"] == s.overall
     assert "Perplexity" in (out / "report.md").read_text()
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
@@ -92,9 +92,9 @@ def test_run_without_eval_and_ignore(tiny_model_dir, small_text: Path, tmp_path:
         }
     )
     report = pipeline.run(spec, tmp_path / "o")
-    assert report["evaluation"] is None
-    assert not any(n.endswith("fc2") for n in report["sparsity"]["layers"])
-    assert all(v == pytest.approx(0.25) for v in report["sparsity"]["layers"].values())
+    assert report.evaluation is None
+    assert not any(n.endswith("fc2") for n in report.sparsity.layers)
+    assert all(v == pytest.approx(0.25) for v in report.sparsity.layers.values())
 
 
 def test_cancel_leaves_nothing(tiny_model_dir, small_text: Path, tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_bfloat16_run(tiny_model_dir, small_text: Path, tmp_path: Path) -> None:
         }
     )
     report = pipeline.run(spec, tmp_path / "o")
-    assert report["sparsity"]["nm_ok"] and report["evaluation"]["dense_ppl"] is None
+    assert report.sparsity.nm_ok and report.evaluation.dense_ppl is None
     assert not (tmp_path / "o" / "model").exists() and (tmp_path / "o" / "report.json").is_file()
 
 
@@ -200,9 +200,9 @@ def test_smollm2_gguf_short_run(smollm2_gguf: Path, data_dir: Path, tmp_path: Pa
         }
     )
     report = pipeline.run(spec, tmp_path / "o", data_dir=data_dir)
-    assert report["model"]["family"] == "llama" and report["model"]["nblocks"] == 30
-    assert report["sparsity"]["nm_ok"] is True
-    assert report["evaluation"]["pruned_ppl"] > report["evaluation"]["dense_ppl"]
+    assert report.model.family == "llama" and report.model.nblocks == 30
+    assert report.sparsity.nm_ok is True
+    assert report.evaluation.pruned_ppl > report.evaluation.dense_ppl
     cfg = json.loads((tmp_path / "o" / "model" / "config.json").read_text())
     assert "quantization_config" not in cfg
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model", dtype=torch.float32)
@@ -249,12 +249,12 @@ def test_streaming_mode_matches_in_memory(family: str, small_text: Path, tmp_pat
     assert set(a) == set(b)
     for name in b:
         assert torch.equal(a[name], b[name]), name
-    assert REPORT_KEYS <= set(rs) and TIMINGS <= set(rs["timings"])
-    assert rs["streaming"]["used"] is True and rm["streaming"] == {"used": False, "mode": "never"}
-    assert rs["evaluation"] is None and "not evaluated" in rs["streaming"]["evaluation"]
-    assert rs["sparsity"] == rm["sparsity"] and rs["sparsity"]["nm_ok"] is True
-    assert rs["model"]["params"] == rm["model"]["params"] and rs["model"]["nblocks"] == 3
-    assert rs["calibration"] == rm["calibration"]
+    assert REPORT_KEYS <= set(rs.to_json()) and TIMINGS <= set(rs.timings)
+    assert rs.streaming["used"] is True and rm.streaming == {"used": False, "mode": "never"}
+    assert rs.evaluation is None and "not evaluated" in rs.streaming["evaluation"]
+    assert rs.sparsity == rm.sparsity and rs.sparsity.nm_ok is True
+    assert rs.model.params == rm.model.params and rs.model.nblocks == 3
+    assert rs.calibration == rm.calibration
     assert {p.relative_to(tmp_path / "s").as_posix() for p in (tmp_path / "s").iterdir()} == {
         "model",
         "plots",

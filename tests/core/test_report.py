@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from core import gate, pipeline
 from core.report import verdict
+from core.result import Evaluation, GateOutcome
 from core.spec import GateSpec, RunSpec
 
 
@@ -36,15 +37,28 @@ def test_gate_needs_a_limit_and_measurable_values(tmp_path: Path) -> None:
     spec(tmp_path, tmp_path, {"min_sparsity": 0.4}, enabled=False)  # sparsity needs no evaluation
 
 
+def ev(dense: float | None, pruned: float | None) -> Evaluation:
+    return Evaluation(
+        dense_ppl=dense, pruned_ppl=pruned, windows=1, seqlen=8, tokens=8, formula="f", source="s"
+    )
+
+
 def test_gate_check_compares_each_limit() -> None:
-    report = {"evaluation": {"dense_ppl": 10.0, "pruned_ppl": 25.0}, "sparsity": {"overall": 0.5}}
-    ok = gate.check(GateSpec(max_ppl_ratio=3, min_sparsity=0.5), report)
-    assert ok["passed"] and [c["value"] for c in ok["checks"]] == [2.5, 0.5]
-    bad = gate.check(GateSpec(max_ppl_ratio=2, max_pruned_ppl=30), report)
-    assert not bad["passed"] and [c["passed"] for c in bad["checks"]] == [False, True]
-    missing = gate.check(GateSpec(max_pruned_ppl=30), {"evaluation": None, "sparsity": {}})
-    assert missing == {"passed": False, "checks": [{"name": "max_pruned_ppl", "limit": 30.0, "value": None,
-                                                    "passed": False}]}  # fmt: skip
+    e = ev(10.0, 25.0)
+    ok = gate.check(GateSpec(max_ppl_ratio=3, min_sparsity=0.5), e, 0.5)
+    assert ok.passed and [c.value for c in ok.checks] == [2.5, 0.5]
+    bad = gate.check(GateSpec(max_ppl_ratio=2, max_pruned_ppl=30), e, 0.5)
+    assert not bad.passed and [c.passed for c in bad.checks] == [False, True]
+    missing = gate.check(GateSpec(max_pruned_ppl=30), None, None)
+    assert missing.model_dump() == {"passed": False, "variant": None, "checks": [
+        {"name": "max_pruned_ppl", "limit": 30.0, "value": None, "passed": False}]}  # fmt: skip
+
+
+def test_gate_picks_the_sparsest_passing_variant() -> None:
+    yes, no = GateOutcome(passed=True, checks=[]), GateOutcome(passed=False, checks=[])
+    assert gate.pick([("a", 0.3, yes), ("b", 0.5, yes), ("c", 0.7, no)]) == "b"
+    assert gate.pick([("a", 0.5, yes), ("b", 0.5, yes)]) == "a"
+    assert gate.pick([("a", 0.3, no)]) is None
 
 
 @pytest.mark.parametrize(
@@ -52,11 +66,11 @@ def test_gate_check_compares_each_limit() -> None:
     [(10.5, "good", False), (14.0, "fair", False), (25.0, "poor", False), (60.0, "damaged", True)],
 )
 def test_verdict_bands(pruned: float, label: str, warning: bool) -> None:
-    v = verdict({"dense_ppl": 10.0, "pruned_ppl": pruned})
-    assert (v["label"], v["warning"]) == (label, warning)
-    assert v["ratio"] == pytest.approx(pruned / 10.0)
-    assert ("badly damaged" in v["text"]) == warning
-    assert verdict(None)["label"] == "unknown"
+    v = verdict(ev(10.0, pruned))
+    assert (v.label, v.warning) == (label, warning)
+    assert v.ratio == pytest.approx(pruned / 10.0)
+    assert ("badly damaged" in v.text) == warning
+    assert verdict(None).label == "unknown"
 
 
 def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
@@ -64,21 +78,27 @@ def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path
     out = tmp_path / "out"
     report = pipeline.run(spec(src, data_dir, {"max_ppl_ratio": 1.0001, "min_sparsity": 0.4}), out,
                           data_dir=data_dir)  # fmt: skip
-    g = report["gate"]
-    assert [c["name"] for c in g["checks"]] == ["max_ppl_ratio", "min_sparsity"]
-    ratio = report["evaluation"]["pruned_ppl"] / report["evaluation"]["dense_ppl"]
-    assert g["checks"][0]["value"] == pytest.approx(ratio)
-    assert g["passed"] == (ratio <= 1.0001) and g["checks"][1]["passed"]
-    assert report["verdict"]["ratio"] == pytest.approx(ratio)
+    g = report.gate
+    assert [c.name for c in g.checks] == ["max_ppl_ratio", "min_sparsity"]
+    ratio = report.evaluation.pruned_ppl / report.evaluation.dense_ppl
+    assert g.checks[0].value == pytest.approx(ratio)
+    assert g.passed == (ratio <= 1.0001) and g.checks[1].passed
+    assert report.verdict.ratio == pytest.approx(ratio)
     png = out / "plots" / "layer_sparsity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from core.report.plots import block_recon
+
+    rows = block_recon(report.layers)
+    assert [b for b, _, _ in rows] == [0, 1] and all(0 < mean <= mx for _, mean, mx in rows)
+    assert (out / "plots" / "block_recon_error.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](plots/block_recon_error.png)" in (out / "report.md").read_text()
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Quality gate" in html
     md = (out / "report.md").read_text()
     assert "](plots/layer_sparsity.png)" in md and "## Verdict" in md
-    gens = report["generations"]
-    assert [g["prompt"] for g in gens][:1] == ["The capital of France is"] and len(gens) == 3
-    assert all(isinstance(g["dense"], str) and isinstance(g["pruned"], str) for g in gens)
+    gens = report.generations
+    assert [g.prompt for g in gens][:1] == ["The capital of France is"] and len(gens) == 3
+    assert all(isinstance(g.dense, str) and isinstance(g.pruned, str) for g in gens)
     assert "## Generations" in md and "| other |" in md
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in
             md.split("## Where the time went")[1].split("\n\n")[1].splitlines()[2:]}  # fmt: skip
@@ -103,9 +123,9 @@ def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path
         on_progress = seen_by(seen)
         reports.append(pipeline.run(spec(src, data_dir), tmp_path / f"o{i}", on_progress, data_dir=data_dir))
         messages.append(seen)
-    first, second = (r["evaluation"] for r in reports)
-    assert first["dense_cached"] is False and second["dense_cached"] is True
-    assert second["dense_ppl"] == first["dense_ppl"] and second["pruned_ppl"] == first["pruned_ppl"]
+    first, second = (r.evaluation for r in reports)
+    assert first.dense_cached is False and second.dense_cached is True
+    assert second.dense_ppl == first.dense_ppl and second.pruned_ppl == first.pruned_ppl
     assert any("dense perplexity: window" in m for m in messages[0])
     assert not any("dense perplexity: window" in m for m in messages[1])
     assert "dense perplexity: cached baseline" in messages[1]
@@ -113,7 +133,7 @@ def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     # other evaluation windows (or other weights) miss the cache
     third = pipeline.run(spec(src, data_dir, max_windows=1), tmp_path / "o2", data_dir=data_dir)
-    assert third["evaluation"]["dense_cached"] is False
+    assert third.evaluation.dense_cached is False
     monkeypatch.setenv("PRUNE_BASELINE_CACHE", "off")
     assert baseline_cache.cache_dir() is None
 
@@ -138,7 +158,7 @@ def test_report_says_how_many_tokens_each_expert_saw(data_dir: Path, tmp_path: P
     body = spec(src, data_dir).model_dump()
     body["prune"]["pattern"] = "unstructured"
     report = pipeline.run(RunSpec.model_validate(body), tmp_path / "out", data_dir=data_dir)
-    experts = report["experts"]
+    experts = [e.model_dump() for e in report.experts]
     assert [e["module"] for e in experts] == [f"model.layers.{i}.mlp.experts" for i in range(2)]
     for e in experts:
         assert (

@@ -30,7 +30,7 @@ def test_all_formats(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
     formats = ["dense", "compact", "int8", "compact-int8"]
     report = pipeline.run(spec(tiny_model_dir("llama"), formats), tmp_path / "out", data_dir=data_dir)
     out = tmp_path / "out"
-    art = report["artifacts"]
+    art = report.artifacts
     assert list(art["formats"]) == formats
     for fmt, d in {
         "dense": "model",
@@ -42,11 +42,11 @@ def test_all_formats(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
     sizes = {f: a["weights_bytes"] for f, a in art["formats"].items()}
     assert sizes["compact-int8"] < sizes["int8"] < sizes["compact"] < sizes["dense"]  # fp32 tiny model
     assert art["formats"]["dense"]["ratio_to_dense_fp16"] == pytest.approx(2.0, rel=0.01)
-    pruned = report["evaluation"]["pruned_ppl"]
+    pruned = report.evaluation.pruned_ppl
     for fmt in ("int8", "compact-int8"):
         a = art["formats"][fmt]
         assert a["pruned_fp_ppl"] == pruned and a["ppl"] == pytest.approx(pruned, rel=0.05)
-        assert a["quantized_layers"] == len(report["sparsity"]["layers"])
+        assert a["quantized_layers"] == len(report.sparsity.layers)
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     for d in ("model", "compact", "int8", "compact-int8"):
         assert any(k.startswith(f"{d}/") for k in manifest)
@@ -69,7 +69,7 @@ def test_compact_only_has_no_dense_directory(tiny_model_dir, data_dir: Path, tmp
         "report.json",
         "report.md",
     ]
-    assert list(report["artifacts"]["formats"]) == ["compact"]
+    assert list(report.artifacts["formats"]) == ["compact"]
     model = compact.load_model(tmp_path / "o" / "compact")
     zeros = sum(int((m.weight == 0).sum()) for n, m in model.named_modules() if n.endswith("proj"))
     total = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("proj"))
