@@ -4,6 +4,7 @@ Usage (the engine under test is whatever ``core`` resolves to, i.e. ``PYTHONPATH
 
     PYTHONPATH=/path/to/reference python bench/masks_regression.py --save ref.pt
     PYTHONPATH=$PWD python bench/masks_regression.py --compare ref.pt [--out docs/bench/masks_regression.json]
+    python bench/masks_regression.py --compare ref.pt --now now.pt   # two saved dumps, no model run
 
 Runs Wanda unstructured 50%, Wanda 2:4 and SparseGPT 2:4 (same calibration: WikiText-2 valid.txt,
 ``--nsamples`` x ``--seqlen``, seed 0) from fresh copies of the dense model, and records each
@@ -43,14 +44,38 @@ def patterns(model: torch.nn.Module) -> dict[str, bytes]:
     }
 
 
+def compare(ref: dict, got: dict, args: argparse.Namespace) -> dict:
+    """Per run: layer counts and how many layers have the very same zero pattern."""
+    result = {"reference": args.compare, "nsamples": args.nsamples, "seqlen": args.seqlen, "runs": {}}
+    for key in SPECS:
+        a, b = ref[key], got[key]
+        same = [n for n in a if n in b and a[n] == b[n]]
+        result["runs"][key] = {
+            "layers_reference": len(a),
+            "layers_now": len(b),
+            "layers_identical": len(same),
+            "identical": len(same) == len(a) == len(b),
+        }
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--save")
     p.add_argument("--compare")
+    p.add_argument("--now", help="with --compare: a dump saved by --save instead of running the engine")
     p.add_argument("--out")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     args = p.parse_args()
+    if args.compare and args.now:
+        _report(
+            compare(
+                torch.load(args.compare, weights_only=False), torch.load(args.now, weights_only=False), args
+            ),
+            args,
+        )
+        return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.common import SMOLLM2_FILE, data_dir, smollm2_dir
 
@@ -68,17 +93,10 @@ def main() -> None:
         torch.save(got, args.save)
         print(json.dumps({"saved": args.save, "layers": {k: len(v) for k, v in got.items()}}))
         return
-    ref = torch.load(args.compare, weights_only=False)
-    result = {"reference": args.compare, "nsamples": args.nsamples, "seqlen": args.seqlen, "runs": {}}
-    for key in SPECS:
-        a, b = ref[key], got[key]
-        same = [n for n in a if n in b and a[n] == b[n]]
-        result["runs"][key] = {
-            "layers_reference": len(a),
-            "layers_now": len(b),
-            "layers_identical": len(same),
-            "identical": len(same) == len(a) == len(b),
-        }
+    _report(compare(torch.load(args.compare, weights_only=False), got, args), args)
+
+
+def _report(result: dict, args: argparse.Namespace) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -127,6 +127,7 @@ def render_markdown(report: RunReport) -> str:
             "",
         ]
     lines += markdown_sections(report)
+    lines += _layer_lines(report.layers)
     lines += _expert_lines(report.experts, cal)
     lines += _warning_lines(report.warnings)
     lines += _artifact_lines(report.artifacts)
@@ -154,6 +155,29 @@ def _expert_lines(experts: list[ExpertTokens], cal: CalibrationInfo) -> list[str
         none = ", ".join(map(str, e.fallback_magnitude)) or "-"
         lines.append(f"| `{e.module}` | {' '.join(map(str, tok))} | {min(tok)} | {max(tok)} | {none} |")
     return [*lines, ""]
+
+
+def _layer_lines(layers: dict[str, dict[str, Any]]) -> list[str]:
+    """Which method, allocation and refinement produced each layer, its sparsity and its relative
+    reconstruction error ``||WX - W'X|| / ||WX||`` on the calibration inputs (folded: one row a layer)."""
+    if not layers:
+        return []
+    lines = [
+        "## Layers",
+        "",
+        f"<details><summary>{len(layers)} pruned matrices: method, allocation, refinement, sparsity, "
+        "reconstruction error</summary>",
+        "",
+        "| layer | method | allocation | refine | sparsity | recon. error | DSnoT swaps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in layers.items():
+        swaps = (r.get("dsnot") or {}).get("swaps")
+        lines.append(
+            f"| `{name}` | {r.get('method', '-')} | {r.get('allocation') or '-'} | {r.get('refine') or '-'} "
+            f"| {_fmt(r.get('sparsity'), 4)} | {_fmt(r.get('recon_error'), 4)} | {_fmt(swaps)} |"
+        )
+    return [*lines, "", "</details>", ""]
 
 
 def _warning_lines(warnings: list[str] | None) -> list[str]:

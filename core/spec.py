@@ -10,7 +10,15 @@ import fnmatch
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt", "ria")
 """Method names; `core.methods.REGISTRY` must hold exactly these (a test checks)."""
@@ -465,10 +473,17 @@ class RunSpec(_Strict):
             return [(variant_label(self.prune), self.prune)]
         return sweep_variants(self.prune, self.sweep)
 
+    @field_validator("sweep")
+    @classmethod
+    def _variants_valid(cls, v: SweepSpec | None, info: ValidationInfo) -> SweepSpec | None:
+        prune = info.data.get("prune")
+        if v is not None and isinstance(prune, PruneSpec):
+            sweep_variants(prune, v)  # every variant is a valid prune spec (errors located at `sweep`)
+        return v
+
     @model_validator(mode="after")
     def _sweep_valid(self) -> RunSpec:
         if self.sweep is not None:
-            self.variants()  # every variant is a valid prune spec
             if self.model.stream == "always":
                 raise ValueError("a sweep prunes the in-memory model several times: use model.stream 'never'"
                                  " or 'auto'")  # fmt: skip

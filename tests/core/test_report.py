@@ -96,6 +96,18 @@ def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path
     assert "data:image/png;base64," in html and "Quality gate" in html
     md = (out / "report.md").read_text()
     assert "](plots/layer_sparsity.png)" in md and "## Verdict" in md
+    layer_rows = [
+        ln for ln in md.split("## Layers")[1].split("</details>")[0].splitlines() if ln.startswith("| `")
+    ]
+    assert len(layer_rows) == len(report.layers) > 0
+    name, rec = next(iter(report.layers.items()))
+    cells = [c.strip() for c in layer_rows[0].split("|")[1:-1]]
+    assert (
+        cells[0] == f"`{name}`"
+        and cells[1] == "wanda"
+        and float(cells[4]) == pytest.approx(rec["sparsity"], abs=1e-4)
+    )
+    assert float(cells[5]) == pytest.approx(rec["recon_error"], abs=1e-4)
     gens = report.generations
     assert [g.prompt for g in gens][:1] == ["The capital of France is"] and len(gens) == 3
     assert all(isinstance(g.dense, str) and isinstance(g.pruned, str) for g in gens)
