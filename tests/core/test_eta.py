@@ -61,11 +61,14 @@ def _pipeline_timeline(
 ) -> list[tuple[float, float, str, int | None]]:
     """(t, fraction, stage, block) as `core.pipeline` reports them (its own stage weights), for a job
     whose stages take `durations` seconds; dense and pruned evaluation report 10 windows each."""
-    from core.pipeline import _Stages
+    from core.pipeline import STAGE_WEIGHTS, _Stages
 
     got: list[tuple[float, float, str, int | None]] = []
     clock = [0.0]
-    stages = _Stages(list(durations), lambda p: got.append((clock[0], p.fraction, p.stage, p.block)))
+    stages = _Stages(
+        [(k, STAGE_WEIGHTS[k]) for k in durations],
+        lambda p: got.append((clock[0], p.fraction, p.stage, p.block)),
+    )
     steps = {"pruning": nblocks, "dense_eval": 10, "pruned_eval": 10}
     for key, seconds in durations.items():
         stage = "evaluating" if key.endswith("_eval") else key
