@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from scripts.stack import REPO, Stack, free_port
+from scripts.stack import REPO, Stack, _wait, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA_DIR = Path(os.environ.get("PRUNE_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -137,3 +137,18 @@ def nanio_server(data: Path, access: str, secret: str) -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def start_aof_redis(stack: Stack, home: Path, port: int) -> None:
+    """redis-server on a fixed ``port`` (so a test can stop and start it in place), data under
+    ``home/redis``: AOF with fsync on every write, no RDB snapshots; returns once it answers PING."""
+    data = home / "redis"
+    data.mkdir(exist_ok=True)
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+    cmd += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+    proc = stack._spawn("redis", cmd)
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        _wait("redis", client.ping, 30, proc, stack.logs / "redis.log")
+    finally:
+        client.close()

@@ -27,9 +27,9 @@ import psutil
 import pytest
 import redis
 
-from scripts.stack import Stack, _wait, free_port
+from scripts.stack import Stack, free_port
 from tests import tiny_models
-from tests.service_fixtures import DATA_DIR, SIGNING_KEY
+from tests.service_fixtures import DATA_DIR, SIGNING_KEY, start_aof_redis
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 STAGES = ("loading", "calibrating", "pruning", "evaluating", "exporting", "uploading")
@@ -152,12 +152,7 @@ class FaultStack:
 
     def start_redis(self) -> None:
         """redis-server on the fixed port: AOF with fsync on every write, no RDB snapshots."""
-        data = self.home / "redis"
-        data.mkdir(exist_ok=True)
-        cmd = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data)]
-        cmd += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
-        proc = self.stack._spawn("redis", cmd)
-        _wait("redis", self.r.ping, 30, proc, self.stack.logs / "redis.log")
+        start_aof_redis(self.stack, self.home, self.redis_port)
 
     def restart_redis(self) -> None:
         """SIGKILL redis-server (no graceful shutdown) and start it again from its AOF."""

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from jobs.signing import Signer
-from scripts.stack import Stack, _wait, free_port
+from scripts.stack import Stack, free_port
 from tests import tiny_models
-from tests.service_fixtures import DATA_DIR, SIGNING_KEY
+from tests.service_fixtures import DATA_DIR, SIGNING_KEY, start_aof_redis
 
 pytestmark = pytest.mark.faults
 PROBLEM = "application/problem+json"
@@ -42,14 +41,7 @@ class ApiStack:
     job_id: str = ""
 
     def start_redis(self) -> None:
-        data = self.home / "redis"
-        data.mkdir(exist_ok=True)
-        cmd = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(data)]
-        cmd += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
-        proc = self.stack._spawn("redis", cmd)
-        client = redis.Redis(port=self.redis_port, socket_timeout=1)
-        _wait("redis", client.ping, 30, proc, self.stack.logs / "redis.log")
-        client.close()
+        start_aof_redis(self.stack, self.home, self.redis_port)
 
     def stop_redis(self) -> None:
         self.stack.stop_process("redis", signal.SIGKILL)
