@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -23,18 +22,18 @@ from api.problems import HANDLERS, ProblemError, problem_response, problems
 from api.routes import router
 from api.ui import router as ui_router
 from jobs import logs
-from jobs.auth import KeyRing
+from jobs.auth import AuthConfigError, KeyRing
 from jobs.events import EventLog
 from jobs.lifecycle import resend_unsent, sweep_leases
 from jobs.queue import Queue
 from jobs.redisconn import API_RETRIES, aconnect, connect
 from jobs.retention import sweep_all as sweep_retention
-from jobs.settings import Settings, get_settings
+from jobs.settings import Settings, get_settings, settings_or_exit
 from jobs.sources import SourcePolicy, service_policy
 from jobs.spec import Job
 from jobs.storage import make_store
 from jobs.store import JobStore
-from jobs.webhooks import secret_from_env
+from jobs.webhooks import WebhookError, checked_secret
 
 log = logging.getLogger("api.app")
 BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -115,16 +114,15 @@ async def _every(interval_s: float, what: str, fn: Callable[..., object], *args:
 def create_app(
     settings: Settings | None = None, *, keyring: KeyRing | None = None, sources: SourcePolicy | None = None
 ) -> FastAPI:
-    """Build the API app. API keys (`KeyRing.from_env`), the model source policy and the webhook
-    settings are read once here from the environment unless given."""
+    """Build the API app from `settings` (default: the environment's); API keys and the model source
+    policy come from them unless given."""
     settings = settings or get_settings()
     svc = build_services(settings)
-    svc.keyring = KeyRing.from_env() if keyring is None else keyring
-    default_max = os.environ.get("PRUNE_DEFAULT_MAX_ACTIVE_JOBS")
-    svc.open_tenant = open_tenant_of(svc.keyring, int(default_max) if default_max else None)
-    svc.sources = service_policy(settings.home) if sources is None else sources
-    svc.webhook_secret = secret_from_env()
-    svc.webhook_allow_private = os.environ.get("PRUNE_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true")
+    svc.keyring = KeyRing.from_settings(settings) if keyring is None else keyring
+    svc.open_tenant = open_tenant_of(svc.keyring, settings.default_max_active_jobs)
+    svc.sources = service_policy(settings) if sources is None else sources
+    svc.webhook_secret = checked_secret(settings.webhook_secret)
+    svc.webhook_allow_private = settings.webhook_allow_private
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -233,7 +231,12 @@ def create_app(
 def __getattr__(name: str) -> FastAPI:
     """`api.app:app` builds the app from the environment on first access."""
     if name == "app":
+        settings = settings_or_exit("prune api")
         logs.configure("api")
-        globals()["app"] = application = create_app()
+        try:
+            application = create_app(settings)
+        except (AuthConfigError, WebhookError) as exc:  # a malformed keys file or webhook secret
+            raise SystemExit(f"prune api: invalid configuration: {exc}") from None
+        globals()["app"] = application
         return application
     raise AttributeError(name)

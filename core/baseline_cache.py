@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.settings import EngineSettings
+
 VERSION = 1
 
 
 def cache_dir() -> Path | None:
     """Where entries live, or None when disabled."""
-    env = os.environ.get("PRUNE_BASELINE_CACHE")
-    if env is not None:
-        return None if env.strip().lower() in ("", "0", "off", "false") else Path(env)
-    home = os.environ.get("PRUNE_HOME")
-    return Path(home) / "cache" / "baselines" if home else None
+    return EngineSettings.from_env().baseline_cache_dir()
 
 
 def model_digest(model: nn.Module) -> str:

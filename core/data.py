@@ -19,13 +19,13 @@ c4         ``c4/train.txt`` or ``.jsonl`` ``c4/validation.txt`` or ``.jsonl``
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from core.errors import CalibrationError, InvalidInput
+from core.settings import EngineSettings
 from core.spec import NAMED_DATASETS
 
 __all__ = [
@@ -52,9 +52,9 @@ def default_data_dir(data_dir: str | Path | None = None) -> Path:
     """The data directory: explicit argument, ``PRUNE_DATA_DIR``, ``../shared/data``, or the user cache."""
     if data_dir is not None:
         return Path(data_dir).expanduser()
-    env = os.environ.get("PRUNE_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
+    env = EngineSettings.from_env().data_dir
+    if env is not None:
+        return env.expanduser()
     shared = _REPO.parent / "shared" / "data"
     if shared.is_dir():
         return shared

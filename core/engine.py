@@ -42,6 +42,7 @@ from core import families
 from core.errors import InvalidInput
 from core.progress import CancelFn, ProgressFn, check_cancel, report_block
 from core.result import ExpertTokens, PruneResult
+from core.settings import EngineSettings
 from core.spec import PruneSpec
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ __all__ = [
     "run_blocks",
 ]
 
-HESSIAN_LIMIT_BYTES = int(os.environ.get("PRUNE_HESSIAN_LIMIT_BYTES", str(16 * 2**30)))
+HESSIAN_LIMIT_BYTES = EngineSettings.from_env().hessian_limit_bytes
 """Largest total of SparseGPT Hessians (fp32 ``in × in`` per pruned matrix) held for one block."""
 
 Batch = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]

@@ -6,13 +6,13 @@ files raise :class:`core.errors.ModelLoadError` naming the file.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core import families
 from core.errors import CoreError, InvalidInput, ModelLoadError
+from core.settings import EngineSettings
 from core.spec import ModelSpec
 
 __all__ = [
@@ -49,7 +49,7 @@ class _Source:
 
 def hub_online() -> bool:
     """Whether the Hugging Face hub may be contacted."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on")
+    return not EngineSettings.from_env().hf_hub_offline
 
 
 def resolve_source(spec: ModelSpec) -> _Source:

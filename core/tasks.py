@@ -28,9 +28,9 @@ def task_yaml(folder: Path, name: str) -> Path | None:
 
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` says the hub cannot be reached."""
-    import os
+    from core.settings import EngineSettings
 
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return EngineSettings.from_env().hf_hub_offline
 
 
 def submit_problem(name: str, data_dir: Path | None, offline: bool) -> str | None:

@@ -19,14 +19,16 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +160,15 @@ class KeyRing:
         return cls(entries)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> KeyRing:
+    def from_settings(cls, settings: Settings) -> KeyRing:
         """Merge PRUNE_API_KEYS_FILE and PRUNE_API_KEYS (either may be absent: empty ring)."""
-        env = os.environ if env is None else env
         entries: list[tuple[str, Tenant]] = []
-        if env.get("PRUNE_API_KEYS_FILE"):
-            ring = cls.from_file(env["PRUNE_API_KEYS_FILE"])
+        if settings.api_keys_file:
+            ring = cls.from_file(settings.api_keys_file)
             entries += [(d.hex(), t) for d, t in ring._entries]
-        if env.get("PRUNE_API_KEYS"):
-            default_max = int(env.get("PRUNE_DEFAULT_MAX_ACTIVE_JOBS", DEFAULT_MAX_ACTIVE_JOBS))
-            ring = cls.from_string(env["PRUNE_API_KEYS"], default_max)
+        if settings.api_keys:
+            default_max = settings.default_max_active_jobs or DEFAULT_MAX_ACTIVE_JOBS
+            ring = cls.from_string(settings.api_keys, default_max)
             entries += [(d.hex(), t) for d, t in ring._entries]
         return cls(entries)
 

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import redis
 
 from jobs.events import MAXLEN, encode, events_key
+from jobs.settings import Settings
 from jobs.spec import HELD, TERMINAL, Job, JobError, JobProgress, JobRequest, JobStatus
 from jobs.store import (
     Fenced,
@@ -122,7 +123,7 @@ class HeldElsewhere(Exception):
 def worker_id() -> str:
     """This worker's id: PRUNE_WORKER_ID (set by the worker's main process for its pool children),
     else host:pid."""
-    return os.environ.get("PRUNE_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
+    return Settings.from_env().worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _lost(attempts: int) -> JobError:

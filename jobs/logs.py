@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+
+from jobs.settings import get_settings
 
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("prune_job_id", default=None)
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
@@ -84,7 +85,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure(service: str, level: str | int | None = None) -> logging.Handler:
     """Log JSON lines to stderr from the root logger and uvicorn's loggers (idempotent)."""
-    level = level or os.environ.get("PRUNE_LOG_LEVEL", "INFO").upper()
+    level = level or get_settings().log_level
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_prune_json", False):

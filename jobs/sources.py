@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from core.spec import RunSpec
+    from jobs.settings import Settings
 
 NAMED_DATASETS: tuple[str, ...] = ("wikitext2", "c4")
 MAX_SOURCE_LEN = 1024
@@ -27,7 +28,6 @@ MAX_SOURCE_LEN = 1024
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_TRUE = {"1", "true", "yes", "on"}
 
 
 class SourceRefused(ValueError):
@@ -46,10 +46,6 @@ class ResolvedSource:
     location: str
 
 
-def _split_list(value: str | None, sep: str = ",") -> list[str]:
-    return [v.strip() for v in (value or "").split(sep) if v.strip()]
-
-
 @dataclass(frozen=True)
 class SourcePolicy:
     """The allowed model/data sources of one deployment."""
@@ -65,16 +61,14 @@ class SourcePolicy:
                 raise ValueError(f"S3 model prefix must look like s3://bucket/prefix, got {p!r}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> SourcePolicy:
-        """From PRUNE_ALLOW_HUB (1/true/yes), PRUNE_HUB_ALLOWLIST (comma-separated fnmatch patterns),
-        PRUNE_S3_MODEL_PREFIXES (comma-separated) and PRUNE_MODEL_ROOTS (os.pathsep-separated)."""
-        env = os.environ if env is None else env
-        allowlist = _split_list(env.get("PRUNE_HUB_ALLOWLIST"))
+    def from_settings(cls, settings: Settings) -> SourcePolicy:
+        """From PRUNE_ALLOW_HUB, PRUNE_HUB_ALLOWLIST, PRUNE_S3_MODEL_PREFIXES and PRUNE_MODEL_ROOTS
+        (unset roots: none)."""
         return cls(
-            allow_hub=env.get("PRUNE_ALLOW_HUB", "").strip().lower() in _TRUE,
-            hub_allowlist=allowlist or None,
-            s3_prefixes=_split_list(env.get("PRUNE_S3_MODEL_PREFIXES")),
-            model_roots=[Path(p) for p in _split_list(env.get("PRUNE_MODEL_ROOTS"), os.pathsep)],
+            allow_hub=settings.allow_hub,
+            hub_allowlist=list(settings.hub_allowlist) or None,
+            s3_prefixes=list(settings.s3_model_prefixes),
+            model_roots=list(settings.model_roots or ()),
         )
 
     # -- checks --------------------------------------------------------------------------------
@@ -189,18 +183,12 @@ def default_model_roots(home: Path) -> list[Path]:
     return roots
 
 
-def service_policy(home: Path, env: Mapping[str, str] | None = None) -> SourcePolicy:
-    """`SourcePolicy.from_env`, with `default_model_roots(home)` when PRUNE_MODEL_ROOTS is unset
-    (set it to an empty string to refuse every local path)."""
-    env = os.environ if env is None else env
-    policy = SourcePolicy.from_env(env)
-    if "PRUNE_MODEL_ROOTS" not in env:
-        policy = SourcePolicy(
-            allow_hub=policy.allow_hub,
-            hub_allowlist=policy.hub_allowlist,
-            s3_prefixes=policy.s3_prefixes,
-            model_roots=default_model_roots(home),
-        )
+def service_policy(settings: Settings) -> SourcePolicy:
+    """`SourcePolicy.from_settings`, with `default_model_roots(settings.home)` when PRUNE_MODEL_ROOTS
+    is unset (set it to an empty string to refuse every local path)."""
+    policy = SourcePolicy.from_settings(settings)
+    if settings.model_roots is None:
+        policy = replace(policy, model_roots=default_model_roots(settings.home))
     return policy
 
 

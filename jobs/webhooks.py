@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import os
 import secrets
 import socket
 import time
@@ -71,12 +70,14 @@ def secret_bytes(secret: str) -> bytes:
     return key
 
 
-def secret_from_env(env: Mapping[str, str] | None = None) -> str | None:
-    """PRUNE_WEBHOOK_SECRET, validated; None when unset (webhooks disabled)."""
-    env = os.environ if env is None else env
-    secret = env.get("PRUNE_WEBHOOK_SECRET") or None
+def checked_secret(secret: str | None) -> str | None:
+    """A configured PRUNE_WEBHOOK_SECRET, validated (WebhookError); None when unset (webhooks
+    disabled)."""
     if secret is not None:
-        secret_bytes(secret)
+        try:
+            secret_bytes(secret)
+        except WebhookError as exc:
+            raise WebhookError(f"PRUNE_WEBHOOK_SECRET: {exc}") from None
     return secret
 
 

@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from prunectl.client import TERMINAL, ApiError, Client, CliError, TimedOut, Unreachable, check_target
+from prunectl.settings import DEFAULT_URL, ClientSettings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 WAIT_TIMEOUT = 6 * 3600.0
 """Default total --timeout of `submit --wait` (seconds)."""
 EXIT_GATE = 6
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
-DEFAULT_URL = "http://localhost:8000"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -429,8 +428,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     for name, default in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, default)
-    url = args.url or os.environ.get("PRUNE_URL") or DEFAULT_URL
-    key = args.api_key or os.environ.get("PRUNE_API_KEY") or None
+    env = ClientSettings()
+    url = args.url or env.url
+    key = args.api_key or env.api_key
     if getattr(args, "download", None) and args.command == "submit" and not args.wait:
         err.write("prunectl: --download needs --wait\n")
         return EXIT_BAD_INPUT

@@ -327,12 +327,18 @@ def main(argv: list[str] | None = None) -> int:
         if smol is not None and smol.submodule_search_locations:
             roots.append(str(Path(next(iter(smol.submodule_search_locations))).resolve()))
         os.environ["PRUNE_MODEL_ROOTS"] = os.pathsep.join(roots)
+    from jobs.settings import ConfigError, Settings
+
+    try:  # refuse a bad variable here, before any process starts
+        queue = Settings.from_env({**os.environ, "PRUNE_HOME": str(home)}).queue
+    except ConfigError as exc:
+        raise SystemExit(f"stack: {exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the Stack stops its children
     with Stack(home, os.environ.get("REDIS_URL") or None) as stack:
         stack.start_all(args.port)
         print(
             f"redis  {stack.redis_url}\napi    {stack.api_url}  (docs: {stack.api_url}/docs)\n"
-            f"worker queue {os.environ.get('PRUNE_QUEUE', 'prune.gpu')}\nlogs   {stack.logs}"
+            f"worker queue {queue}\nlogs   {stack.logs}"
         )
         if args.mode == "demo":
             return demo(stack)

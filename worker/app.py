@@ -11,9 +11,9 @@ from celery.signals import setup_logging, worker_init, worker_ready
 
 from jobs import lifecycle, logs
 from jobs.queue import make_celery
-from jobs.settings import get_settings
+from jobs.settings import get_settings, settings_or_exit
 
-app = make_celery(get_settings(), include=["worker.tasks"])
+app = make_celery(settings_or_exit("prune worker"), include=["worker.tasks"])
 log = logging.getLogger(__name__)
 
 

@@ -4,7 +4,6 @@ the job's event stream (type `webhook`). A delivery can never fail or stall the 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -37,6 +36,7 @@ class Notifier:
         *,
         max_attempts: int = MAX_ATTEMPTS,
         backoff: float = 1.0,
+        allow_private: bool = False,
     ) -> None:
         self.events, self.job_id, self.tenant = events, job.id, job.tenant
         hook = job.request.webhook
@@ -44,7 +44,7 @@ class Notifier:
         self.subscribed = set(hook.events) if hook else set()
         self.secret = secret
         self.max_attempts, self.backoff = max_attempts, backoff
-        self.allow_private = os.environ.get("PRUNE_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true")
+        self.allow_private = allow_private  # PRUNE_WEBHOOK_ALLOW_PRIVATE
         self._queue: queue.Queue[tuple[str, dict[str, Any], int] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         if hook and not secret:

@@ -36,7 +36,7 @@ from jobs.spec import TERMINAL, Job, JobError, JobProgress, JobStatus, JobSummar
 from jobs.storage import ArtifactStore, StorageError, make_store
 from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher
 from jobs.store import InvalidTransition, JobStore
-from jobs.webhooks import WebhookError, secret_from_env
+from jobs.webhooks import WebhookError, checked_secret
 from worker import inputs
 from worker.notify import Notifier
 
@@ -58,11 +58,11 @@ class Context:
     queue: Queue | None = None  # re-sends a job given back after a failed upload
 
 
-def _webhook_secret() -> str | None:
+def _webhook_secret(settings: Settings) -> str | None:
     try:
-        return secret_from_env()
+        return checked_secret(settings.webhook_secret)
     except WebhookError as e:
-        log.error("PRUNE_WEBHOOK_SECRET is invalid (%s); webhooks disabled", e)
+        log.error("%s; webhooks disabled", e)
         return None
 
 
@@ -76,7 +76,7 @@ def context() -> Context:
         JobStore(client, settings.key_prefix),
         EventLog(client, settings.key_prefix),
         make_store(settings),
-        _webhook_secret(),
+        _webhook_secret(settings),
         Queue(settings, client),
     )
 
@@ -229,11 +229,15 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
             shutil.rmtree(s.work_dir / job.id, ignore_errors=True)  # a dead attempt's scratch
         log.info("job %s: %s, not running it", job_id, job.status.value)
         if job.status == JobStatus.cancelled and job.started_at is None:  # cancelled while queued
-            _notify_completed(ctx, job, Notifier(ctx.events, job, ctx.webhook_secret))
+            _notify_completed(ctx, job, _notifier(ctx, job))
         return "skipped"
     assert job.delivery is not None
     with Lease(ctx.store, job_id, job.delivery, worker_id(), s.lease_renew_s, s.lease_expire_s) as lease:
         return _attempt(ctx, job, lease)
+
+
+def _notifier(ctx: Context, job: Job) -> Notifier:
+    return Notifier(ctx.events, job, ctx.webhook_secret, allow_private=ctx.settings.webhook_allow_private)
 
 
 def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
@@ -241,7 +245,7 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
     job_id, token, prefix = job.id, lease.token, f"{job.tenant}/{job.id}"
     work, out, resume = _scratch(ctx, job_id)
     ctx.artifacts.delete_prefix(prefix)
-    notifier = Notifier(ctx.events, job, ctx.webhook_secret)
+    notifier = _notifier(ctx, job)
     rep = _Reporter(ctx, job, lease, notifier)
     log.info("job %s: running (attempt %d)", job_id, job.attempts)
     notifier.send("started", "job.started", {"status": "running", "attempt": job.attempts})
@@ -374,7 +378,7 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) ->
     checked = run_spec(job)
     spec = checked
     if inputs.has_s3(checked):
-        fetcher = S3InputFetcher.from_env()
+        fetcher = S3InputFetcher.from_settings(ctx.settings)
         spec = inputs.localize(checked, out.parent, fetcher, rep.progress, rep.should_cancel)
     report = pipeline.run(
         spec,

@@ -13,13 +13,13 @@ __all__ = ["ArtifactInfo", "ArtifactStore", "StorageError", "make_store"]
 
 
 def make_store(settings: Settings) -> ArtifactStore:
-    """The store PRUNE_STORAGE selects: `s3` (S3ArtifactStore from PRUNE_S3_*; keys
+    """The store PRUNE_STORAGE selects: `s3` (S3ArtifactStore from the PRUNE_S3_* settings; keys
     `{PRUNE_S3_PREFIX}{tenant}/{job}/{name}`) or `local` (a directory under PRUNE_HOME, served by
     the API through HMAC-signed URLs)."""
     if settings.storage == "s3":
         from jobs.storage.s3 import S3ArtifactStore
 
-        return S3ArtifactStore.from_env()
+        return S3ArtifactStore.from_settings(settings)
     if settings.storage != "local":
         raise ValueError(f"PRUNE_STORAGE must be 'local' or 's3', got {settings.storage!r}")
     from jobs.signing import Signer

@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jobs.storage.base import INDEX_NAME, ArtifactInfo, StorageError, decode_index, encode_index
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -232,24 +234,22 @@ class S3ArtifactStore:
         )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> S3ArtifactStore:
-        """Build from PRUNE_S3_* variables (BUCKET required; ENDPOINT, REGION, ACCESS_KEY, SECRET_KEY,
-        PREFIX, PUBLIC_ENDPOINT, MULTIPART_THRESHOLD_MB optional)."""
-        env = os.environ if env is None else env
-        bucket = env.get("PRUNE_S3_BUCKET", "")
-        if not bucket:
+    def from_settings(cls, settings: Settings) -> S3ArtifactStore:
+        """Build from the PRUNE_S3_* settings (BUCKET required; ENDPOINT, REGION, ACCESS_KEY,
+        SECRET_KEY, PREFIX, PUBLIC_ENDPOINT, MULTIPART_THRESHOLD_MB optional)."""
+        if not settings.s3_bucket:
             raise StorageError("PRUNE_S3_BUCKET is not set")
-        threshold_mb = int(env.get("PRUNE_S3_MULTIPART_THRESHOLD_MB", "64"))
+        threshold = settings.s3_multipart_threshold_mb * MIB
         return cls(
-            bucket,
-            endpoint_url=env.get("PRUNE_S3_ENDPOINT") or None,
-            region=env.get("PRUNE_S3_REGION") or "us-east-1",
-            access_key=env.get("PRUNE_S3_ACCESS_KEY") or None,
-            secret_key=env.get("PRUNE_S3_SECRET_KEY") or None,
-            key_prefix=env.get("PRUNE_S3_PREFIX", ""),
-            public_endpoint_url=env.get("PRUNE_S3_PUBLIC_ENDPOINT") or None,
-            multipart_threshold=threshold_mb * MIB,
-            multipart_chunksize=max(5 * MIB, min(threshold_mb * MIB, 64 * MIB)),
+            settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint,
+            region=settings.s3_region,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            key_prefix=settings.s3_prefix,
+            public_endpoint_url=settings.s3_public_endpoint,
+            multipart_threshold=threshold,
+            multipart_chunksize=max(5 * MIB, min(threshold, 64 * MIB)),
         )
 
     # -- helpers -----------------------------------------------------------------------------

@@ -13,15 +13,17 @@ boto3's default chain. PRUNE_MAX_SOURCE_GB caps the bytes one input may hold (de
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.storage.base import StorageError
 from jobs.storage.s3 import is_missing, list_objects, retrying, s3_session, unsafe_key_path
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
 
 GIB = 1024**3
 
@@ -86,19 +88,16 @@ class S3InputFetcher:
         self.backoff = backoff
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> S3InputFetcher:
-        """From PRUNE_S3_SOURCE_* (falling back to PRUNE_S3_*) and PRUNE_MAX_SOURCE_GB."""
-        env = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            return env.get(f"PRUNE_S3_SOURCE_{name}") or env.get(f"PRUNE_S3_{name}") or None
-
+    def from_settings(cls, settings: Settings) -> S3InputFetcher:
+        """From PRUNE_S3_SOURCE_* (each falling back to its PRUNE_S3_* counterpart) and
+        PRUNE_MAX_SOURCE_GB."""
+        s = settings
         return cls(
-            endpoint_url=get("ENDPOINT"),
-            region=get("REGION") or "us-east-1",
-            access_key=get("ACCESS_KEY"),
-            secret_key=get("SECRET_KEY"),
-            max_bytes=int(float(env.get("PRUNE_MAX_SOURCE_GB") or 500) * GIB),
+            endpoint_url=s.s3_source_endpoint or s.s3_endpoint,
+            region=s.s3_source_region or s.s3_region,
+            access_key=s.s3_source_access_key or s.s3_access_key,
+            secret_key=s.s3_source_secret_key or s.s3_secret_key,
+            max_bytes=int(s.max_source_gb * GIB),
         )
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:

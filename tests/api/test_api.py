@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -81,7 +80,8 @@ def test_create_sends_the_delivery_token_and_leaves_no_outbox_entry(
 def test_enqueue_failure_is_503_and_fails_the_job(settings: Settings, redis_client) -> None:
     app = create_app(settings, sources=SourcePolicy(model_roots=[Path("/models")]))
     svc = app.state.services
-    svc.queue = Queue(replace(settings, redis_url="redis://127.0.0.1:1/0"), redis_client)  # no broker there
+    no_broker = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})  # no broker there
+    svc.queue = Queue(no_broker, redis_client)
     with TestClient(app, raise_server_exceptions=False) as c:
         body = assert_problem(submit(c), 503)
         assert body["detail"].startswith("could not queue the job")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -65,7 +64,7 @@ def test_each_api_process_sweeps_at_startup(settings: Settings, redis_client) ->
     recent, _ = store.create("default", REQUEST)
     store.transition(recent.id, [JobStatus.queued], JobStatus.cancelled)
     app = create_app(
-        replace(settings, retention_days=1, retention_interval=3600, outbox_interval=0),
+        settings.model_copy(update={"retention_days": 1, "retention_interval": 3600, "outbox_interval": 0}),
         sources=SourcePolicy(model_roots=[Path("/models")]),
     )
     with TestClient(app, raise_server_exceptions=False) as c:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,8 @@ def data_client(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     shutil.copytree(TASKS, data / "lm_eval_tasks")
     (data / "lm_eval_tasks" / "no_data").mkdir()
     (data / "lm_eval_tasks" / "no_data" / "no_data.yaml").write_text("task: no_data\n")
-    app = create_app(replace(settings, data_dir=data), sources=SourcePolicy(model_roots=[Path("/models")]))
+    with_data = settings.model_copy(update={"data_dir": data})
+    app = create_app(with_data, sources=SourcePolicy(model_roots=[Path("/models")]))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.auth import AuthConfigError, KeyRing, Tenant, hash_key, main, new_key
+from jobs.settings import Settings
 
 KEY_A = "prn_alpha-key-0123456789abcdef"
 KEY_B = "prn_bravo-key-0123456789abcdef"
@@ -38,16 +39,18 @@ def test_from_records_and_authenticate() -> None:
     assert set(ring.tenants) == {"acme", "beta"}
 
 
-def test_from_env_string_hashes_and_merges_file(tmp_path: Path) -> None:
+def test_from_settings_string_hashes_and_merges_file(tmp_path: Path) -> None:
     f = tmp_path / "keys.yaml"
     f.write_text(f"keys:\n  - tenant: filed\n    key_sha256: {hash_key(KEY_A)}\n    max_active_jobs: 7\n")
-    ring = KeyRing.from_env({"PRUNE_API_KEYS": f"ci:{KEY_B}, dev:short", "PRUNE_API_KEYS_FILE": str(f)})
+    ring = KeyRing.from_settings(
+        Settings.from_env({"PRUNE_API_KEYS": f"ci:{KEY_B}, dev:short", "PRUNE_API_KEYS_FILE": str(f)})
+    )
     assert ring.authenticate(KEY_A) == Tenant("filed", 7)
     assert ring.authenticate(KEY_B) == Tenant("ci", 4)
     assert ring.authenticate("short") == Tenant("dev", 4)
     assert KEY_B not in repr(ring._entries)  # only digests are kept
-    assert len(KeyRing.from_env({})) == 0
-    assert KeyRing.from_env({}).authenticate("anything") is None
+    assert len(KeyRing.from_settings(Settings())) == 0
+    assert KeyRing.from_settings(Settings()).authenticate("anything") is None
 
 
 def test_json_file(tmp_path: Path) -> None:

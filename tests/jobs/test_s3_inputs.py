@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("nanio")
 
+from jobs.settings import Settings
 from jobs.storage.base import StorageError
 from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher, relative_name, split_uri
 from tests.service_fixtures import nanio_server
@@ -108,7 +109,7 @@ def test_relative_names_and_uris() -> None:
             split_uri(bad)
 
 
-def test_from_env_falls_back_to_the_artifact_store_settings() -> None:
+def test_from_settings_falls_back_to_the_artifact_store_settings() -> None:
     env = {
         "PRUNE_S3_ENDPOINT": "http://store:9000",
         "PRUNE_S3_SOURCE_ENDPOINT": "http://models:9000",
@@ -116,11 +117,10 @@ def test_from_env_falls_back_to_the_artifact_store_settings() -> None:
         "PRUNE_S3_SECRET_KEY": "s",
         "PRUNE_MAX_SOURCE_GB": "2",
     }
-    f = S3InputFetcher.from_env(env)
+    f = S3InputFetcher.from_settings(Settings.from_env(env))
     assert f._client.meta.endpoint_url == "http://models:9000"
     assert f.max_bytes == 2 * 1024**3
     creds = f._client._request_signer._credentials
     assert (creds.access_key, creds.secret_key) == ("a", "s")
-    assert S3InputFetcher.from_env({"PRUNE_S3_ENDPOINT": "http://store:9000"})._client.meta.endpoint_url == (
-        "http://store:9000"
-    )
+    store_only = Settings.from_env({"PRUNE_S3_ENDPOINT": "http://store:9000"})
+    assert S3InputFetcher.from_settings(store_only)._client.meta.endpoint_url == "http://store:9000"

@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("nanio")
 
+from jobs.settings import Settings
 from jobs.storage.base import StorageError
 from jobs.storage.s3 import INDEX_NAME, S3ArtifactStore
 from scripts.stack import free_port
@@ -206,18 +207,20 @@ def test_unreachable_endpoint_retries_then_storage_error(tmp_path: Path) -> None
         s.upload_dir(tmp_path, "t/j")
 
 
-def test_from_env() -> None:
-    s = S3ArtifactStore.from_env(
-        {
-            "PRUNE_S3_BUCKET": "b",
-            "PRUNE_S3_ENDPOINT": "http://127.0.0.1:9",
-            "PRUNE_S3_ACCESS_KEY": "a",
-            "PRUNE_S3_SECRET_KEY": "s",
-            "PRUNE_S3_PREFIX": "p/",
-            "PRUNE_S3_PUBLIC_ENDPOINT": "https://files.example.com",
-        }
+def test_from_settings() -> None:
+    s = S3ArtifactStore.from_settings(
+        Settings.from_env(
+            {
+                "PRUNE_S3_BUCKET": "b",
+                "PRUNE_S3_ENDPOINT": "http://127.0.0.1:9",
+                "PRUNE_S3_ACCESS_KEY": "a",
+                "PRUNE_S3_SECRET_KEY": "s",
+                "PRUNE_S3_PREFIX": "p/",
+                "PRUNE_S3_PUBLIC_ENDPOINT": "https://files.example.com",
+            }
+        )
     )
     assert s.bucket == "b" and s.key_prefix == "p/"
     assert s.download_url("t/j", "f", 60).startswith("https://files.example.com/b/p/t/j/f?")
     with pytest.raises(StorageError):
-        S3ArtifactStore.from_env({})
+        S3ArtifactStore.from_settings(Settings())

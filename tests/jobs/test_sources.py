@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from core.spec import RunSpec
+from jobs.settings import Settings
 from jobs.sources import ResolvedSource, SourcePolicy, SourceRefused, allowed_roots_hint
 
 
@@ -142,18 +143,18 @@ def test_datasets_and_spec(roots: dict[str, Path]) -> None:
         p.check_spec(bad_gguf)
 
 
-def test_from_env(tmp_path: Path) -> None:
+def test_from_settings(tmp_path: Path) -> None:
     env = {
         "PRUNE_ALLOW_HUB": "true",
         "PRUNE_HUB_ALLOWLIST": "meta-llama/*, facebook/opt-*",
         "PRUNE_S3_MODEL_PREFIXES": "s3://models/a/,s3://models/b/",
         "PRUNE_MODEL_ROOTS": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]),
     }
-    p = SourcePolicy.from_env(env)
+    p = SourcePolicy.from_settings(Settings.from_env(env))
     assert p.allow_hub and p.hub_allowlist == ["meta-llama/*", "facebook/opt-*"]
     assert p.s3_prefixes == ["s3://models/a/", "s3://models/b/"]
     assert p.model_roots == [tmp_path / "a", tmp_path / "b"]
     assert p.check(str(tmp_path / "b" / "m")).kind == "local"
     assert allowed_roots_hint(p)
-    default = SourcePolicy.from_env({})
+    default = SourcePolicy.from_settings(Settings())
     assert not default.allow_hub and default.hub_allowlist is None and default.model_roots == []

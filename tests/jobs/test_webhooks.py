@@ -19,9 +19,9 @@ import pytest
 from jobs.webhooks import (
     WebhookError,
     WebhookVerificationError,
+    checked_secret,
     deliver,
     generate_secret,
-    secret_from_env,
     sign,
     sign_headers,
     validate_url,
@@ -109,10 +109,10 @@ def test_secrets() -> None:
     for bad in ("whsec_!!!", "whsec_" + base64.b64encode(b"short").decode()):
         with pytest.raises(WebhookError):
             sign(bad, "m", 1, b"")
-    assert secret_from_env({}) is None
-    assert secret_from_env({"PRUNE_WEBHOOK_SECRET": SECRET}) == SECRET
+    assert checked_secret(None) is None
+    assert checked_secret(SECRET) == SECRET
     with pytest.raises(WebhookError):
-        secret_from_env({"PRUNE_WEBHOOK_SECRET": "nope!"})
+        checked_secret("nope!")
 
 
 def test_delivery_is_signed_and_verified(receiver: Receiver) -> None:

@@ -158,7 +158,7 @@ def test_failed_upload_is_given_back_and_the_next_attempt_only_uploads(
     job, _ = ctx.store.create("default", req)
     (tmp_path / "not-a-dir").write_text("x")  # every upload fails with an OSError
     broken = LocalArtifactStore(tmp_path / "not-a-dir", Signer(b"k"), "http://x")
-    settings = replace(ctx.settings, storage_retries=0)
+    settings = ctx.settings.model_copy(update={"storage_retries": 0})
     sender = Sender()
     assert run_job(job.id, replace(ctx, settings=settings, artifacts=broken, queue=sender), job.delivery) == (
         "requeued"
