@@ -264,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from core.errors import CoreError, InvalidInput
+    from core.settings import ConfigError
 
     try:
         args = build_parser().parse_args(argv)
@@ -277,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: invalid arguments: {_validation_message(exc)}", file=sys.stderr)
         return 2
-    except (UsageError, InvalidInput) as exc:
+    except (UsageError, InvalidInput, ConfigError) as exc:  # ConfigError: a refused PRUNE_* value
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except CoreError as exc:

@@ -105,3 +105,14 @@ def test_exported_weights_get_the_umask_mode_like_every_file(tmp_path: Path, cap
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert modes["model.safetensors"] == 0o644
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_refused_engine_variable_exits_2_naming_it(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRUNE_HESSIAN_LIMIT_BYTES": "16G"}
+    cmd = [sys.executable, "-m", "core", "prune", "--model", "/does/not/exist", "--out", str(tmp_path / "o")]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == (
+        "error: invalid configuration: PRUNE_HESSIAN_LIMIT_BYTES='16G': Input should be a valid integer, "
+        "unable to parse string as an integer"
+    )

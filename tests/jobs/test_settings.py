@@ -235,9 +235,13 @@ def test_readme_table_lists_every_variable_the_code_reads() -> None:
     named: dict[str, set[str]] = {}
     for top in ("api", "jobs", "worker", "core"):
         for path in sorted((REPO / top).rglob("*.py")):
-            for name in re.findall(r"\b(PRUNE_[A-Z0-9_]+|REDIS_URL)\b", path.read_text()):
+            text = path.read_text()
+            for name in re.findall(r"\b(PRUNE_[A-Z0-9_]+|REDIS_URL)\b", text):
                 named.setdefault(name, set()).add(str(path.relative_to(REPO)))
+            # the fault tests' hooks (tests/faults/, PRUNE_FAULT_PLAN) stay out of production code
+            assert not re.search(r"^\s*(from|import) tests\b", text, re.M), path
     assert "PRUNE_HOME" in named and "REDIS_URL" in named  # the grep itself works
+    assert "PRUNE_FAULT_PLAN" not in named and "PRUNE_FAULT_PLAN" not in listed
     missing = {
         name: files
         for name, files in named.items()
