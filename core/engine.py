@@ -438,7 +438,13 @@ def collect_stats(
 
     accs = {
         n: StatsAccumulator(
-            t.in_features, needs.xnorm, needs.hessian, need_xsum=needs.xsum, gram_tokens=needs.gram_tokens
+            t.in_features,
+            needs.xnorm,
+            needs.hessian,
+            need_xsum=needs.xsum,
+            gram_tokens=needs.gram_tokens,
+            sample_tokens=needs.sample_tokens,
+            sample_every=needs.sample_every,
         )
         for n, t in targets.items()
     }
@@ -494,12 +500,14 @@ def prune_block(
     method: Method,
     spec: PruneSpec,
     budgets: dict[str, int] | None = None,
+    total_tokens: int = 0,
 ) -> BlockResult:
     """Collect the statistics ``method.needs`` over ``batches``, then prune ``block`` in place.
 
     The single per-block step of every mode. Producing the next block's inputs is the caller's.
     A matrix that saw no calibration token (an expert the router never chose) is pruned by
-    magnitude and listed in ``fallback``.
+    magnitude and listed in ``fallback``. ``total_tokens``: calibration tokens in ``batches``
+    (spreads the error report's input sample over all of them; 0: the first tokens).
     """
     from core.layer_prune import layer_needs, prune_layer
     from core.methods import get_method
@@ -507,7 +515,7 @@ def prune_block(
 
     targets, ignored = _targets(block, block_prefix, spec)
     res = BlockResult(ignored=ignored)
-    needs = layer_needs(method, spec)
+    needs = layer_needs(method, spec, total_tokens)
     stats = collect_stats(block, targets, batches, needs) if targets and needs.any else {}
     for name, t in targets.items():
         weight = t.get_weight()
@@ -691,7 +699,7 @@ def run_blocks(
                         _targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}"
                     )
                 batches = _Batches(store, cap.args[i]) if cap is not None and store is not None else []
-                res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets)
+                res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets, cal.numel())
                 result.layers.update(res.layers)
                 result.layer_records.update(res.records)
                 result.ignored.extend(res.ignored)
