@@ -1,23 +1,30 @@
 """Engine vs THE BASELINE on the 2:4 headline, interleaved: robust to a machine whose speed drifts.
 
-Usage: python bench/speed_ab.py [--rounds 3] [--nsamples 32] [--out docs/bench/speed_ab.json]
+Usage: python bench/speed_ab.py [--rounds 3] [--nsamples 32] [--old-rev 24c91af] [--out FILE]
 
 One process loads SmolLM2-135M once, then alternates baseline and engine runs (each on a fresh deep
 copy of the dense model, the same calibration windows), ``--rounds`` times, and reports every time,
-the medians and the ratio of medians. Masks of the first round are compared layer by layer. Run it
-from a checkout (or a copy of this file placed in an older checkout) to compare engine versions
-side by side in one benchmark slot.
+the medians and the ratio of medians. Masks of the first round are compared layer by layer.
+
+``--old-rev REV``: also time the engine of an earlier commit in the same rounds. Its ``core/`` is
+extracted with ``git archive`` into a temporary directory as the package ``core_old`` (its
+``core`` imports rewritten), so both engines run in one process on the same copies and windows;
+the order of the runs rotates from round to round.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,13 +48,31 @@ def commit() -> str:
         return "unknown"
 
 
+def old_engine(rev: str, root: Path):
+    """``prune`` of commit ``rev``'s engine, imported as the package ``core_old`` from ``root``."""
+    tar = root / "core.tar"
+    with tar.open("wb") as f:
+        subprocess.run(["git", "-C", str(REPO), "archive", rev, "core"], stdout=f, check=True)
+    with tarfile.open(tar) as t:
+        t.extractall(root, filter="data")
+    (root / "core").rename(root / "core_old")
+    pattern = re.compile(r"^(\s*)(from|import) core(\b)", re.M)
+    for py in (root / "core_old").rglob("*.py"):
+        py.write_text(pattern.sub(r"\1\2 core_old\3", py.read_text()))
+    sys.path.insert(0, str(root))
+    return importlib.import_module("core_old.engine").prune
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--old-rev", default=None, help="also time this commit's engine (e.g. 24c91af)")
     args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    prune_old = old_engine(args.old_rev, Path(tmp.name)) if args.old_rev else None
 
     loaded = load_model(ModelSpec(source=str(smollm2_dir()), gguf_file=SMOLLM2_FILE, dtype="float32"))
     dense, tok = loaded.model.eval(), loaded.tokenizer
@@ -55,20 +80,30 @@ def main() -> None:
         "wikitext2", tok, args.nsamples, args.seqlen, seed=0, data_dir=data_dir()
     )
     spec = PruneSpec(method="wanda", pattern="2:4")
-    base_s: list[float] = []
-    eng_s: list[float] = []
-    masks: dict | None = None
+    runs = {
+        "baseline": lambda m: prune_wanda_baseline(m, cal, spec.target_sparsity, 2, 4),
+        "engine": lambda m: engine.prune(m, cal, spec),
+    }
+    if prune_old is not None:
+        runs["old_engine"] = lambda m: prune_old(m, cal, spec)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    masks: dict[str, dict] = {}
+    names = list(runs)
     for r in range(args.rounds):
-        base = copy.deepcopy(dense)
-        _, t = timed(prune_wanda_baseline, base, cal, spec.target_sparsity, 2, 4)
-        base_s.append(round(t, 2))
-        eng = copy.deepcopy(dense)
-        _, t = timed(engine.prune, eng, cal, spec)
-        eng_s.append(round(t, 2))
+        order = names[r % len(names) :] + names[: r % len(names)]
+        patterns = {}
+        for name in order:
+            model = copy.deepcopy(dense)
+            _, t = timed(runs[name], model)
+            times[name].append(round(t, 2))
+            if r == 0:
+                patterns[name] = zero_patterns(model)
+            del model
         if r == 0:
-            masks = compare(zero_patterns(eng), zero_patterns(base))
-        del base, eng
-        print(f"round {r}: baseline {base_s[-1]} s, engine {eng_s[-1]} s", file=sys.stderr, flush=True)
+            masks = {k: compare(v, patterns["baseline"]) for k, v in patterns.items() if k != "baseline"}
+        del patterns
+        print(f"round {r}: " + ", ".join(f"{k} {times[k][-1]} s" for k in order), file=sys.stderr, flush=True)
+    base_s, eng_s = times["baseline"], times["engine"]
     mb, me = statistics.median(base_s), statistics.median(eng_s)
     result = {
         "machine": machine(),
@@ -84,6 +119,19 @@ def main() -> None:
         "speedup_of_medians": round(mb / me, 3),
         "speedup_per_round": [round(b / e, 3) for b, e in zip(base_s, eng_s, strict=True)],
         "masks": masks,
+        "old_engine": (
+            {
+                "rev": args.old_rev,
+                "engine_s": times["old_engine"],
+                "median_engine_s": statistics.median(times["old_engine"]),
+                "speedup_of_medians": round(mb / statistics.median(times["old_engine"]), 3),
+                "speedup_per_round": [
+                    round(b / e, 3) for b, e in zip(base_s, times["old_engine"], strict=True)
+                ],
+            }
+            if prune_old is not None
+            else None
+        ),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if args.out:
