@@ -62,6 +62,7 @@ __all__ = [
     "capture_block_inputs",
     "prune",
     "prune_block",
+    "prune_targets",
     "run_block",
     "run_blocks",
 ]
@@ -424,7 +425,10 @@ def eager_experts(model: nn.Module) -> Iterator[None]:
             cfg._experts_implementation = old
 
 
-def _targets(block: nn.Module, prefix: str, spec: PruneSpec) -> tuple[dict[str, families.Target], list[str]]:
+def prune_targets(
+    block: nn.Module, prefix: str, spec: PruneSpec
+) -> tuple[dict[str, families.Target], list[str]]:
+    """``({name: target}, ignored names)``: the matrices of ``block`` that ``spec`` prunes."""
     allt = families.block_targets(block, prefix, routers=spec.prune_routers)
     targets = {n: t for n, t in allt.items() if not families.is_ignored(n, spec.ignore)}
     return targets, [n for n in allt if n not in targets]
@@ -432,21 +436,35 @@ def _targets(block: nn.Module, prefix: str, spec: PruneSpec) -> tuple[dict[str, 
 
 @torch.no_grad()
 def collect_stats(
-    block: nn.Module, targets: dict[str, families.Target], batches: Sequence[Batch], needs: Any
+    block: nn.Module,
+    targets: dict[str, families.Target],
+    batches: Sequence[Batch],
+    needs: Any,
+    outputs: list[torch.Tensor] | None = None,
 ) -> dict[str, LayerStats]:
-    """The per-matrix statistics ``needs`` asks for, over every batch (the loop's stats point)."""
+    """The per-matrix statistics ``needs`` asks for, over every batch (the loop's stats point).
+
+    ``outputs``: when given, every batch runs the whole block and its output is appended there
+    (OWL's dense first pass); otherwise a batch may stop at the block's last linear.
+    """
     from core.stats import SharedInputs, StatsAccumulator
 
     accs = {
         n: StatsAccumulator(
-            t.in_features, needs.xnorm, needs.hessian, need_xsum=needs.xsum, gram_tokens=needs.gram_tokens
+            t.in_features,
+            needs.xnorm,
+            needs.hessian,
+            need_xsum=needs.xsum,
+            gram_tokens=needs.gram_tokens,
+            sample_tokens=needs.sample_tokens,
+            sample_every=needs.sample_every,
         )
         for n, t in targets.items()
     }
     shared = SharedInputs()
     linears = {n: t for n, t in targets.items() if not t.fused}
     fused = {n: t for n, t in targets.items() if t.fused}
-    calls = _CallOrder(enabled=not any(t.is_expert for t in targets.values()))
+    calls = _CallOrder(enabled=outputs is None and not any(t.is_expert for t in targets.values()))
     handles = [
         t.module.register_forward_pre_hook(calls.pre_hook(n, shared.hook(accs[n])))
         for n, t in linears.items()
@@ -460,7 +478,9 @@ def collect_stats(
         for b in batches:
             try:
                 with tap:
-                    run_block(block, b)
+                    out = run_block(block, b)
+                if outputs is not None:
+                    outputs.append(out)
             except _StatsComplete:
                 pass
             calls.batch_done(len(linears))
@@ -495,20 +515,22 @@ def prune_block(
     method: Method,
     spec: PruneSpec,
     budgets: dict[str, int] | None = None,
+    total_tokens: int = 0,
 ) -> BlockResult:
     """Collect the statistics ``method.needs`` over ``batches``, then prune ``block`` in place.
 
     The single per-block step of every mode. Producing the next block's inputs is the caller's.
     A matrix that saw no calibration token (an expert the router never chose) is pruned by
-    magnitude and listed in ``fallback``.
+    magnitude and listed in ``fallback``. ``total_tokens``: calibration tokens in ``batches``
+    (spreads the error report's input sample over all of them; 0: the first tokens).
     """
     from core.layer_prune import layer_needs, prune_layer
     from core.methods import get_method
     from core.stats import LayerStats
 
-    targets, ignored = _targets(block, block_prefix, spec)
+    targets, ignored = prune_targets(block, block_prefix, spec)
     res = BlockResult(ignored=ignored)
-    needs = layer_needs(method, spec)
+    needs = layer_needs(method, spec, total_tokens)
     stats = collect_stats(block, targets, batches, needs) if targets and needs.any else {}
     for name, t in targets.items():
         weight = t.get_weight()
@@ -536,7 +558,7 @@ def check_nm_shapes(model: nn.Module, family: families.Family, spec: PruneSpec) 
     if nm is None:
         return
     for i, block in enumerate(families.get_blocks(model, family)):
-        for name, t in _targets(block, f"{family.blocks}.{i}", spec)[0].items():
+        for name, t in prune_targets(block, f"{family.blocks}.{i}", spec)[0].items():
             if t.in_features % nm[1]:
                 raise InvalidInput(
                     f"layer {name} has {t.in_features} input features, "
@@ -632,7 +654,7 @@ def run_blocks(
     nblocks = len(blocks)
     check_nm_shapes(model, family, spec)
     for i, block in enumerate(blocks[:1]):
-        check_hessian_memory(_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}")
+        check_hessian_memory(prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}")
     cal = calibration.to(torch.long)
     dev = torch.device(device) if device is not None else _device(model)
     batch_size = spec.batch_for(cal.shape[-1], dev.type)
@@ -689,10 +711,10 @@ def run_blocks(
                 source.load(i, block)
                 if i > 0:
                     check_hessian_memory(
-                        _targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}"
+                        prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}"
                     )
                 batches = _Batches(store, cap.args[i]) if cap is not None and store is not None else []
-                res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets)
+                res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets, cal.numel())
                 result.layers.update(res.layers)
                 result.layer_records.update(res.records)
                 result.ignored.extend(res.ignored)

@@ -12,14 +12,18 @@ from torch import Tensor
 
 from core.dsnot import dsnot_refine, keep_better_rows
 from core.errors import InvalidInput
-from core.recon import relative_error
+from core.recon import sample_error
 from core.spec import PruneSpec
 from core.stats import LayerStats
 
 if TYPE_CHECKING:
     from core.methods.base import Method
 
-__all__ = ["LayerNeeds", "LayerOutcome", "layer_needs", "prune_layer"]
+__all__ = ["DSNOT_GRAM_TOKENS", "LayerNeeds", "LayerOutcome", "layer_needs", "prune_layer"]
+
+DSNOT_GRAM_TOKENS = 2048
+"""DSnoT keeps a row's refinement only if its output error on the Gram of the layer's first this
+many calibration inputs did not grow (the full Hessian instead, when the method collects it)."""
 
 
 @dataclass(frozen=True)
@@ -30,14 +34,19 @@ class LayerNeeds:
     hessian: bool
     xsum: bool
     gram_tokens: int
+    """DSnoT's row guard: the Gram of the first this many tokens (0: none)."""
+    sample_tokens: int = 0
+    """The error report's input sample: this many tokens, every ``sample_every``-th."""
+    sample_every: int = 1
 
     @property
     def any(self) -> bool:
-        return self.xnorm or self.hessian or self.xsum or self.gram_tokens > 0
+        return self.xnorm or self.hessian or self.xsum or self.gram_tokens > 0 or self.sample_tokens > 0
 
 
-def layer_needs(method: Method, spec: PruneSpec) -> LayerNeeds:
-    """``method.needs`` plus what DSnoT (mean, variance, norms) and the error report (a Gram) need.
+def layer_needs(method: Method, spec: PruneSpec, total_tokens: int = 0) -> LayerNeeds:
+    """``method.needs`` plus what DSnoT (mean, variance, norms, a Gram) and the error report (a
+    sample of ``spec.recon_tokens`` inputs spread over ``total_tokens`` calibration tokens) need.
 
     Methods that read no statistics (magnitude without refinement) get none: no forward passes,
     and their report has no reconstruction error.
@@ -50,7 +59,9 @@ def layer_needs(method: Method, spec: PruneSpec) -> LayerNeeds:
         xnorm="xnorm" in method.needs or dsnot,
         hessian=hessian,
         xsum=dsnot,
-        gram_tokens=0 if hessian else spec.recon_tokens,
+        gram_tokens=DSNOT_GRAM_TOKENS if dsnot and not hessian else 0,
+        sample_tokens=spec.recon_tokens,
+        sample_every=max(1, total_tokens // spec.recon_tokens),
     )
 
 
@@ -84,7 +95,7 @@ def prune_layer(
     }
     if budget is not None:
         record["budget"] = budget
-    gram, gram_tokens = _gram(stats)
+    gram, _ = _gram(stats)
     if spec.refine == "dsnot":
         if stats.xsum is None or stats.xnorm_sq is None or not stats.ntokens or gram is None:
             raise InvalidInput(
@@ -123,9 +134,9 @@ def prune_layer(
         mask = final
     weight.masked_fill_(mask.to(weight.device), 0)
     record["sparsity"] = int(torch.count_nonzero(mask)) / mask.numel()
-    if gram is not None:
-        record["recon_error"] = relative_error(dense, weight.detach().float(), gram)
-        record["recon_tokens"] = gram_tokens
+    if stats.sample is not None and stats.sample.shape[0]:
+        record["recon_error"] = sample_error(dense, weight.detach().float(), stats.sample)
+        record["recon_tokens"] = int(stats.sample.shape[0])
     else:
         record["recon_error"] = None
     if perm is not None:

@@ -6,7 +6,10 @@ the ratios come from a separate first pass over the dense model: block by block,
 calibration inputs are run through each (still dense) block with forward pre-hooks collecting
 ``||X_j||^2`` for its prunable linears; the block's Wanda scores ``|W| ||X||`` give its outlier
 ratio, and its dense outputs feed the next block. Each block runs with its own captured
-arguments (attention mask of its layer type, its rotary embeddings...), as in the pruning pass.
+arguments (attention mask of its layer type, its rotary embeddings...), and its statistics come
+from the pruning pass's own collector (``core.engine.collect_stats``), so the ratios and budgets
+cover exactly the matrices the pruning pass prunes: fused 3-D experts per expert (each from the
+tokens routed to it), routers only when ``prune_routers``, ``ignore`` applied.
 The cost is one extra forward of the calibration set through all blocks (no masks), reported as
 ``owl.first_pass_s``.
 """
@@ -20,15 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import families
 from core.allocation import layer_budgets, outlier_ratio, owl_sparsities
-from core.engine import Args, run_block
+from core.engine import Args, collect_stats, prune_targets
+from core.layer_prune import LayerNeeds
 from core.methods.wanda import wanda_scores
 from core.progress import CancelFn, check_cancel
 from core.spec import PruneSpec
-from core.stats import SharedInputs, StatsAccumulator
 
 __all__ = ["owl_budgets"]
+
+_XNORM = LayerNeeds(xnorm=True, hessian=False, xsum=False, gram_tokens=0)
 
 
 @torch.no_grad()
@@ -53,31 +57,23 @@ def owl_budgets(
     used_blocks: list[int] = []
     for i, block in enumerate(blocks):
         check_cancel(should_cancel)
-        linears = families.block_linears(block, f"{prefix}.{i}")
-        targets = {n: m for n, m in linears.items() if not families.is_ignored(n, spec.ignore)}
-        accs = {n: StatsAccumulator(families.in_features(m), True, False) for n, m in targets.items()}
-        shared = SharedInputs()
-        handles = [m.register_forward_pre_hook(shared.hook(accs[n])) for n, m in targets.items()]
-        try:
-            outs = []
-            for h, (args, kwargs) in zip(hidden, block_args[i], strict=True):
-                outs.append(run_block(block, (h, args, kwargs)))
-                shared.clear()
-        finally:
-            shared.clear()
-            for hd in handles:
-                hd.remove()
+        targets = prune_targets(block, f"{prefix}.{i}", spec)[0]
+        outs: list[torch.Tensor] = []
+        batches = [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, block_args[i], strict=True)]
+        stats = collect_stats(block, targets, batches, _XNORM, outputs=outs)
         hidden = outs
+        del batches
         if not targets:
             continue
         scores = []
         sizes: dict[str, int] = {}
-        for n, m in targets.items():
-            w = families.get_weight(m)
-            xn = accs[n].result().xnorm_sq
+        for n, t in targets.items():
+            w = t.get_weight()
+            xn = stats[n].xnorm_sq
             assert xn is not None
             scores.append(wanda_scores(w, xn))
             sizes[n] = w.numel()
+        del stats
         ratios.append(outlier_ratio(scores, spec.owl_m))
         numels.append(sum(sizes.values()))
         block_layers.append(sizes)

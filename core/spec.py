@@ -40,7 +40,7 @@ fastest on SmolLM2-135M: 1 or 2 samples of 512 tokens beat 8; docs/benchmarks.md
 OWL_M, OWL_LAMBDA = 5.0, 0.08
 DSNOT_ITERS, DSNOT_THRESHOLD, DSNOT_VAR_POWER = 50, 0.1, 1.0
 RIA_ALPHA = 0.5
-RECON_TOKENS = 2048
+RECON_TOKENS = 256
 MAX_VARIANTS = 16
 """Most variants one sweep may ask for."""
 MAX_TASKS = 8
@@ -164,8 +164,8 @@ class PruneSpec(_Strict):
         default=RECON_TOKENS,
         ge=1,
         le=10**7,
-        description="Calibration tokens per layer whose Gram matrix measures the reconstruction error "
-        "(and guards DSnoT) when the method does not collect the full Hessian.",
+        description="Calibration tokens per layer, spread evenly over the calibration set, on which the "
+        "report's reconstruction error ||WX - W'X|| / ||WX|| is measured.",
     )
 
     def batch_for(self, seqlen: int, device_type: str) -> int:

@@ -55,7 +55,10 @@ class LayerStats:
     ``ntokens``: number of calibration tokens seen.
     ``xsum``: fp32 ``[in]``, sum over all tokens of ``x_j`` (DSnoT's mean and variance).
     ``gram``: fp32 ``[in, in]``, ``sum_t x_t x_t^T`` over the first ``gram_tokens`` tokens only
-    (the reconstruction error; ``core.recon``).
+    (DSnoT's row guard; ``core.dsnot``).
+    ``sample``: fp32 ``[k, in]``, every ``sample_every``-th calibration token (up to
+    ``sample_tokens``, starting at token ``sample_every // 2``), spread over the whole calibration
+    set: the reconstruction-error estimate (``core.recon``).
     """
 
     xnorm_sq: Tensor | None
@@ -64,6 +67,7 @@ class LayerStats:
     xsum: Tensor | None = None
     gram: Tensor | None = None
     gram_tokens: int = 0
+    sample: Tensor | None = None
 
 
 @dataclass
@@ -91,6 +95,8 @@ class StatsAccumulator:
         device: torch.device | str | None = None,
         need_xsum: bool = False,
         gram_tokens: int = 0,
+        sample_tokens: int = 0,
+        sample_every: int = 1,
     ) -> None:
         self.in_features = in_features
         self.need_xnorm = need_xnorm
@@ -101,6 +107,10 @@ class StatsAccumulator:
         self._xsum: Tensor | None = None
         self._gram: Tensor | None = None
         self._gram_seen = 0
+        self.sample_tokens = sample_tokens
+        self.sample_every = max(1, sample_every)
+        self._sample: list[Tensor] = []
+        self._sampled = 0
         self._device = torch.device(device) if device is not None else None
         self._xnorm: Tensor | None = None
         self._hessian: Tensor | None = None
@@ -164,6 +174,14 @@ class StatsAccumulator:
             head = x2[: self.gram_tokens - self._gram_seen]
             self._gram.addmm_(head.t(), head)
             self._gram_seen += head.shape[0]
+        if self._sampled < self.sample_tokens:
+            # Global token indices ntokens .. ntokens+t-1; keep those = every/2 (mod every), which
+            # skips each window's first token (often an outlier "attention sink") when every | seqlen.
+            first = (self.sample_every // 2 - self.ntokens) % self.sample_every
+            rows = x2[first :: self.sample_every][: self.sample_tokens - self._sampled]
+            if rows.shape[0]:
+                self._sample.append(rows.clone())
+                self._sampled += rows.shape[0]
         self.ntokens += t
 
     def add(self, x: Tensor) -> None:
@@ -183,6 +201,7 @@ class StatsAccumulator:
             xsum=xsum,
             gram=self._gram,
             gram_tokens=self._gram_seen,
+            sample=torch.cat(self._sample) if self._sample else None,
         )
 
 

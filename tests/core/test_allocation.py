@@ -85,3 +85,26 @@ def test_owl_composes_with_every_method(method: str) -> None:
     for name, r in recs.items():
         assert r["method"] == method
         assert r["sparsity"] == r["budget"] / numel[name]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_owl_allocates_fused_experts_per_expert(family: str) -> None:
+    """Fused 3-D experts count in OWL: every expert matrix gets a budget at its block's sparsity."""
+    model = build(family, seed=2, layers=3)
+    cal = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(3))
+    spec = PruneSpec(method="wanda", sparsity=0.6, allocation="owl", owl_lambda=0.1, owl_m=2.0)
+    info = engine.prune(model, cal, spec)
+    targets = families.prunable_targets(model).values()
+    experts = {t.name: t for t in targets if t.fused}
+    assert experts, "the tiny model keeps its experts in fused 3-D parameters"
+    recs = info.layer_records
+    assert set(experts) <= set(recs) and all("budget" in recs[n] for n in experts)
+    assert sum(r["budget"] for r in recs.values()) == round(0.6 * sum(t.numel for t in targets))
+    sp = info.owl["block_sparsity"]
+    assert len(set(round(s, 6) for s in sp)) > 1
+    for name, t in experts.items():
+        block = int(name.split(".layers.")[1].split(".")[0])
+        # Cumulative rounding: each matrix within one weight of its block's OWL sparsity.
+        assert abs(recs[name]["budget"] - sp[block] * t.numel) <= 1
+        zeros = int((t.get_weight() == 0).sum())
+        assert zeros == recs[name]["budget"]

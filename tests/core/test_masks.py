@@ -104,6 +104,29 @@ def test_nm_mask_matches_reference(seed: int, n: int, m: int, tied: bool) -> Non
     assert check_nm(mask, n, m, exact=True)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    m=st.integers(2, 8),
+    levels=st.sampled_from([1, 2, 3, 1000]),
+    specials=st.booleans(),
+)
+def test_small_group_ranking_equals_the_stable_sort(seed: int, m: int, levels: int, specials: bool) -> None:
+    """The N:M fast path (pairwise ranks) picks what the stable sort picks (ties, -0.0, inf included)."""
+    from core.masks import _lowest_k_small
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (7, 6, m), generator=g).float() - levels // 2
+    if specials:
+        scores[0, 0] = -0.0
+        scores[1, :, 0] = float("inf")
+        scores[2, :, -1] = float("-inf")
+    for k in range(1, m):
+        order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
+        expected = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order, True)
+        assert torch.equal(_lowest_k_small(scores, k), expected)
+
+
 def test_tie_rule_prunes_lower_index_first() -> None:
     scores = torch.ones(2, 8)
     assert row_mask(scores, 0.5)[0].tolist() == [True] * 4 + [False] * 4
