@@ -73,12 +73,13 @@ class LayerOutcome:
     record: dict[str, Any] = field(default_factory=dict)
 
 
-def _gram(stats: LayerStats) -> tuple[Tensor | None, int]:
+def _dsnot_gram(stats: LayerStats) -> Tensor | None:
+    """DSnoT's guard matrix: the full Hessian when collected, else the first-tokens Gram."""
     if stats.hessian is not None and stats.ntokens:
-        return stats.hessian, stats.ntokens
+        return stats.hessian
     if stats.gram is not None and stats.gram_tokens:
-        return stats.gram, stats.gram_tokens
-    return None, 0
+        return stats.gram
+    return None
 
 
 @torch.no_grad()
@@ -95,7 +96,7 @@ def prune_layer(
     }
     if budget is not None:
         record["budget"] = budget
-    gram, _ = _gram(stats)
+    gram = _dsnot_gram(stats)
     if spec.refine == "dsnot":
         if stats.xsum is None or stats.xnorm_sq is None or not stats.ntokens or gram is None:
             raise InvalidInput(
