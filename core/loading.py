@@ -38,6 +38,8 @@ class Loaded:
     family: families.Family
     source: str
     gguf: bool
+    gguf_cache: str | None = None
+    """For a GGUF source: ``hit``, ``miss``, ``off`` or ``error`` (:mod:`core.model_cache`)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,27 @@ def resolve_source(spec: ModelSpec) -> _Source:
     return _Source(spec.source, spec.gguf_file, False)
 
 
+_checked_gguf: set[tuple[str, int, int, int]] = set()
+_gguf_configs: dict[tuple[str, int, int, int], Any] = {}
+
+
 def _check_gguf(path: Path) -> None:
-    """Parse the GGUF header and tensor table; ModelLoadError naming the file if it is corrupted."""
+    """Parse the GGUF header and tensor table; ModelLoadError naming the file if it is corrupted.
+
+    Once per file and process (a run resolves its source more than once), and not at all for a file
+    whose content the model cache already holds (:func:`core.model_cache.known`: it was parsed and
+    dequantized whole before)."""
+    from core import model_cache
+
+    memo = model_cache.file_id(path)
+    if memo in _checked_gguf:
+        return
+    if model_cache.known(path) is None:
+        _parse_gguf(path)
+    _checked_gguf.add(memo)
+
+
+def _parse_gguf(path: Path) -> None:
     try:
         from gguf import GGUFReader
 
@@ -133,6 +154,31 @@ def _check_safetensors(directory: Path) -> None:
 
 
 def _load_config(src: _Source) -> Any:
+    """The model's config. A local GGUF file's metadata is parsed once per file and process, and not
+    at all when the model cache holds an entry of its content (the entry's ``config.json``)."""
+    if not (src.local and src.gguf_file):
+        return _read_config(src)
+    import copy
+
+    from core import model_cache
+
+    gguf = Path(src.path) / src.gguf_file
+    memo = model_cache.file_id(gguf)
+    if memo not in _gguf_configs:
+        config = None
+        entry = model_cache.known(gguf)
+        if entry is not None:
+            from transformers import AutoConfig
+
+            try:
+                config = AutoConfig.from_pretrained(str(entry))
+            except Exception:  # an unreadable entry: the file itself says
+                config = None
+        _gguf_configs[memo] = config if config is not None else _read_config(src)
+    return copy.deepcopy(_gguf_configs[memo])
+
+
+def _read_config(src: _Source) -> Any:
     from transformers import AutoConfig
 
     try:
@@ -206,23 +252,59 @@ def load_model(spec: ModelSpec) -> Loaded:
     src, _config, family, where = _checked_source(spec)
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("device 'cuda' requested but no CUDA device is available")
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, _DTYPES[spec.dtype])}
-    if src.gguf_file:
-        kwargs["gguf_file"] = src.gguf_file
-    try:
-        model = model_class(_config).from_pretrained(src.path, **kwargs)
-    except CoreError:
-        raise
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot load model weights from {where}: {first}") from None
-    tokenizer = _load_tokenizer(src, where)
-    if src.gguf_file:
-        strip_quantization(model)
+    dtype = getattr(torch, _DTYPES[spec.dtype])
+    cached = _from_model_cache(src, spec.dtype, _config, dtype) if src.gguf_file else None
+    entry = cached[2] if cached else None
+    if cached and cached[0] is not None:
+        model, tokenizer = cached[0], cached[1]
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if src.gguf_file:
+            kwargs["gguf_file"] = src.gguf_file
+        try:
+            model = model_class(_config).from_pretrained(src.path, **kwargs)
+        except CoreError:
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelLoadError(f"cannot load model weights from {where}: {first}") from None
+        tokenizer = _load_tokenizer(src, where)
+        if src.gguf_file:
+            strip_quantization(model)
+        if entry is not None:
+            from core import model_cache
+
+            entry = model_cache.store(entry, model, tokenizer, Path(src.path) / str(src.gguf_file))
     model.to(spec.device)
     model.eval()
     family = families.family_for(model)
-    return Loaded(model=model, tokenizer=tokenizer, family=family, source=where, gguf=bool(src.gguf_file))
+    return Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        family=family,
+        source=where,
+        gguf=bool(src.gguf_file),
+        gguf_cache=entry.status if entry is not None else None,
+    )
+
+
+def _from_model_cache(src: _Source, dtype_name: str, config: Any, dtype: Any) -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, entry)`` from the host's cache of dequantized GGUF models; model and
+    tokenizer are None unless it was a hit that loaded (an entry that fails to load is dropped)."""
+    from transformers import AutoTokenizer
+
+    from core import model_cache
+
+    if not src.local:  # a hub GGUF: the hub's own cache holds the file
+        return None, None, model_cache.Entry("off")
+    entry = model_cache.lookup(Path(src.path) / str(src.gguf_file), dtype_name)
+    if entry.path is None:
+        return None, None, entry
+    try:
+        model = model_class(config).from_pretrained(str(entry.path), dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(str(entry.path)), entry
+    except Exception as exc:
+        return None, None, model_cache.discard(entry, exc)
 
 
 def model_class(config: Any) -> Any:

@@ -449,6 +449,7 @@ class _InMemoryRun:
                 dtype=spec.model.dtype,
                 device=spec.model.device,
                 gguf=self.loaded.gguf,
+                gguf_cache=self.loaded.gguf_cache,
             ),
             calibration=CalibrationInfo(
                 source=self.cal_source,

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -91,6 +91,9 @@ class ModelInfo(_Closed):
     dtype: str
     device: str
     gguf: bool
+    gguf_cache: Literal["hit", "miss", "off", "error"] | None = None
+    """GGUF sources: whether the host's cache of dequantized models (:mod:`core.model_cache`) served
+    the weights (``hit``), was filled (``miss``), is disabled (``off``) or failed (``error``)."""
 
 
 class CalibrationInfo(_Closed):

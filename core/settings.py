@@ -190,8 +190,8 @@ class EngineSettings(EnvSettings):
     home: Path | None = env_field(
         "PRUNE_HOME",
         description="When set (the service's worker hosts), the default baseline cache is "
-        "`$PRUNE_HOME/cache/baselines`.",
-        shown="unset: no baseline cache",
+        "`$PRUNE_HOME/cache/baselines` and the default model cache `$PRUNE_HOME/cache/models`.",
+        shown="unset: no baseline or model cache",
     )
     baseline_cache: str | None = env_field(
         "PRUNE_BASELINE_CACHE",
@@ -199,6 +199,22 @@ class EngineSettings(EnvSettings):
         "tokens); `off`, `0`, `false` or empty disables the cache.",
         shown="`$PRUNE_HOME/cache/baselines`",
         keep_empty=True,
+    )
+    model_cache: str | None = env_field(
+        "PRUNE_MODEL_CACHE",
+        description="Directory of the cached dequantized GGUF models (Hugging Face directories keyed by "
+        "the GGUF file's sha256, the dtype and the transformers and gguf versions), so a later load of "
+        "the same file skips dequantizing; `off`, `0`, `false` or empty disables the cache.",
+        shown="`$PRUNE_HOME/cache/models`",
+        keep_empty=True,
+    )
+    model_cache_bytes: int = env_field(
+        "PRUNE_MODEL_CACHE_BYTES",
+        20 * 10**9,
+        "Byte budget of the model cache: after a write the least recently used entries are removed "
+        "until the rest fit; a model larger than the budget is not cached; `0` disables the cache.",
+        shown="`20000000000` (20 GB)",
+        ge=0,
     )
     hessian_limit_bytes: int = env_field(
         "PRUNE_HESSIAN_LIMIT_BYTES",
@@ -216,9 +232,17 @@ class EngineSettings(EnvSettings):
         shown="`0`",
     )
 
+    def _cache_dir(self, value: str | None, name: str) -> Path | None:
+        """An explicit directory (or off), else `$PRUNE_HOME/cache/<name>` when the home is set."""
+        if value is not None:
+            off = value.strip().lower() in ("", "0", "off", "false")
+            return None if off else Path(value)
+        return self.home / "cache" / name if self.home else None
+
     def baseline_cache_dir(self) -> Path | None:
         """Where cached baselines live, or None when the cache is off."""
-        if self.baseline_cache is not None:
-            off = self.baseline_cache.strip().lower() in ("", "0", "off", "false")
-            return None if off else Path(self.baseline_cache)
-        return self.home / "cache" / "baselines" if self.home else None
+        return self._cache_dir(self.baseline_cache, "baselines")
+
+    def model_cache_dir(self) -> Path | None:
+        """Where cached dequantized GGUF models live, or None when the cache is off (or its budget 0)."""
+        return self._cache_dir(self.model_cache, "models") if self.model_cache_bytes > 0 else None

@@ -401,6 +401,96 @@ def save(
     return out
 
 
+def _gguf_permute(w: Any, heads: int) -> Any:
+    """llama.cpp's row order of a query/key projection (transformers undoes it when loading)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def save_gguf(
+    out: Path, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, quantized: bool = True
+) -> Path:
+    """Write the tiny llama (:func:`build`) and its tokenizer as a GGUF file and return its path.
+
+    The projection matrices are stored as ``Q8_0`` blocks when ``quantized`` (so that loading really
+    dequantizes), every other tensor as F32; the tokenizer is the BPE of :func:`tokenizer` as a
+    ``gpt2`` GGUF vocabulary. ``transformers.from_pretrained(out.parent, gguf_file=out.name)`` loads it.
+    """
+    import gguf
+    import numpy as np
+
+    model = build("llama", seed, layers, hidden)
+    cfg = model.config
+    out = Path(out)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32)
+    tok = tokenizer()
+    state = tok.backend_tokenizer.model.__getstate__()
+    import json
+
+    bpe = json.loads(state)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t == "<|endoftext|>" else 1 for t, _ in vocab])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, t in model.state_dict().items():
+        a = t.detach().float().numpy()
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            gname = "output.weight"
+        else:
+            m = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{m[0]}.{names[m[1].removesuffix('.weight')]}.weight"
+        if gname.endswith("attn_q.weight"):
+            a = _gguf_permute(a, cfg.num_attention_heads)
+        elif gname.endswith("attn_k.weight"):
+            a = _gguf_permute(a, cfg.num_key_value_heads)
+        if quantized and a.ndim == 2 and gname.startswith("blk."):
+            w.add_tensor(
+                gname,
+                gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="print the supported families table")

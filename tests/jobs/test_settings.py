@@ -184,6 +184,15 @@ def test_engine_settings() -> None:
         env = {"PRUNE_HOME": "/h", "PRUNE_BASELINE_CACHE": off}
         assert EngineSettings.from_env(env).baseline_cache_dir() is None, off
     assert EngineSettings.from_env({"PRUNE_BASELINE_CACHE": "/c"}).baseline_cache_dir() == Path("/c")
+    assert e.model_cache_dir() is None and e.model_cache_bytes == 20 * 10**9
+    assert EngineSettings.from_env({"PRUNE_HOME": "/h"}).model_cache_dir() == Path("/h/cache/models")
+    for off in ({"PRUNE_MODEL_CACHE": "off"}, {"PRUNE_MODEL_CACHE": ""}, {"PRUNE_MODEL_CACHE_BYTES": "0"}):
+        assert EngineSettings.from_env({"PRUNE_HOME": "/h", **off}).model_cache_dir() is None, off
+    assert EngineSettings.from_env({"PRUNE_MODEL_CACHE": "/m"}).model_cache_dir() == Path("/m")
+    assert EngineSettings.from_env({"PRUNE_MODEL_CACHE_BYTES": "1000"}).model_cache_bytes == 1000
+    for bad in ("20G", "-1"):
+        with pytest.raises(ConfigError, match="PRUNE_MODEL_CACHE_BYTES"):
+            EngineSettings.from_env({"PRUNE_MODEL_CACHE_BYTES": bad})
     assert EngineSettings.from_env({"PRUNE_DATA_DIR": "/d"}).data_dir == Path("/d")
     assert EngineSettings.from_env({"PRUNE_HESSIAN_LIMIT_BYTES": "1024"}).hessian_limit_bytes == 1024
     for raw, offline in (("1", True), (" On", True), ("yes", True), ("0", False), ("whatever", False)):
