@@ -271,6 +271,9 @@ def load_model(spec: ModelSpec) -> Loaded:
         tokenizer = _load_tokenizer(src, where)
         if src.gguf_file:
             strip_quantization(model)
+            # what save_pretrained (the cache's, the export's) records: so a hit, a miss and an
+            # uncached load give the same config, hence the same resume fingerprint (core.resume)
+            model.config.architectures = [type(model).__name__]
         if entry is not None:
             from core import model_cache
 
@@ -302,9 +305,11 @@ def _from_model_cache(src: _Source, dtype_name: str, config: Any, dtype: Any) ->
         return None, None, entry
     try:
         model = model_class(config).from_pretrained(str(entry.path), dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(str(entry.path)), entry
+        tokenizer = AutoTokenizer.from_pretrained(str(entry.path))
     except Exception as exc:
         return None, None, model_cache.discard(entry, exc)
+    model.config._name_or_path = model.name_or_path = src.path  # as the dequantizing load says
+    return model, tokenizer, entry
 
 
 def model_class(config: Any) -> Any:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import model_cache, pipeline
+from core import model_cache, pipeline, resume
 from core.loading import Loaded, load_model
-from core.spec import ModelSpec, RunSpec
+from core.spec import ModelSpec, PruneSpec, RunSpec
 from tests import tiny_models
 
 
@@ -52,6 +52,9 @@ def assert_identical(a: Loaded, b: Loaded) -> None:
     text = "The cat sat on the mat, and = = Valkyria = = 1999."
     assert a.tokenizer(text).input_ids == b.tokenizer(text).input_ids
     assert type(a.model) is type(b.model)
+    # the same config, so an attempt that hits continues the block checkpoints of one that missed
+    assert a.model.config.to_json_string(use_diff=False) == b.model.config.to_json_string(use_diff=False)
+    assert resume.fingerprint(a.model, ids, PruneSpec()) == resume.fingerprint(b.model, ids, PruneSpec())
 
 
 def entries(root: Path) -> list[str]:
@@ -147,7 +150,6 @@ def test_torn_or_foreign_entry_is_ignored_and_rebuilt(gguf_dir: Path, cache: Pat
     key = model_cache.key(src, "float32")
     entry = cache / key
     # a torn entry: the files of a complete one, but no marker (a crash before the marker was written)
-    shutil.copytree(cache / key, cache.parent / "saved")
     (entry / model_cache.MARKER).unlink()
     assert model_cache.lookup(src, "float32").status == "miss"
     again = load(src)
@@ -281,3 +283,27 @@ def test_run_report_records_the_cache(gguf_dir: Path, data_dir: Path, tmp_path: 
     assert first.model.gguf and second.model.source == first.model.source
     assert second.evaluation.pruned_ppl == first.evaluation.pruned_ppl
     assert json.loads((tmp_path / "o2" / "report.json").read_text())["model"]["gguf_cache"] == "hit"
+
+
+def test_an_attempt_that_hits_resumes_the_one_that_missed(
+    gguf_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core import engine
+    from core.errors import Cancelled
+    from tests.core.test_resume import calib, cancel_at_block
+
+    src, spec = gguf_dir / "a.gguf", PruneSpec(method="wanda", pattern="2:4", batch_size=2)
+    monkeypatch.setenv("PRUNE_MODEL_CACHE", "off")
+    clean = load(src)
+    ref = engine.prune(clean.model, calib(), spec)
+    monkeypatch.delenv("PRUNE_MODEL_CACHE")
+    first = load(src)
+    assert first.gguf_cache == "miss"
+    with pytest.raises(Cancelled):
+        engine.prune(first.model, calib(), spec, should_cancel=cancel_at_block(1), resume_dir=tmp_path / "r")
+    again = load(src)  # the next attempt, after a worker restart
+    assert again.gguf_cache == "hit"
+    res = engine.prune(again.model, calib(), spec, resume_dir=tmp_path / "r")
+    assert res.resumed_from_block == 1 and res.layers == ref.layers
+    sa, sb = again.model.state_dict(), clean.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
