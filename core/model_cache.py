@@ -222,7 +222,7 @@ def store(entry: Entry, model: Any, tokenizer: Any, gguf: Path) -> Entry:
             if _marker(final) is None:  # not another writer's complete entry
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process stored the same key first
-    except OSError as exc:
+    except Exception as exc:  # a full disk (ENOSPC, EDQUOT), an unwritable cache, a failed save
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("model cache: cannot store %s under %s (%s); loaded without the cache", gguf, root, exc)
         return Entry("error", k, root)
