@@ -14,7 +14,8 @@
   `resend_unsent` in the background (`api/app.py`).
 - The worker (`worker/runner.py`) calls `claim`, holds a `Lease` while it runs the job, writes through
   `progress` / `publish` / `finish`, and calls `give_back` when its upload failed. Its main process
-  asks `unrunnable` before handing a message to a pool process (`worker/tasks.py`).
+  asks `unrunnable` before handing a message to a pool process (`worker/tasks.py`); whoever sends a
+  job's completion webhook first takes it with `take_notice` (once per job).
 
 Delivery tokens fence every attempt. `Job.delivery` is the token of the job's current task message:
 `submit` sets it, and every re-send (`resend_unsent`, `sweep_leases`, `give_back`) replaces it in the
@@ -82,6 +83,7 @@ __all__ = [
     "resend_unsent",
     "submit",
     "sweep_leases",
+    "take_notice",
     "unrunnable",
     "worker_id",
 ]
@@ -331,6 +333,19 @@ def unrunnable(store: JobStore, job_id: str, token: str | None) -> str | None:
     if job.status in TERMINAL:
         return job.status.value
     return None
+
+
+NOTICE_TTL_S = 7 * 24 * 3600.0
+"""How long the completion-webhook marker outlives its sender (redeliveries come within hours)."""
+
+
+def take_notice(store: JobStore, job_id: str, ttl_s: float = NOTICE_TTL_S) -> bool:
+    """Whether the caller sends the finished job's completion webhook: True for the first caller only
+    (a SET NX marker). The worker's main process (a job cancelled while queued: its message is
+    dropped there) and a pool process (an attempt that finished, or a message the main process
+    handed on) both ask, so a job's `job.succeeded|failed|cancelled` goes out once however many of
+    its messages arrive."""
+    return bool(store.r.set(store.notice_key(job_id), worker_id(), nx=True, px=int(ttl_s * 1000)))
 
 
 def claim(store: JobStore, job_id: str, token: str | None, *, worker: str, cap: int, lease_s: float) -> Job:
