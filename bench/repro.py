@@ -15,11 +15,13 @@ OMP_NUM_THREADS=1), then prints (and appends to --out) one JSON line: the sha256
 file from manifest.json, the perplexities, the host facts the child's report recorded (CPU, SIMD
 flags, ATen capability, BLAS, threads), the child's package versions and the load average.
 
-`run --threads 1,2,4` runs the demo once per thread count (OMP_NUM_THREADS and MKL_NUM_THREADS set
-in each child; the row's `versions.host.torch_threads` shows what torch used), appends one row per
-run (label LABEL-tN) and prints (and writes to --summary) a comparison with the first count's run:
-identical model files or not, and per run the tensors that differ, how many weights flipped between
-kept and pruned, the largest absolute difference and the perplexity deltas.
+`run --threads 1,2,4` runs the demo once per thread count: each child calls
+torch.set_num_threads(N) before the engine (torch caps an OMP_NUM_THREADS above the CPU count),
+with OMP_NUM_THREADS and MKL_NUM_THREADS set to N; the row's `versions.host.torch_threads` shows
+what torch used. It appends one row per run (label LABEL-tN) and prints (and writes to --summary)
+a comparison with the first count's run: identical model files or not, and per run the tensors
+that differ, how many weights flipped between kept and pruned, the largest absolute difference
+and the perplexity deltas.
 
 `compare` prints, per run, whether its model files are bit-identical to the reference run's and how
 far its perplexities are from the reference's.
@@ -88,16 +90,19 @@ def run_demo(
     eval_windows: int,
     dense_eval: bool = True,
     keep: Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """One demo run in a child interpreter; the JSON row described in the module docstring. `keep`:
-    a directory the run's `model/` is copied to (for a tensor comparison)."""
+    a directory the run's `model/` is copied to (for a tensor comparison); `threads`: the child
+    calls `torch.set_num_threads(threads)` before the engine starts."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PRUNE_DATA_DIR": str(data_dir())}
     env["PRUNE_BASELINE_CACHE"] = "off"  # measure the dense perplexity in every run
     env.update(extra)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="repro-") as tmp:
         out = Path(tmp) / "out"
-        cmd = [python, "-m", "core", "prune", "--model", str(smollm2_dir() / SMOLLM2_FILE), *DEMO]
+        entry = ["-m", "core"] if threads is None else ["-c", SET_THREADS, str(threads)]
+        cmd = [python, *entry, "prune", "--model", str(smollm2_dir() / SMOLLM2_FILE), *DEMO]
         cmd += ["--eval-windows", str(eval_windows), "--out", str(out)]
         cmd += [] if dense_eval else ["--no-dense-eval"]
         t0 = time.perf_counter()
@@ -116,6 +121,7 @@ def run_demo(
         "label": label,
         "python": python,
         "env": extra,
+        "set_num_threads": threads,
         "model_files_sha256": model,
         "model_digest": hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest(),
         "dense_ppl": ev.get("dense_ppl"),
@@ -131,8 +137,16 @@ def run_demo(
     }
 
 
+SET_THREADS = (
+    "import runpy, sys, torch; torch.set_num_threads(int(sys.argv.pop(1))); "
+    "sys.argv[0] = 'core'; runpy.run_module('core', run_name='__main__', alter_sys=True)"
+)
+"""`python -c` entry of a thread-count run: `python -m core` after `torch.set_num_threads(N)` (torch
+caps an OMP_NUM_THREADS above the CPU count at the CPU count; set_num_threads is not capped)."""
+
+
 def thread_env(threads: int) -> dict[str, str]:
-    """The child's thread settings: torch's intra-op pool follows OMP_NUM_THREADS at import, MKL its own."""
+    """The child's thread environment (OpenMP and MKL pools; torch's own is set by SET_THREADS)."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
@@ -171,7 +185,7 @@ def run_threads(
         for n in counts:
             row = run_demo(
                 f"{label}-t{n}", python, {**extra, **thread_env(n)}, eval_windows, dense_eval,
-                keep=Path(tmp) / f"t{n}",
+                keep=Path(tmp) / f"t{n}", threads=n,
             )  # fmt: skip
             print(
                 json.dumps({k: row[k] for k in ("label", "model_digest", "pruned_ppl", "wall_s")}), flush=True
@@ -216,6 +230,7 @@ def compare(rows: list[dict[str, Any]], reference: str | None) -> list[dict[str,
                 "aten": host["aten_cpu_capability"],
                 "threads": host["torch_threads"],
                 "same_install": r["freeze_sha256"] == ref["freeze_sha256"],
+                "windows": r.get("eval_windows"),  # perplexities compare only at equal window counts
                 "identical_weights": r["model_digest"] == ref["model_digest"],
                 "dense_ppl": r["dense_ppl"],
                 "pruned_ppl": r["pruned_ppl"],
