@@ -37,7 +37,7 @@ from jobs.storage import ArtifactStore, StorageError, make_store
 from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher
 from jobs.store import InvalidTransition, JobStore
 from jobs.webhooks import WebhookError, checked_secret
-from worker import inputs
+from worker import inputs, workdirs
 from worker.notify import Notifier
 
 log = logging.getLogger("worker.runner")
@@ -179,7 +179,7 @@ def _scratch(ctx: Context, job_id: str) -> tuple[Path, Path, Path]:
     work = ctx.settings.work_dir / job_id
     out, resume = work / "out", work / "resume"
     work.mkdir(parents=True, exist_ok=True)
-    keep = {resume.name} | ({out.name} if _complete(out) else set())
+    keep = {resume.name, workdirs.LOCK} | ({out.name} if _complete(out) else set())
     for p in work.iterdir():
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -232,7 +232,10 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
             notify_completed(ctx, job, notifier(ctx, job))  # pre-check could not read Redis
         return "skipped"
     assert job.delivery is not None
-    with Lease(ctx.store, job_id, job.delivery, worker_id(), s.lease_renew_s, s.lease_expire_s) as lease:
+    with (  # the dir's lock keeps this host's work-dir sweep out of it while the attempt runs
+        workdirs.hold(s.work_dir / job_id),
+        Lease(ctx.store, job_id, job.delivery, worker_id(), s.lease_renew_s, s.lease_expire_s) as lease,
+    ):
         return _attempt(ctx, job, lease)
 
 

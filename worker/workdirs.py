@@ -5,15 +5,23 @@ sweeps at start and every PRUNE_WORK_SWEEP_INTERVAL seconds (`worker/app.py`): a
 `lifecycle.stale_work` says why (the job finished, is deleted or unknown, or runs on another host);
 a queued job's dir and the dir of a job this host runs stay. Only names shaped like job ids are
 looked at. An error (Redis away, a record that does not parse, a file that will not go) is logged
-and skips that dir or that round; the sweep never stops the worker."""
+and skips that dir or that round; the sweep never stops the worker.
+
+An attempt holds its dir's lock (`hold`, an exclusive `flock` on `<dir>/.lock`) from before it
+touches the dir until it ends; the sweep removes a dir only while it holds that lock itself (taken
+without waiting: a dir in use is skipped) and after asking `stale_work` again under it, so a job
+this host claims between the sweep's first look and its removal keeps its dir."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jobs import lifecycle
@@ -23,6 +31,49 @@ log = logging.getLogger("worker.workdirs")
 
 JOB_DIR = re.compile(r"[0-9a-f]{20}")
 """Names of job work dirs (`jobs.store.new_job_id`); anything else under work/ is left alone."""
+
+
+LOCK = ".lock"
+"""The lock file inside each work dir (`hold`, `sweep`)."""
+
+
+@contextlib.contextmanager
+def hold(work: Path) -> Iterator[Path]:
+    """Create `work` and hold its lock until the block ends (waiting while a sweep removes it; a dir
+    the sweep removed meanwhile is created again)."""
+    while True:
+        work.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(work / LOCK).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield work
+                return
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def _remove_if_stale(store: JobStore, path: Path, worker: str) -> str | None:
+    """Remove `path` when the job's dir is stale, under the dir's lock; why, or None when kept (not
+    stale, or an attempt holds the lock)."""
+    if lifecycle.stale_work(store, path.name, worker) is None:  # most dirs: no lock file made
+        return None
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # an attempt of this host runs in it
+        why = lifecycle.stale_work(store, path.name, worker)  # again, now that no attempt can start
+        if why is not None:
+            shutil.rmtree(path)
+        return why
+    finally:
+        os.close(fd)
 
 
 def sweep(store: JobStore, work_dir: Path, worker: str) -> list[str]:
@@ -35,10 +86,9 @@ def sweep(store: JobStore, work_dir: Path, worker: str) -> list[str]:
     removed: list[str] = []
     for path in entries:
         try:
-            why = lifecycle.stale_work(store, path.name, worker)
+            why = _remove_if_stale(store, path, worker)
             if why is None:
                 continue
-            shutil.rmtree(path)
         except FileNotFoundError:  # its attempt removed it meanwhile
             continue
         except Exception as e:

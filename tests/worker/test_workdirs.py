@@ -3,7 +3,11 @@ Celery worker process."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +81,51 @@ def test_sweep_removes_finished_unknown_and_foreign_dirs_only(
     assert (work / kept["re-queued from here"] / "resume" / "x.bin").exists()  # its resume data stays
     assert lifecycle.stale_work(store, gone["held elsewhere"], me) == "held by other-host:5"
     assert workdirs.sweep(store, tmp_path / "absent", me) == []
+
+
+def test_sweep_leaves_a_dir_whose_attempt_holds_its_lock(
+    redis_client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    """The race the lock closes: the sweep sees the job held on another host, and before it removes
+    the dir this host claims the job and starts an attempt in it. An attempt holding the dir keeps
+    it whatever the record says; once the attempt lets go, a stale dir goes as before."""
+    store, work, me = JobStore(redis_client, key_prefix), tmp_path / "work", f"{HERE}:100"
+    job_id = job_in(store, S.running, owner="other-host:5")
+    path = scratch(work, job_id)
+    with workdirs.hold(path):  # what the runner holds around an attempt
+        assert lifecycle.stale_work(store, job_id, me) == "held by other-host:5"
+        assert workdirs.sweep(store, work, me) == []
+        assert (path / "resume" / "x.bin").exists()
+    assert workdirs.sweep(store, work, me) == [job_id]
+    assert not path.exists()
+
+
+def test_hold_recreates_a_dir_the_sweep_removed_while_it_waited(
+    redis_client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    """An attempt that waits for the lock while the sweep removes the dir gets a fresh dir (and a
+    lock on a file that still exists), never a lock on the removed one."""
+    store, work = JobStore(redis_client, key_prefix), tmp_path / "work"
+    job_id = job_in(store, S.succeeded)
+    path = scratch(work, job_id)
+    fd = os.open(path / workdirs.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the sweep, mid-removal
+    got: list[int] = []
+
+    def attempt() -> None:
+        with workdirs.hold(path) as held:
+            got.append(os.stat(held / workdirs.LOCK).st_ino)
+            time.sleep(0.2)
+            assert (held / workdirs.LOCK).exists()
+
+    t = threading.Thread(target=attempt)
+    t.start()
+    time.sleep(0.3)
+    assert not got  # still waiting for the lock
+    shutil.rmtree(path)
+    os.close(fd)
+    t.join(10)
+    assert got and path.is_dir() and not (path / "resume").exists()
 
 
 class _NoSend:
