@@ -15,6 +15,14 @@ OMP_NUM_THREADS=1), then prints (and appends to --out) one JSON line: the sha256
 file from manifest.json, the perplexities, the host facts the child's report recorded (CPU, SIMD
 flags, ATen capability, BLAS, threads), the child's package versions and the load average.
 
+`run --threads 1,2,4` runs the demo once per thread count: each child calls
+torch.set_num_threads(N) before the engine (torch caps an OMP_NUM_THREADS above the CPU count),
+with OMP_NUM_THREADS and MKL_NUM_THREADS set to N; the row's `versions.host.torch_threads` shows
+what torch used. It appends one row per run (label LABEL-tN) and prints (and writes to --summary)
+a comparison with the first count's run: identical model files or not, and per run the tensors
+that differ, how many weights flipped between kept and pruned, the largest absolute difference
+and the perplexity deltas.
+
 `compare` prints, per run, whether its model files are bit-identical to the reference run's and how
 far its perplexities are from the reference's.
 """
@@ -25,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,16 +84,25 @@ def make_venv(target: Path) -> dict[str, Any]:
 
 
 def run_demo(
-    label: str, python: str, extra: dict[str, str], eval_windows: int, dense_eval: bool = True
+    label: str,
+    python: str,
+    extra: dict[str, str],
+    eval_windows: int,
+    dense_eval: bool = True,
+    keep: Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """One demo run in a child interpreter; the JSON row described in the module docstring."""
+    """One demo run in a child interpreter; the JSON row described in the module docstring. `keep`:
+    a directory the run's `model/` is copied to (for a tensor comparison); `threads`: the child
+    calls `torch.set_num_threads(threads)` before the engine starts."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PRUNE_DATA_DIR": str(data_dir())}
     env["PRUNE_BASELINE_CACHE"] = "off"  # measure the dense perplexity in every run
     env.update(extra)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="repro-") as tmp:
         out = Path(tmp) / "out"
-        cmd = [python, "-m", "core", "prune", "--model", str(smollm2_dir() / SMOLLM2_FILE), *DEMO]
+        entry = ["-m", "core"] if threads is None else ["-c", SET_THREADS, str(threads)]
+        cmd = [python, *entry, "prune", "--model", str(smollm2_dir() / SMOLLM2_FILE), *DEMO]
         cmd += ["--eval-windows", str(eval_windows), "--out", str(out)]
         cmd += [] if dense_eval else ["--no-dense-eval"]
         t0 = time.perf_counter()
@@ -94,6 +112,8 @@ def run_demo(
             raise SystemExit(f"run {label} failed:\n{proc.stderr[-3000:]}")
         report = json.loads((out / "report.json").read_text())
         files = json.loads((out / "manifest.json").read_text())["files"]
+        if keep is not None:
+            shutil.copytree(out / "model", keep)
     model = {k: v["sha256"] for k, v in sorted(files.items()) if k.startswith("model/")}
     pins = freeze(python)
     ev = report["evaluation"]
@@ -101,6 +121,7 @@ def run_demo(
         "label": label,
         "python": python,
         "env": extra,
+        "set_num_threads": threads,
         "model_files_sha256": model,
         "model_digest": hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest(),
         "dense_ppl": ev.get("dense_ppl"),
@@ -116,6 +137,86 @@ def run_demo(
     }
 
 
+SET_THREADS = (
+    "import runpy, sys, torch; torch.set_num_threads(int(sys.argv.pop(1))); "
+    "sys.argv[0] = 'core'; runpy.run_module('core', run_name='__main__', alter_sys=True)"
+)
+"""`python -c` entry of a thread-count run: `python -m core` after `torch.set_num_threads(N)` (torch
+caps an OMP_NUM_THREADS above the CPU count at the CPU count; set_num_threads is not capped)."""
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """The child's thread environment (OpenMP and MKL pools; torch's own is set by SET_THREADS)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def tensor_diff(ref: Path, other: Path) -> dict[str, Any]:
+    """How two runs' `model.safetensors` differ: tensors not bit-equal, kept/pruned positions that
+    flipped (a weight zero in one run and not in the other) and the largest absolute difference."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref / "model.safetensors"), load_file(other / "model.safetensors")
+    assert a.keys() == b.keys(), "different tensor names"
+    differ, flipped, total, max_abs = [], 0, 0, 0.0
+    for name in sorted(a):
+        x, y = a[name].float(), b[name].float()
+        total += x.numel()
+        if not (x.shape == y.shape and bool((x == y).all())):
+            differ.append(name)
+            flipped += int(((x == 0) != (y == 0)).sum())
+            max_abs = max(max_abs, float((x - y).abs().max()))
+    return {
+        "tensors": len(a),
+        "tensors_differing": len(differ),
+        "first_differing": differ[:5],
+        "mask_flips": flipped,
+        "mask_flip_fraction": flipped / total if total else 0.0,
+        "max_abs_diff": max_abs,
+    }
+
+
+def run_threads(
+    label: str, python: str, extra: dict[str, str], counts: list[int], eval_windows: int, dense_eval: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The demo once per thread count (each in its own child); the rows, and a summary comparing every
+    run with the first count's: identical model files, tensor differences, perplexity deltas."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="repro-threads-") as tmp:
+        for n in counts:
+            row = run_demo(
+                f"{label}-t{n}", python, {**extra, **thread_env(n)}, eval_windows, dense_eval,
+                keep=Path(tmp) / f"t{n}", threads=n,
+            )  # fmt: skip
+            print(
+                json.dumps({k: row[k] for k in ("label", "model_digest", "pruned_ppl", "wall_s")}), flush=True
+            )
+            rows.append(row)
+        ref = rows[0]
+        runs = []
+        for n, row in zip(counts, rows, strict=True):
+            runs.append(
+                {
+                    "threads": n,
+                    "torch_threads": row["versions"]["host"]["torch_threads"],
+                    "identical_model_files": row["model_digest"] == ref["model_digest"],
+                    "pruned_ppl": row["pruned_ppl"],
+                    "pruned_delta_pct": 100 * (row["pruned_ppl"] / ref["pruned_ppl"] - 1),
+                    "dense_ppl": row["dense_ppl"],
+                    "wall_s": row["wall_s"],
+                    "vs_first": tensor_diff(Path(tmp) / f"t{counts[0]}", Path(tmp) / f"t{n}"),
+                }
+            )
+    summary = {
+        "label": label,
+        "reference_threads": counts[0],
+        "eval_windows": eval_windows,
+        "all_identical": all(r["identical_model_files"] for r in runs),
+        "runs": runs,
+        "bench_machine": machine(),
+    }
+    return rows, summary
+
+
 def compare(rows: list[dict[str, Any]], reference: str | None) -> list[dict[str, Any]]:
     """Each run against the reference run (default: the first): identical model files? perplexity deltas."""
     ref = next((r for r in rows if r["label"] == reference), rows[0]) if reference else rows[0]
@@ -129,6 +230,7 @@ def compare(rows: list[dict[str, Any]], reference: str | None) -> list[dict[str,
                 "aten": host["aten_cpu_capability"],
                 "threads": host["torch_threads"],
                 "same_install": r["freeze_sha256"] == ref["freeze_sha256"],
+                "windows": r.get("eval_windows"),  # perplexities compare only at equal window counts
                 "identical_weights": r["model_digest"] == ref["model_digest"],
                 "dense_ppl": r["dense_ppl"],
                 "pruned_ppl": r["pruned_ppl"],
@@ -161,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--eval-windows", type=int, default=40)
     r.add_argument("--no-dense-eval", action="store_true", help="skip the dense baseline (saves time)")
     r.add_argument("--out", type=Path, help="append the JSON line here")
+    r.add_argument(
+        "--threads", help="comma-separated thread counts (e.g. 1,2,4): one run per count, LABEL-tN"
+    )
+    r.add_argument("--summary", type=Path, help="with --threads: write the comparison JSON here")
     c = sub.add_parser("compare", help="compare the runs of a JSONL file")
     c.add_argument("file", type=Path)
     c.add_argument("--reference", help="label of the reference run (default: the first)")
@@ -175,11 +281,20 @@ def main(argv: list[str] | None = None) -> int:
         print(_markdown(table) if args.md else json.dumps(table, indent=1))
         return 0
     extra = dict(kv.split("=", 1) for kv in args.env)
-    line = json.dumps(run_demo(args.label, args.python, extra, args.eval_windows, not args.no_dense_eval))
-    print(line)
+    if args.threads:
+        counts = [int(n) for n in args.threads.split(",")]
+        rows, summary = run_threads(
+            args.label, args.python, extra, counts, args.eval_windows, not args.no_dense_eval
+        )
+        print(json.dumps(summary, indent=1))
+        if args.summary:
+            args.summary.write_text(json.dumps(summary, indent=1) + "\n")
+    else:
+        rows = [run_demo(args.label, args.python, extra, args.eval_windows, not args.no_dense_eval)]
+        print(json.dumps(rows[0]))
     if args.out:
         with args.out.open("a") as f:
-            f.write(line + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     return 0
 
 

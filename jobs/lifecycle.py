@@ -14,7 +14,9 @@
   `resend_unsent` in the background (`api/app.py`).
 - The worker (`worker/runner.py`) calls `claim`, holds a `Lease` while it runs the job, writes through
   `progress` / `publish` / `finish`, and calls `give_back` when its upload failed. Its main process
-  asks `unrunnable` before handing a message to a pool process (`worker/tasks.py`).
+  asks `unrunnable` before handing a message to a pool process (`worker/tasks.py`); whoever sends a
+  job's completion webhook first takes it with `take_notice` (once per job). Its work-dir sweep
+  (`worker/workdirs.py`) asks `stale_work` which scratch dirs can go.
 
 Delivery tokens fence every attempt. `Job.delivery` is the token of the job's current task message:
 `submit` sets it, and every re-send (`resend_unsent`, `sweep_leases`, `give_back`) replaces it in the
@@ -80,8 +82,10 @@ __all__ = [
     "publish",
     "renew",
     "resend_unsent",
+    "stale_work",
     "submit",
     "sweep_leases",
+    "take_notice",
     "unrunnable",
     "worker_id",
 ]
@@ -330,6 +334,43 @@ def unrunnable(store: JobStore, job_id: str, token: str | None) -> str | None:
         return "superseded"
     if job.status in TERMINAL:
         return job.status.value
+    return None
+
+
+NOTICE_TTL_S = 7 * 24 * 3600.0
+"""How long the completion-webhook marker outlives its sender (redeliveries come within hours)."""
+
+
+def take_notice(store: JobStore, job_id: str, ttl_s: float = NOTICE_TTL_S) -> bool:
+    """Whether the caller sends the finished job's completion webhook: True for the first caller only
+    (a SET NX marker). The worker's main process (a job cancelled while queued: its message is
+    dropped there) and a pool process (an attempt that finished, or a message the main process
+    handed on) both ask, so a job's `job.succeeded|failed|cancelled` goes out once however many of
+    its messages arrive."""
+    return bool(store.r.set(store.notice_key(job_id), worker_id(), nx=True, px=int(ttl_s * 1000)))
+
+
+def host_of(worker: str) -> str:
+    """The host part of a worker id (`host:pid` → `host`; an id without `:` is its own host)."""
+    return worker.rsplit(":", 1)[0]
+
+
+def stale_work(store: JobStore, job_id: str, worker: str) -> str | None:
+    """Why the work dir a host keeps for the job (resume checkpoints, a kept export) can go: `missing`
+    (deleted or never known), the job's terminal status, or `held by <owner>` (an attempt on another
+    host holds its lease). None keeps it: a queued job (re-queued from this host, it may come back
+    here and resume), a job held by `worker` or another worker of the same host (the same dir), or a
+    held job without a live lease (the lease sweeper re-queues it)."""
+    job = store.get(job_id)
+    if job is None:
+        return "missing"
+    if job.status in TERMINAL:
+        return job.status.value
+    if job.status in HELD:
+        owner = store.r.get(store.lease_key(job_id))
+        owner = owner.decode() if isinstance(owner, bytes) else owner
+        if owner is not None and host_of(owner) != host_of(worker):
+            return f"held by {owner}"
     return None
 
 

@@ -139,6 +139,13 @@ class Settings(EnvSettings):
         "Seconds between the retention sweeps of each API process (at start, then every interval; "
         "`0` turns the sweeper off).",
     )
+    work_sweep_interval: NonNegative = env_field(
+        "PRUNE_WORK_SWEEP_INTERVAL",
+        3600.0,
+        "Seconds between a worker's sweeps of its stale scratch dirs (`$PRUNE_HOME/work/<job id>` of "
+        "jobs finished, deleted or running on another host; at start, then every interval; `0` turns "
+        "the sweep off).",
+    )
     storage_retries: int = env_field(
         "PRUNE_STORAGE_RETRIES", 3, "Retries of a failed artifact upload before the job fails.", ge=0
     )

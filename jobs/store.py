@@ -242,6 +242,10 @@ class JobStore:
         """Key holding the id of the worker whose lease on the job is live (expires with the lease)."""
         return f"{self.prefix}:lease:{job_id}"
 
+    def notice_key(self, job_id: str) -> str:
+        """Key marking that the job's completion webhook was taken by a sender (`lifecycle.take_notice`)."""
+        return f"{self.prefix}:notice:{job_id}"
+
     @property
     def leases_key(self) -> str:
         """Sorted set of held jobs (score: Unix time their lease expires)."""
@@ -583,7 +587,7 @@ class JobStore:
                             value = value.decode()
                         points = value is not None and value.split(" ", 1)[0] == job_id
                     pipe.multi()
-                    pipe.delete(key, events_key(self.prefix, job_id), ref)
+                    pipe.delete(key, events_key(self.prefix, job_id), ref, self.notice_key(job_id))
                     if points:
                         pipe.delete(idem)
                     pipe.zrem(self._idx(job.tenant), job_id)

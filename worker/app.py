@@ -56,3 +56,15 @@ def _heartbeat(**_: object) -> None:
 
     stop = threading.Event()
     threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+@worker_ready.connect
+def _sweep_work_dirs(**_: object) -> None:
+    """Remove stale job scratch dirs now and every PRUNE_WORK_SWEEP_INTERVAL seconds (worker/workdirs.py)."""
+    from worker import workdirs
+    from worker.runner import context
+
+    settings = get_settings()
+    workdirs.start(
+        lambda: context().store, settings.work_dir, lifecycle.worker_id(), settings.work_sweep_interval
+    )

@@ -55,11 +55,15 @@ class Notifier:
         """Whether the job has a webhook this worker can sign."""
         return bool(self.url and self.secret)
 
+    def wants(self, kind: str) -> bool:
+        """Whether a `kind` event would be sent (the job subscribed to it and this worker can sign)."""
+        return self.enabled and kind in self.subscribed
+
     def send(self, kind: str, event_type: str, data: dict[str, Any]) -> None:
         """Queue `event_type` (e.g. `job.started`) if the job subscribed to `kind`. Progress events are
         shed only behind a backlog of MAX_PENDING_PROGRESS deliveries (each is only a snapshot), so a
         responsive receiver gets every stage and block."""
-        if not self.enabled or kind not in self.subscribed:
+        if not self.wants(kind):
             return
         if kind == "progress" and self._queue.qsize() >= MAX_PENDING_PROGRESS:
             return

@@ -37,7 +37,7 @@ from jobs.storage import ArtifactStore, StorageError, make_store
 from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher
 from jobs.store import InvalidTransition, JobStore
 from jobs.webhooks import WebhookError, checked_secret
-from worker import inputs
+from worker import inputs, workdirs
 from worker.notify import Notifier
 
 log = logging.getLogger("worker.runner")
@@ -179,7 +179,7 @@ def _scratch(ctx: Context, job_id: str) -> tuple[Path, Path, Path]:
     work = ctx.settings.work_dir / job_id
     out, resume = work / "out", work / "resume"
     work.mkdir(parents=True, exist_ok=True)
-    keep = {resume.name} | ({out.name} if _complete(out) else set())
+    keep = {resume.name, workdirs.LOCK} | ({out.name} if _complete(out) else set())
     for p in work.iterdir():
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -228,15 +228,21 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
             ctx.artifacts.delete_prefix(prefix)
             shutil.rmtree(s.work_dir / job.id, ignore_errors=True)  # a dead attempt's scratch
         log.info("job %s: %s, not running it", job_id, job.status.value)
-        if job.status == JobStatus.cancelled and job.started_at is None:  # cancelled while queued
-            _notify_completed(ctx, job, _notifier(ctx, job))
+        if job.status == JobStatus.cancelled:  # e.g. cancelled while queued and the main process's
+            notify_completed(ctx, job, notifier(ctx, job))  # pre-check could not read Redis
         return "skipped"
     assert job.delivery is not None
-    with Lease(ctx.store, job_id, job.delivery, worker_id(), s.lease_renew_s, s.lease_expire_s) as lease:
+    with (  # the dir's lock keeps this host's work-dir sweep out of it while the attempt runs
+        workdirs.hold(s.work_dir / job_id),
+        Lease(ctx.store, job_id, job.delivery, worker_id(), s.lease_renew_s, s.lease_expire_s) as lease,
+    ):
         return _attempt(ctx, job, lease)
 
 
-def _notifier(ctx: Context, job: Job) -> Notifier:
+def notifier(ctx: Context, job: Job) -> Notifier:
+    """The job's webhook sender: signed with the worker's secret, every delivery's address checked
+    at send time (PRUNE_WEBHOOK_ALLOW_PRIVATE, the name resolved again). Used by pool processes and
+    by the worker's main process (`worker/tasks.py`) alike."""
     return Notifier(ctx.events, job, ctx.webhook_secret, allow_private=ctx.settings.webhook_allow_private)
 
 
@@ -245,10 +251,10 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
     job_id, token, prefix = job.id, lease.token, f"{job.tenant}/{job.id}"
     work, out, resume = _scratch(ctx, job_id)
     ctx.artifacts.delete_prefix(prefix)
-    notifier = _notifier(ctx, job)
-    rep = _Reporter(ctx, job, lease, notifier)
+    hooks = notifier(ctx, job)
+    rep = _Reporter(ctx, job, lease, hooks)
     log.info("job %s: running (attempt %d)", job_id, job.attempts)
-    notifier.send("started", "job.started", {"status": "running", "attempt": job.attempts})
+    hooks.send("started", "job.started", {"status": "running", "attempt": job.attempts})
     finished = True
     try:
         if _complete(out):  # an earlier attempt exported it; only its upload failed
@@ -317,7 +323,7 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
     finally:
         if finished:
             shutil.rmtree(work, ignore_errors=True)
-            _notify_completed(ctx, job, notifier)
+            notify_completed(ctx, job, hooks)
 
 
 def _end(ctx: Context, job: Job, token: str, to: JobStatus, err: JobError | None = None) -> None:
@@ -334,22 +340,23 @@ def _end(ctx: Context, job: Job, token: str, to: JobStatus, err: JobError | None
         log.warning("job %s: %s", job.id, e)
 
 
-def _notify_completed(ctx: Context, job: Job, notifier: Notifier) -> None:
-    """Send `job.succeeded|failed|cancelled` with the final record and wait for pending deliveries."""
-    if not notifier.enabled:
+def notify_completed(ctx: Context, job: Job, hooks: Notifier) -> None:
+    """Send `job.succeeded|failed|cancelled` with the final record (once per job: `take_notice`) and
+    wait for pending deliveries."""
+    if not hooks.enabled:
         return
     try:
         final = ctx.store.get(job.id) or job
-        if final.status in TERMINAL:
+        if final.status in TERMINAL and hooks.wants("completed") and lifecycle.take_notice(ctx.store, job.id):
             data: dict[str, Any] = {"status": final.status.value, "attempts": final.attempts}
             if final.error:
                 data["error"] = final.error.model_dump()
             if final.summary:
                 data["summary"] = final.summary.model_dump()
-            notifier.send("completed", f"job.{final.status.value}", data)
+            hooks.send("completed", f"job.{final.status.value}", data)
     except Exception as e:  # a webhook must never fail the job
         log.warning("job %s: completion webhook not sent: %s", job.id, e)
-    notifier.close()
+    hooks.close()
 
 
 def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:

@@ -29,7 +29,7 @@ import redis
 
 from scripts.stack import Stack, free_port
 from tests import tiny_models
-from tests.service_fixtures import DATA_DIR, SIGNING_KEY, start_aof_redis
+from tests.service_fixtures import DATA_DIR, SIGNING_KEY, WEBHOOK_SECRET, start_aof_redis
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 STAGES = ("loading", "calibrating", "pruning", "evaluating", "exporting", "uploading")
@@ -214,6 +214,8 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultStack]:
         "PRUNE_STORAGE_BACKOFF": "0.2",
         "PRUNE_OUTBOX_AGE": "3",
         "PRUNE_OUTBOX_INTERVAL": "0.5",
+        "PRUNE_WEBHOOK_SECRET": WEBHOOK_SECRET,  # webhook tests post to a receiver on loopback
+        "PRUNE_WEBHOOK_ALLOW_PRIVATE": "1",
     }
     redis_port, api_port = free_port(), free_port()
     stack = Stack(

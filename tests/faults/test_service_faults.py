@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from typing import Any
@@ -9,9 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
+from jobs.webhooks import verify
 from tests.e2e.test_service import sse
+from tests.e2e.test_wiring import Receiver
 from tests.faults.conftest import OUTBOX, STAGES, FaultStack
 from tests.faults.test_worker_faults import assert_one_clean_artifact_set
+from tests.service_fixtures import WEBHOOK_SECRET
 
 pytestmark = pytest.mark.faults
 
@@ -91,6 +95,54 @@ def test_cancelled_queued_jobs_cost_no_pool_process_and_no_queue_depth(faults: F
         assert f"job {job_id}: cancelled, not running it" not in log
         assert statuses(faults, job_id) == ["queued", "cancelled"]
     assert not set(queued) & set(faults.broker_job_ids())
+
+
+def test_cancelled_queued_job_with_a_webhook_is_notified_once_without_a_pool_process(
+    faults: FaultStack,
+) -> None:
+    rx = Receiver()
+    try:
+        busy = faults.submit("hold-loading")  # the worker pauses in `loading` until cancelled
+        faults.wait_stage(busy, "loading")
+        hook = {"url": rx.url, "events": ["started", "progress", "completed"]}
+        hooked = faults.submit(webhook=hook)
+        assert faults.http.post(f"/v1/jobs/{hooked}/cancel").json()["status"] == "cancelled"
+        assert hooked in faults.broker_job_ids()  # its message waits behind the busy job
+        worker_log = faults.stack.logs / "worker.log"
+        offset = worker_log.stat().st_size
+        assert faults.http.post(f"/v1/jobs/{busy}/cancel").json()["status"] == "cancelling"
+        after = faults.submit()  # runs after the dropped message: the worker has moved past it
+        assert faults.wait_done(after)["status"] == "succeeded"
+        deadline = time.monotonic() + 30
+        while not rx.received:
+            assert time.monotonic() < deadline, faults.logs("worker")
+            time.sleep(0.1)
+        # the sender's attempt is recorded in the job's events: wait for it, then for any second send
+        deadline = time.monotonic() + 30
+        while not webhook_events(faults, hooked) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)
+    finally:
+        rx.close()
+    [(headers, raw)] = rx.received  # exactly one delivery
+    verify(WEBHOOK_SECRET, headers, raw)  # signed with the worker's secret
+    msg = json.loads(raw)
+    assert msg["type"] == "job.cancelled"
+    assert msg["data"] == {"job_id": hooked, "tenant": "default", "status": "cancelled", "attempts": 0}
+    [record] = webhook_events(faults, hooked)
+    assert record["event"] == "job.cancelled" and record["ok"] and record["status"] == 204
+    log = worker_log.read_bytes()[offset:].decode(errors="replace")
+    assert f"job {hooked}: message dropped before the pool (cancelled)" in log, log
+    assert f"job {hooked}: cancelled, not running it" not in log  # no pool process looked at it
+    job = faults.job(hooked)
+    assert job["attempts"] == 0 and job["started_at"] is None
+    assert statuses(faults, hooked) == ["queued", "cancelled"]
+    assert hooked not in faults.broker_job_ids()
+
+
+def webhook_events(fs: FaultStack, job_id: str) -> list[dict[str, Any]]:
+    items = fs.http.get(f"/v1/jobs/{job_id}/events?limit=1000").json()["items"]
+    return [e["data"] for e in items if e["type"] == "webhook"]
 
 
 def test_api_restart_mid_stream_resumes_with_last_event_id(faults: FaultStack) -> None:

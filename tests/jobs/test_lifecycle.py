@@ -176,3 +176,12 @@ def test_heartbeats_count_live_workers(store: JobStore) -> None:
     lifecycle.heartbeat(store, "b", 30)
     lifecycle.heartbeat(store, "gone", -1)
     assert lifecycle.counts(store)["workers"] == 2
+
+
+def test_completion_notice_is_taken_once_per_job(store: JobStore) -> None:
+    job_id, other = new_job(store), new_job(store)
+    lifecycle.cancel(store, job_id)
+    assert lifecycle.take_notice(store, job_id)  # the first sender (main process or pool) wins
+    assert not lifecycle.take_notice(store, job_id)  # a redelivered or duplicate message sends nothing
+    assert lifecycle.take_notice(store, other)
+    assert 0 < store.r.pttl(store.notice_key(job_id)) <= lifecycle.NOTICE_TTL_S * 1000
