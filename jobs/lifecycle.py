@@ -226,7 +226,8 @@ def sweep_leases(
 ) -> list[str]:
     """Act on every held job whose lease expired (its worker stopped renewing it): re-queue it with a
     new token and send it (attempts left), fail it (`worker_lost`, attempts used) or finish a
-    cancelling one as cancelled. `on_finished(job)` cleans up after the last two (artifacts).
+    cancelling one as cancelled. `on_finished(job)` cleans up after the last two (artifacts), and
+    a job with a webhook gets a message that makes a worker send its completion webhook.
     Safe in any number of API processes at once: each job is taken by one transaction. Returns the
     ids of the jobs re-queued."""
     requeued: list[str] = []
@@ -259,9 +260,22 @@ def sweep_leases(
         if job.status == JobStatus.queued:
             _send(store, queue, job)
             requeued.append(job_id)
-        elif on_finished is not None:
-            on_finished(job)
+        else:
+            if on_finished is not None:
+                on_finished(job)
+            if job.request.webhook is not None:
+                _send_notice(queue, job)
     return requeued
+
+
+def _send_notice(queue: Sender, job: Job) -> None:
+    """Send one more task message for a job the sweeper finished, so that its completion webhook
+    goes out: a worker's main process finds the job finished and sends `job.failed|cancelled`
+    (once per job: `take_notice`) instead of running it. A failed send is logged only."""
+    try:
+        queue.enqueue(job.id, job.delivery)
+    except Exception as e:
+        log.warning("job %s: completion notice not sent (%s)", job.id, e)
 
 
 def _outboxed(store: JobStore, fn: Mutation, counter: str) -> Mutation:

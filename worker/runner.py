@@ -228,8 +228,8 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
             ctx.artifacts.delete_prefix(prefix)
             shutil.rmtree(s.work_dir / job.id, ignore_errors=True)  # a dead attempt's scratch
         log.info("job %s: %s, not running it", job_id, job.status.value)
-        if job.status == JobStatus.cancelled:  # e.g. cancelled while queued and the main process's
-            notify_completed(ctx, job, notifier(ctx, job))  # pre-check could not read Redis
+        if job.status in (JobStatus.cancelled, JobStatus.failed):  # cancelled while queued, failed at
+            notify_completed(ctx, job, notifier(ctx, job))  # the attempt cap: its webhook, once
         return "skipped"
     assert job.delivery is not None
     with (  # the dir's lock keeps this host's work-dir sweep out of it while the attempt runs

@@ -12,7 +12,7 @@ from celery.worker.state import task_ready
 from jobs import lifecycle
 from jobs.logs import job_context
 from jobs.queue import RUN_TASK
-from jobs.spec import Job
+from jobs.spec import TERMINAL, Job
 from worker.app import app
 from worker.runner import Context, context, notifier, notify_completed, run_job
 
@@ -22,12 +22,17 @@ MAX_NOTICES = 8
 """Completion webhooks the main process sends at once; past that a message goes to the pool as before."""
 SHUTDOWN_WAIT_S = 10.0
 """How long a stopping worker waits for the main process's pending webhooks."""
+_FINISHED = {s.value for s in TERMINAL}
+"""Messages of finished jobs: dropped here, after sending the completion webhook if none went out
+(a job cancelled while queued, one the lease sweeper failed or cancelled, a notice lost with a pool
+child that died after finishing)."""
 _slots = threading.BoundedSemaphore(MAX_NOTICES)
 _senders: set[threading.Thread] = set()
 
 
 def _notify_dropped(ctx: Context, job: Job) -> bool:
-    """Send the completion webhook (`job.cancelled`) of a job whose message the main process drops,
+    """Send the completion webhook (`job.cancelled|failed|succeeded`, if none went out yet) of a
+    finished job whose message the main process drops,
     on a daemon thread so the consumer never waits for a receiver. False when every slot is busy
     (the caller hands the message to the pool, which sends it)."""
     hooks = notifier(ctx, job)  # the pool's sender: same signing, same send-time address checks
@@ -60,11 +65,13 @@ def _drain_notices(**_: object) -> None:
 class DropDeadMessages(Request):
     """In the worker's main process, before a message is handed to a pool process: a message that
     cannot run its job (cancelled or finished, superseded by a re-send, deleted) is acked and dropped
-    here, costing one Redis read instead of a pool process. A cancelled job with a completion webhook
-    gets its `job.cancelled` from here too, sent on a daemon thread (`_notify_dropped`, at most
-    MAX_NOTICES at once) by the pool's own sender (`runner.notifier`/`runner.notify_completed`:
-    payload, signing, send-time address policy) and once per job (`lifecycle.take_notice`); the
-    message is dropped without waiting for the receiver.
+    here, costing one Redis read instead of a pool process. A finished job with a completion webhook
+    gets its `job.cancelled|failed|succeeded` from here too if none went out yet (cancelled while
+    queued; failed or cancelled by the API's lease sweeper, which sends such a job one more message),
+    sent on a daemon thread (`_notify_dropped`, at most MAX_NOTICES at once) by the pool's own
+    sender (`runner.notifier`/`runner.notify_completed`: payload, signing, send-time address policy)
+    and once per job (`lifecycle.take_notice`); the message is dropped without waiting for the
+    receiver.
 
     The hook is `revoked()`, which Celery asks right before it uses the pool (a True answer ends the
     request as revoked: acked, no pool process, no result)."""
@@ -81,7 +88,7 @@ class DropDeadMessages(Request):
         try:
             ctx = context()
             why = lifecycle.unrunnable(ctx.store, job_id, token)
-            job = ctx.store.get(job_id) if why == "cancelled" else None
+            job = ctx.store.get(job_id) if why in _FINISHED else None
         except Exception as e:  # Redis away: the pool process decides, as before
             log.warning("job %s: pre-check failed (%s); handing the message to the pool", job_id, e)
             return False

@@ -14,7 +14,10 @@ from jobs import lifecycle
 from jobs.spec import JobProgress, JobStatus
 from jobs.storage.base import INDEX_NAME
 from jobs.store import Fenced, JobStore
+from jobs.webhooks import verify
+from tests.e2e.test_wiring import Receiver
 from tests.faults.conftest import LEASE_EXPIRE, LEASE_RENEW, FaultStack
+from tests.service_fixtures import WEBHOOK_SECRET
 
 pytestmark = pytest.mark.faults
 
@@ -161,12 +164,27 @@ def test_upload_failure_requeues_and_the_retry_uploads_without_pruning_again(fau
 
 
 def test_job_that_kills_its_worker_fails_after_the_cap_and_the_next_job_runs(faults: FaultStack) -> None:
-    poison = faults.submit("poison")  # SIGKILLs its pool child while loading, every attempt
-    job = faults.wait_done(poison)
-    assert job["status"] == "failed", job
-    assert job["attempts"] == 3
-    assert job["error"]["code"] == "worker_lost"
-    assert job["error"]["message"] == "worker died 3 times while running this job"
-    assert faults.job_files(poison) == []
-    after = faults.submit()
-    assert faults.wait_done(after)["status"] == "succeeded"
+    rx = Receiver()
+    try:
+        # SIGKILLs its pool child while loading, every attempt; its completion webhook must still come
+        poison = faults.submit("poison", webhook={"url": rx.url, "events": ["completed"]})
+        job = faults.wait_done(poison)
+        assert job["status"] == "failed", job
+        assert job["attempts"] == 3
+        assert job["error"]["code"] == "worker_lost"
+        assert job["error"]["message"] == "worker died 3 times while running this job"
+        assert faults.job_files(poison) == []
+        after = faults.submit()
+        assert faults.wait_done(after)["status"] == "succeeded"
+        deadline = time.monotonic() + 30
+        while not rx.received:
+            assert time.monotonic() < deadline, faults.logs("worker")
+            time.sleep(0.1)
+        time.sleep(1)  # room for a second (wrong) delivery
+    finally:
+        rx.close()
+    [(headers, raw)] = rx.received  # the job failed at the cap: exactly one `job.failed`, signed
+    verify(WEBHOOK_SECRET, headers, raw)
+    msg = json.loads(raw)
+    assert msg["type"] == "job.failed" and msg["data"]["error"]["code"] == "worker_lost"
+    assert msg["data"]["attempts"] == 3

@@ -127,6 +127,30 @@ def test_sweeper_fails_a_job_at_the_attempt_cap_and_cancels_a_cancelling_one(sto
     assert store.r.zcard(store.outbox_key) == 0 and store.r.zcard(store.leases_key) == 0
 
 
+def test_sweeper_sends_a_notice_message_for_a_finished_job_with_a_webhook(store: JobStore) -> None:
+    """A job the sweeper fails or cancels gets its completion webhook from a worker: the sweeper
+    sends one more message with the job's token (a worker's main process finds it finished and
+    sends the webhook); jobs without a webhook get none."""
+    hooked_req = JobRequest.model_validate(
+        {"model": {"source": "/m"}, "webhook": {"url": "https://ci.example/hook"}}
+    )
+    ids = []
+    for req in (hooked_req, hooked_req, REQ):
+        job, _ = store.create("default", req)
+        store.confirm_sent(job.id, job.delivery)
+        claim(store, job.id, cap=1)
+        ids.append(job.id)
+    failed, cancelled, _plain = ids
+    lifecycle.cancel(store, cancelled)
+    for job_id in ids:
+        expire(store, job_id)
+    queue = Recorder()
+    assert lifecycle.sweep_leases(store, queue, cap=1) == []
+    assert [store.require(j).status for j in ids] == [S.failed, S.cancelled, S.failed]
+    assert sorted(queue.sent) == sorted((j, store.require(j).delivery, None) for j in (failed, cancelled))
+    assert lifecycle.unrunnable(store, failed, store.require(failed).delivery) == "failed"
+
+
 def test_redelivery_is_claimed_again_by_the_same_worker_only(store: JobStore) -> None:
     job_id = new_job(store)
     first = claim(store, job_id, worker="w1")
