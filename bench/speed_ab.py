@@ -128,6 +128,14 @@ def main() -> None:
                 "speedup_per_round": [
                     round(b / e, 3) for b, e in zip(base_s, times["old_engine"], strict=True)
                 ],
+                # paired by round, which cancels the machine's drift: > 1 means the current engine
+                # was slower than the old one in that round
+                "current_over_old_per_round": [
+                    round(e / o, 3) for e, o in zip(eng_s, times["old_engine"], strict=True)
+                ],
+                "median_current_over_old": round(
+                    statistics.median(e / o for e, o in zip(eng_s, times["old_engine"], strict=True)), 3
+                ),
             }
             if prune_old is not None
             else None
