@@ -103,8 +103,15 @@ def main() -> None:
             masks = {k: compare(v, patterns["baseline"]) for k, v in patterns.items() if k != "baseline"}
         del patterns
         print(f"round {r}: " + ", ".join(f"{k} {times[k][-1]} s" for k in order), file=sys.stderr, flush=True)
-    base_s, eng_s = times["baseline"], times["engine"]
+    base_s, eng_s, old_s = times["baseline"], times["engine"], times.get("old_engine", [])
     mb, me = statistics.median(base_s), statistics.median(eng_s)
+
+    def per_round(num: list[float], den: list[float]) -> list[float]:
+        return [n / d for n, d in zip(num, den, strict=True)]
+
+    def rounded(xs: list[float]) -> list[float]:
+        return [round(x, 3) for x in xs]
+
     result = {
         "machine": machine(),
         "commit": commit(),
@@ -117,25 +124,19 @@ def main() -> None:
         "median_baseline_s": mb,
         "median_engine_s": me,
         "speedup_of_medians": round(mb / me, 3),
-        "speedup_per_round": [round(b / e, 3) for b, e in zip(base_s, eng_s, strict=True)],
+        "speedup_per_round": rounded(per_round(base_s, eng_s)),
         "masks": masks,
         "old_engine": (
             {
                 "rev": args.old_rev,
-                "engine_s": times["old_engine"],
-                "median_engine_s": statistics.median(times["old_engine"]),
-                "speedup_of_medians": round(mb / statistics.median(times["old_engine"]), 3),
-                "speedup_per_round": [
-                    round(b / e, 3) for b, e in zip(base_s, times["old_engine"], strict=True)
-                ],
+                "engine_s": old_s,
+                "median_engine_s": statistics.median(old_s),
+                "speedup_of_medians": round(mb / statistics.median(old_s), 3),
+                "speedup_per_round": rounded(per_round(base_s, old_s)),
                 # paired by round, which cancels the machine's drift: > 1 means the current engine
                 # was slower than the old one in that round
-                "current_over_old_per_round": [
-                    round(e / o, 3) for e, o in zip(eng_s, times["old_engine"], strict=True)
-                ],
-                "median_current_over_old": round(
-                    statistics.median(e / o for e, o in zip(eng_s, times["old_engine"], strict=True)), 3
-                ),
+                "current_over_old_per_round": rounded(per_round(eng_s, old_s)),
+                "median_current_over_old": round(statistics.median(per_round(eng_s, old_s)), 3),
             }
             if prune_old is not None
             else None
