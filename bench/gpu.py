@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small shapes, for a test on the CPU")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting sections after this")
-    ap.add_argument("--sections", default="matmul,big,matrix,llmc")
+    ap.add_argument("--sections", default="matmul,big,matrix,llmc", help="run in this order")
     ap.add_argument("--llmc-timeout", type=float, default=150.0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -111,17 +111,17 @@ def main() -> None:
     shape = TINY if args.tiny else BIG
     ncal, seqlen = (8, 64) if args.tiny else (128, 2048)
     nwin = 4 if args.tiny else 16
-    todo = args.sections.split(",")
     rate = 0.0
-    if "matmul" in todo:
-        rate = matmul_rate(args.device, 512 if args.tiny else 8192)
-        rep.put("matmul", {"bf16_tflops": rate, "n": 512 if args.tiny else 8192})
-    if "big" in todo:
-        rep.put("big", passes.big_runs(shape, ncal, seqlen, nwin, args.device, rate, rep.left, sync))
-    if "matrix" in todo and rep.left() > 30:
-        rep.put("matrix", passes.arch_matrix(args.device, rep.left))
-    if "llmc" in todo and rep.left() > 60:
-        rep.put("llmc", run_llmc(args, shape, ncal, seqlen, min(args.llmc_timeout, rep.left() - 20)))
+    for section in args.sections.split(","):
+        if section == "matmul":
+            rate = matmul_rate(args.device, 512 if args.tiny else 8192)
+            rep.put("matmul", {"bf16_tflops": rate, "n": 512 if args.tiny else 8192})
+        elif section == "big":
+            rep.put("big", passes.big_runs(shape, ncal, seqlen, nwin, args.device, rate, rep.left, sync))
+        elif section == "matrix" and rep.left() > 30:
+            rep.put("matrix", passes.arch_matrix(args.device, rep.left))
+        elif section == "llmc" and rep.left() > 60:
+            rep.put("llmc", run_llmc(args, shape, ncal, seqlen, min(args.llmc_timeout, rep.left() - 20)))
     rep.doc["done"] = True
     rep.put("wall_s", args.budget_s - rep.left())
 

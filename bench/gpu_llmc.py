@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def main() -> None:
     cal = torch.randint(0, shape["vocab"], (args.ncal, args.seqlen), generator=g)
     ds = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": [[1] * args.seqlen] * args.ncal})
     model = build(shape, args.device)
+    cfg_dir = Path(tempfile.mkdtemp())  # oneshot re-reads the config from model.config.name_or_path
+    model.config.save_pretrained(cfg_dir)
+    model.config._name_or_path = str(cfg_dir)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     recipe = WandaPruningModifier(
