@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting sections after this")
     ap.add_argument("--sections", default="matmul,big,matrix,llmc", help="run in this order")
+    ap.add_argument("--layers", type=int, default=0, help="decoder blocks of the big model (0: its own)")
     ap.add_argument("--llmc-timeout", type=float, default=150.0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rep = Report(args.out / "gpu.json", time.monotonic() + args.budget_s)
-    shape = TINY if args.tiny else BIG
+    shape = dict(TINY if args.tiny else BIG)
+    if args.layers:
+        shape["layers"] = args.layers
     ncal, seqlen = (8, 64) if args.tiny else (128, 2048)
     nwin = 4 if args.tiny else 16
     rate = 0.0
@@ -117,7 +121,10 @@ def main() -> None:
             rate = matmul_rate(args.device, 512 if args.tiny else 8192)
             rep.put("matmul", {"bf16_tflops": rate, "n": 512 if args.tiny else 8192})
         elif section == "big":
-            rep.put("big", passes.big_runs(shape, ncal, seqlen, nwin, args.device, rate, rep.left, sync))
+            part = partial(rep.put, "big")
+            rep.put(
+                "big", passes.big_runs(shape, ncal, seqlen, nwin, args.device, rate, rep.left, sync, part)
+            )
         elif section == "matrix" and rep.left() > 30:
             rep.put("matrix", passes.arch_matrix(args.device, rep.left))
         elif section == "llmc" and rep.left() > 60:

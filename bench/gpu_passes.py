@@ -149,9 +149,15 @@ def one_run(
     out: dict[str, Any] = {"method": method, "pattern": pattern, "sparsity": sparsity, "onload": onload}
     out["load_s"] = time.perf_counter() - t
     totals: dict[str, float]
+    t0 = time.perf_counter()
+    print(f"{method} onload={onload}: built in {out['load_s']:.1f} s", flush=True)
+
+    def progress(p: Any) -> None:
+        print(f"  block {p.block}/{p.nblocks} at {time.perf_counter() - t0:.1f} s", flush=True)
+
     with timed_engine(totals := {"stats_s": 0.0, "rerun_s": 0.0}, sync):
         t = time.perf_counter()
-        res = engine.run_blocks(model, cal, spec, device=device, **extra)
+        res = engine.run_blocks(model, cal, spec, on_progress=progress, device=device, **extra)
         sync()
         out["prune_s"] = time.perf_counter() - t
     out.update(totals, mask_s=res.mask_s, timings=res.timings)
@@ -170,14 +176,16 @@ def one_run(
 
 def big_runs(
     shape: dict[str, int], ncal: int, seqlen: int, nwin: int, device: str, rate: float,
-    left: Callable[[], float], sync_dev: Callable[[str], None],
+    left: Callable[[], float], sync_dev: Callable[[str], None], partial: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:  # fmt: skip
     """Wanda 2:4 and SparseGPT 50% on the 8B shape, resident then onloaded, with their floors."""
     g = torch.Generator().manual_seed(0)
     cal = torch.randint(0, shape["vocab"], (ncal, seqlen), generator=g)
     ev = torch.randint(0, shape["vocab"], (nwin, seqlen), generator=g)
     runs: list[dict[str, Any]] = []
-    floors = {}
+    floors: dict[str, dict[str, float]] = {}
+    doc = {"shape": shape, "calibration": [ncal, seqlen], "eval_windows": nwin, "floors_tflop": floors,
+           "runs": runs}  # fmt: skip
     for method, pattern, sparsity in RUNS:
         fl = flop_floor(shape, ncal * seqlen, seqlen, method)
         floors[method] = {k: v / 1e12 for k, v in fl.items()}
@@ -195,9 +203,8 @@ def big_runs(
             if rate and "prune_s" in r and method == "wanda":
                 r["x_floor"] = r["prune_s"] / floors[method]["forward_s_at_bf16_rate"]
             runs.append(r)
-            print(r, flush=True)
-    return {"shape": shape, "calibration": [ncal, seqlen], "eval_windows": nwin, "floors_tflop": floors,
-            "runs": runs}  # fmt: skip
+            partial(doc)
+    return doc
 
 
 def _masks(model: nn.Module) -> dict[str, torch.Tensor]:
