@@ -125,6 +125,8 @@ def main() -> None:
             rep.put(
                 "big", passes.big_runs(shape, ncal, seqlen, nwin, args.device, rate, rep.left, sync, part)
             )
+        elif section == "profile":
+            rep.put("profile", passes.profile_blocks(shape, ncal, seqlen, args.device))
         elif section == "matrix" and rep.left() > 30:
             rep.put("matrix", passes.arch_matrix(args.device, rep.left))
         elif section == "llmc" and rep.left() > 60:
@@ -139,8 +141,9 @@ def run_llmc(args: argparse.Namespace, shape: dict[str, int], ncal: int, seqlen:
            "--shape", json.dumps(shape), "--ncal", str(ncal), "--seqlen", str(seqlen)]  # fmt: skip
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {limit:.0f} s"}
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-3000:]
+        return {"error": f"timed out after {limit:.0f} s", "stderr": tail.decode(errors="replace")}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode or not lines:
         return {"error": f"exit {done.returncode}", "stderr": done.stderr[-3000:]}

@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     args = ap.parse_args()
     shape = json.loads(args.shape)
+    t0 = time.perf_counter()
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import WandaPruningModifier
@@ -46,6 +47,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     cal = torch.randint(0, shape["vocab"], (args.ncal, args.seqlen), generator=g)
     ds = Dataset.from_dict({"input_ids": cal.tolist(), "attention_mask": [[1] * args.seqlen] * args.ncal})
+    print(f"imported in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     model = build(shape, args.device)
     cfg_dir = Path(tempfile.mkdtemp())  # oneshot re-reads the config from model.config.name_or_path
     model.config.save_pretrained(cfg_dir)

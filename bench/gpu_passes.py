@@ -116,14 +116,10 @@ def _peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
-def _onloaded(model: nn.Module, device: str, budget: int) -> dict[str, Any]:
-    """Keyword arguments of ``engine.run_blocks`` for a block-by-block onloaded run, when the
-    engine has them (issue 20's placement); ``{}`` otherwise (then the run is skipped)."""
-    try:
-        from core import placement  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    return placement.bench_kwargs(model, device, budget)  # type: ignore[no-any-return]
+def _onloaded(budget: int) -> dict[str, Any]:
+    """Keyword arguments of ``engine.run_blocks`` for a run onloaded block by block from host
+    memory (the model's weights on the host, compute on the device, ``budget`` bytes there)."""
+    return {"max_device_memory": budget}
 
 
 def one_run(
@@ -242,3 +238,26 @@ def arch_matrix(device: str, left: Callable[[], float]) -> dict[str, Any]:
     flips = sum(r.get("differing_elements", 0) for r in rows)
     return {"device": device, "rows": rows, "total_differing_elements": flips,
             "errors": sum(1 for r in rows if "error" in r)}  # fmt: skip
+
+
+def profile_blocks(shape: dict[str, int], ncal: int, seqlen: int, device: str) -> dict[str, Any]:
+    """Wanda 2:4 on a 2-block model of ``shape`` under torch.profiler: the top operators by device
+    and by host time (where a slow block loop spends its time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    small = dict(shape, layers=2)
+    model = build(small, device)
+    cal = torch.randint(0, shape["vocab"], (ncal, seqlen), generator=torch.Generator().manual_seed(0))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        engine.run_blocks(model, cal, PruneSpec(pattern="2:4"), device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    out: dict[str, Any] = {"blocks": 2, "wall_s": wall}
+    keys = ["self_cpu_time_total"] + (["self_device_time_total"] if device.startswith("cuda") else [])
+    for key in keys:
+        out[key] = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60)
+    del model
+    return out
