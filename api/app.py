@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import Services, document_security, open_tenant_of, services
 from api.logctx import RequestLogMiddleware
 from api.metrics import JobsCollector, http_latency_histogram
-from api.problems import HANDLERS, ProblemError, problem_response, problems
+from api.problems import HANDLERS, ProblemError, UnexpectedErrors, problem_response, problems
 from api.routes import router
 from api.ui import router as ui_router
 from jobs import logs
@@ -194,6 +194,7 @@ def create_app(
     registry.register(JobsCollector(svc))
     for exc, handler in HANDLERS.items():
         app.add_exception_handler(exc, handler)
+    app.add_middleware(UnexpectedErrors)  # innermost: the access log records its 500
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body)
     app.add_middleware(RequestLogMiddleware, latency=http_latency_histogram(registry))
     app.include_router(router)

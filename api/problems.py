@@ -13,6 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobs.spec import UnreadableJob
+from jobs.store import UnreadableRecord
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:prune:problem:"
@@ -135,8 +139,54 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def unreadable_problem(info: UnreadableJob) -> ProblemError:
+    """409 for a job whose stored record cannot be read: what is known of it and what to do."""
+    return ProblemError(
+        409,
+        f"{info.error.message}; cancel it (POST /v1/jobs/{info.id}/cancel) or let a worker fail it",
+        "job-unreadable",
+        "Job record unreadable",
+        job_id=info.id,
+        job_status=info.status.value if info.status else None,
+    )
+
+
+async def _unreadable(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnreadableRecord)
+    return await _problem_error(request, unreadable_problem(exc.info))
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, 500, "internal server error; see the server log", "internal-error")
+
+
+class UnexpectedErrors:
+    """Answer an exception no handler took with a 500 problem, log it once with its traceback, and
+    end the request there. (Starlette's own catch-all answers too but re-raises to the server, which
+    then drops the keep-alive connection under the client: its next request on it is reset.) An
+    exception after the response started (a stream) is re-raised: nothing else can be sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def _send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("unhandled error: %s %s", scope["method"], scope["path"], exc_info=exc)
+            await (await _unexpected(Request(scope), exc))(scope, receive, send)
 
 
 HANDLERS = {
@@ -144,5 +194,6 @@ HANDLERS = {
     StarletteHTTPException: _http_error,
     RequestValidationError: _validation_error,
     **dict.fromkeys(STORE_DOWN, _store_down),
+    UnreadableRecord: _unreadable,
     Exception: _unexpected,
 }

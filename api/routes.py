@@ -15,16 +15,16 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from api.deps import Services, authenticated, current_tenant, services, unique_json_keys
-from api.problems import STORE_DOWN, ProblemError, problems
+from api.problems import STORE_DOWN, ProblemError, problems, unreadable_problem
 from core import tasks
 from jobs import lifecycle
 from jobs.auth import Tenant as AuthTenant
 from jobs.events import Event, check_id
 from jobs.logs import set_job_id
 from jobs.sources import SourceRefused
-from jobs.spec import TERMINAL, Job, JobPage, JobRequest, JobStatus
+from jobs.spec import TERMINAL, Job, JobPage, JobRequest, JobStatus, UnreadableJob
 from jobs.storage.local import LocalArtifactStore, safe_name
-from jobs.store import IdempotencyConflict, JobNotFound, TooManyActiveJobs
+from jobs.store import IdempotencyConflict, JobNotFound, TooManyActiveJobs, UnreadableRecord
 from jobs.webhooks import WebhookError, validate_url
 
 log = logging.getLogger("api")
@@ -67,11 +67,25 @@ def _not_found(job_id: str) -> ProblemError:
     return ProblemError(404, f"no job {job_id}", "job-not-found", "Job not found")
 
 
-def _job(svc: Services, tenant: str, job_id: str) -> Job:
-    """The tenant's job; another tenant's job is answered exactly like a missing one (404)."""
-    job = svc.store.get(job_id)
+def _lookup(svc: Services, tenant: str, job_id: str) -> Job | UnreadableJob:
+    """The tenant's job, or what is known of it when its stored record cannot be read; another
+    tenant's job is answered exactly like a missing one (404)."""
+    try:
+        job = svc.store.get(job_id)
+    except UnreadableRecord as e:  # ownership from the tenant's index, not from the broken record
+        if not svc.store.owns(tenant, job_id):
+            raise _not_found(job_id) from None
+        return e.info.model_copy(update={"tenant": tenant})
     if job is None or job.tenant != tenant:
         raise _not_found(job_id)
+    return job
+
+
+def _job(svc: Services, tenant: str, job_id: str) -> Job:
+    """The tenant's job: 404 as `_lookup`, 409 `job-unreadable` when its record cannot be read."""
+    job = _lookup(svc, tenant, job_id)
+    if isinstance(job, UnreadableJob):
+        raise unreadable_problem(job)
     return job
 
 
@@ -201,19 +215,26 @@ def list_jobs(
     return svc.store.list(tenant, after=after, limit=limit, status=status)
 
 
-@router.get("/jobs/{job_id}", response_model=Job, summary="Get a job", responses=problems(404, 422))
+@router.get("/jobs/{job_id}", response_model=Job, summary="Get a job", responses=problems(404, 409, 422))
 def get_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
-    """The job record: status, progress, error, summary."""
+    """The job record: status, progress, error, summary. 409 (`job-unreadable`) when the stored record
+    cannot be read (edited by hand or written by another version): cancel such a job."""
     return _job(svc, tenant, job_id)
 
 
 @router.post(
-    "/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a job", responses=problems(404, 409, 422)
+    "/jobs/{job_id}/cancel",
+    response_model=Job | UnreadableJob,
+    summary="Cancel a job",
+    responses=problems(404, 409, 422),
 )
-def cancel_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
+def cancel_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job | UnreadableJob:
     """A queued job is cancelled at once and never starts; a running one becomes `cancelling` and stops
-    at the next block boundary. Repeating a cancel is harmless; a finished job answers 409."""
-    _job(svc, tenant, job_id)
+    at the next block boundary. Repeating a cancel is harmless; a finished job answers 409. A job
+    whose stored record cannot be read is cancelled at once (answered with what is known of it)."""
+    found = _lookup(svc, tenant, job_id)
+    if isinstance(found, UnreadableJob):
+        return _cancel_unreadable(svc, tenant, found)
     try:
         return lifecycle.cancel(svc.store, job_id)
     except lifecycle.JobFinished as e:
@@ -230,6 +251,22 @@ def cancel_job(job_id: JobId, svc: Svc, tenant: Tenant) -> Job:
         raise ProblemError(409, str(e), "conflict") from None
 
 
+def _cancel_unreadable(svc: Services, tenant: str, info: UnreadableJob) -> Job | UnreadableJob:
+    try:
+        done = svc.store.end_unreadable(info.id, JobStatus.cancelled, tenant)
+    except JobNotFound:  # deleted by retention meanwhile
+        raise _not_found(info.id) from None
+    if done is None:  # readable again (rewritten meanwhile): the ordinary cancel
+        return cancel_job(info.id, svc, tenant)
+    info, changed = done
+    if not changed:
+        status = info.status.value if info.status else "unknown"
+        raise ProblemError(409, f"job {info.id} is already {status}", "job-finished", "Job finished",
+                           job_status=status)  # fmt: skip
+    log.warning("job %s: record unreadable; cancelled by its tenant", info.id)
+    return info
+
+
 def _sse(ev: Event) -> str:
     return f"id: {ev.id}\nevent: {ev.type}\ndata: {json.dumps(ev.data, separators=(',', ':'))}\n\n"
 
@@ -242,15 +279,18 @@ async def _stream(svc: Services, job_id: str, after: str) -> AsyncIterator[str]:
     except STORE_DOWN as e:
         log.warning("store unavailable: event stream of job %s ended: %s: %s", job_id, type(e).__name__, e)
         yield ": store unavailable; reconnect with Last-Event-ID\n\n"
+    except Exception:  # the response has started: end the stream cleanly, not with a reset
+        log.exception("event stream of job %s failed", job_id)
+        yield ": internal error; reconnect with Last-Event-ID\n\n"
 
 
 async def _stream_events(svc: Services, job_id: str, after: str) -> AsyncIterator[str]:
     aev = svc.aevents
     last = after
     yield "retry: 2000\n\n"
-    while True:
-        job = await run_in_threadpool(svc.store.get, job_id)
-        if job is None or job.status in TERMINAL:
+    while True:  # the status alone, read leniently: cheap, and works for an unreadable record
+        status = await run_in_threadpool(svc.store.status_of, job_id)
+        if status is None or status in TERMINAL:
             # the terminal status event is written with the record: everything is in the stream now
             while batch := await aev.page(job_id, last, 500):
                 for ev in batch:
@@ -290,7 +330,7 @@ async def job_events(
     last_event_id: Annotated[str | None, Header(description="SSE resume point.")] = None,
 ) -> Any:
     """Every event of the job: status changes, progress, artifacts, errors."""
-    await run_in_threadpool(_job, svc, tenant, job_id)
+    await run_in_threadpool(_lookup, svc, tenant, job_id)  # an unreadable record's events are readable
     start = last_event_id or after
     if start is not None:
         try:

@@ -52,7 +52,7 @@ MethodName = Literal["wanda", "magnitude", "sparsegpt", "ria"]
 class _Strict(BaseModel):
     """Unknown fields refused; strict types (no "0.5" string for a float, no 1.0 for an int)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)  # no inf/NaN
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:

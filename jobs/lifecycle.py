@@ -60,6 +60,7 @@ from jobs.store import (
     JobNotFound,
     JobStore,
     Mutation,
+    UnreadableRecord,
     new_delivery_token,
     now,
     status_event,
@@ -200,6 +201,17 @@ def cancel(store: JobStore, job_id: str, tries: int = 5) -> Job:
     raise CancelConflict(f"job {job_id} changed too often; retry")
 
 
+def end_unreadable(store: JobStore, job_id: str, to: JobStatus = JobStatus.failed) -> None:
+    """Fail (or cancel) a job whose stored record does not parse, once, with a clear reason in its
+    record and event stream (`store.end_unreadable`); a job already gone or finished is left alone."""
+    try:
+        done = store.end_unreadable(job_id, to)
+    except JobNotFound:
+        return
+    if done is not None and done[1]:
+        log.error("job %s: %s; %s", job_id, done[0].error.message, to.value)
+
+
 def resend_unsent(store: JobStore, queue: Sender, older_than_s: float) -> list[str]:
     """Re-send every queued job whose outbox entry is older than `older_than_s` (new token each);
     drop entries of jobs no longer queued. A failed send stops the sweep (its entry stays, its age
@@ -207,7 +219,11 @@ def resend_unsent(store: JobStore, queue: Sender, older_than_s: float) -> list[s
     before = time.time() - older_than_s
     sent: list[str] = []
     for job_id, _ in store.outbox(before):
-        token = store.reissue(job_id, before)
+        try:
+            token = store.reissue(job_id, before)
+        except UnreadableRecord:
+            end_unreadable(store, job_id)
+            continue
         if token is None:
             continue
         try:
@@ -250,6 +266,10 @@ def sweep_leases(
         try:
             job, changed = store.mutate(job_id, _outboxed(store, fn, "leases_expired"), watch=[lease])
         except JobNotFound:
+            store.r.zrem(store.leases_key, job_id)
+            continue
+        except UnreadableRecord:
+            end_unreadable(store, job_id)
             store.r.zrem(store.leases_key, job_id)
             continue
         if not changed:
@@ -341,7 +361,11 @@ def unrunnable(store: JobStore, job_id: str, token: str | None) -> str | None:
     """Why a task message cannot run its job, decided from the record alone (the worker's main
     process asks this before using a pool process): `missing`, `superseded` (older token) or the
     job's terminal status; None when a pool process must look at it (`claim` decides)."""
-    job = store.get(job_id)
+    try:
+        job = store.get(job_id)
+    except UnreadableRecord:
+        end_unreadable(store, job_id)
+        return "unreadable"
     if job is None:
         return "missing"
     if token is not None and token != job.delivery:
@@ -375,7 +399,10 @@ def stale_work(store: JobStore, job_id: str, worker: str) -> str | None:
     host holds its lease). None keeps it: a queued job (re-queued from this host, it may come back
     here and resume), a job held by `worker` or another worker of the same host (the same dir), or a
     held job without a live lease (the lease sweeper re-queues it)."""
-    job = store.get(job_id)
+    try:
+        job = store.get(job_id)
+    except UnreadableRecord as e:  # a worker fails it on delivery; until then keep its dir
+        return e.info.status.value if e.info.status in TERMINAL else None  # type: ignore[union-attr]
     if job is None:
         return "missing"
     if job.status in TERMINAL:

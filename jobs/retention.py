@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import time
 
+from jobs.spec import Job, UnreadableJob
 from jobs.storage import ArtifactStore, StorageError
-from jobs.store import JobStore
+from jobs.store import JobStore, UnreadableRecord
 
 log = logging.getLogger("jobs.retention")
 
@@ -37,12 +38,15 @@ def sweep(store: JobStore, artifacts: ArtifactStore, older_than_s: float, limit:
     deleted: list[str] = []
     failures = 0
     for job_id, _ in store.finished(before, limit):
-        job = store.get(job_id)
+        try:
+            job: Job | UnreadableJob | None = store.get(job_id)
+        except UnreadableRecord as e:  # finished all the same: its id, tenant and status suffice
+            job = e.info
         if job is None:  # another sweeper deleted it: drop a stray entry, if any
             store.delete_finished(job_id, before)
             continue
-        if not job.status.terminal:  # cannot happen (a terminal status is final); never delete it
-            log.error("job %s is %s but listed as finished; keeping it", job_id, job.status.value)
+        if job.status is None or job.tenant is None or not job.status.terminal:  # never delete it
+            log.error("job %s is %s but listed as finished; keeping it", job_id, job.status)
             continue
         try:
             artifacts.delete_prefix(f"{job.tenant}/{job.id}")

@@ -40,7 +40,7 @@ WebhookEvent = Literal["started", "progress", "completed"]
 class WebhookSpec(BaseModel):
     """Where to POST signed notifications about the job (Standard Webhooks)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as core.spec's models
 
     url: str = Field(max_length=2048, description="http(s) URL receiving the deliveries.")
     events: list[WebhookEvent] = Field(
@@ -142,8 +142,27 @@ class Job(_Record):
     )
 
 
+UNREADABLE = "unreadable_record"
+"""`JobError.code` of a job whose stored record does not parse (written by hand or another version)."""
+
+
+class UnreadableJob(_Record):
+    """What is known of a job whose stored record does not parse as a `Job`: its id, tenant and status
+    (read leniently) and why it cannot be read. Such a job can be cancelled; a worker fails it."""
+
+    id: str
+    tenant: str | None = None
+    status: JobStatus | None = None
+    error: JobError
+
+
 class JobPage(_Record):
     """One page of a job listing; pass `next` as `after` to get the following page."""
 
     items: list[Job]
+    unreadable: list[UnreadableJob] = Field(
+        default_factory=list,
+        description="Jobs of this page whose stored record cannot be read (cancel them, or let a worker "
+        "fail them); the page's other jobs are in `items`.",
+    )
     next: str | None = None

@@ -41,6 +41,7 @@ job is finished before the cutoff (`jobs.retention.sweep` deletes its artifacts 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -53,9 +54,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from jobs.events import MAXLEN, encode, events_key
-from jobs.spec import ACTIVE, HELD, TERMINAL, Job, JobPage, JobProgress, JobRequest, JobStatus
+from jobs.spec import (
+    ACTIVE,
+    HELD,
+    TERMINAL,
+    UNREADABLE,
+    Job,
+    JobError,
+    JobPage,
+    JobProgress,
+    JobRequest,
+    JobStatus,
+    UnreadableJob,
+)
 
 DURATION_BUCKETS: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, math.inf)
 BLOCK_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, math.inf)
@@ -104,6 +118,45 @@ return 0
 
 class JobNotFound(KeyError):
     """No job with this id."""
+
+
+class UnreadableRecord(Exception):
+    """The job's stored record does not parse as a `Job` (edited by hand, or written by another
+    version); `info` holds what could be read of it (id, tenant, status) and why."""
+
+    def __init__(self, info: UnreadableJob) -> None:
+        super().__init__(info.error.message)
+        self.info = info
+
+
+def _lenient(raw: bytes | str) -> dict[str, Any]:
+    """The record as a JSON object, or {} when it is not one."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, ValidationError) and e.errors():
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "record"
+        return f"{where}: {err.get('msg', '')}"[:300]
+    return f"not a JSON object ({type(e).__name__})"
+
+
+def parse_job(job_id: str, raw: bytes | str) -> Job:
+    """The stored record as a `Job`; raise UnreadableRecord (with what is readable) otherwise."""
+    try:
+        return Job.model_validate_json(raw)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        d = _lenient(raw)
+        tenant = d.get("tenant") if isinstance(d.get("tenant"), str) else None
+        status = d.get("status") if d.get("status") in {s.value for s in JobStatus} else None
+        message = f"the stored record of job {job_id} cannot be read ({_reason(e)})"
+        error = JobError(code=UNREADABLE, message=message)
+        raise UnreadableRecord(UnreadableJob(id=job_id, tenant=tenant, status=status, error=error)) from None
 
 
 class InvalidTransition(Exception):
@@ -272,9 +325,27 @@ class JobStore:
         self.r.ping()
 
     def get(self, job_id: str) -> Job | None:
-        """The job record, or None."""
+        """The job record, or None; raise UnreadableRecord when it does not parse."""
         raw = self.r.get(self.job_key(job_id))
-        return Job.model_validate_json(raw) if raw is not None else None
+        return parse_job(job_id, raw) if raw is not None else None
+
+    def status_of(self, job_id: str) -> JobStatus | None:
+        """The job's status read leniently from its record (no validation: cheap, and works for an
+        unreadable record); None when the job is gone or its status cannot be read."""
+        raw = self.r.get(self.job_key(job_id))
+        status = _lenient(raw).get("status") if raw is not None else None
+        return JobStatus(status) if status in {s.value for s in JobStatus} else None
+
+    def owns(self, tenant: str, job_id: str) -> bool:
+        """Whether the job is in the tenant's index (ownership without reading the record)."""
+        return self.r.zscore(self._idx(tenant), job_id) is not None
+
+    def _indexed_status(self, tenant: str, job_id: str) -> JobStatus | None:
+        with self.r.pipeline(transaction=False) as pipe:
+            for status in JobStatus:
+                pipe.zscore(self._idx(tenant, status), job_id)
+            found = pipe.execute()
+        return next((s for s, score in zip(JobStatus, found, strict=True) if score is not None), None)
 
     def require(self, job_id: str) -> Job:
         """The job record; raise JobNotFound."""
@@ -294,8 +365,15 @@ class JobStore:
         more = len(ids) > limit
         ids = ids[:limit]
         raws = self.r.mget([self.job_key(i) for i in ids]) if ids else []
-        items = [Job.model_validate_json(raw) for raw in raws if raw is not None]
-        return JobPage(items=items, next=ids[-1] if more and ids else None)
+        items, unreadable = [], []
+        for job_id, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                continue
+            try:
+                items.append(parse_job(job_id, raw))
+            except UnreadableRecord as e:  # one bad record must not hide the tenant's other jobs
+                unreadable.append(e.info.model_copy(update={"tenant": tenant}))
+        return JobPage(items=items, unreadable=unreadable, next=ids[-1] if more and ids else None)
 
     def outbox(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
         """(job id, score) of outbox entries with a score up to `before`, oldest first."""
@@ -398,6 +476,8 @@ class JobStore:
         while True:
             created, value = self._create(keys=keys, args=[*args, time.time()])
             if created == 2:
+                if self.release_unreadable(tenant):  # unreadable records no longer hold the quota
+                    continue
                 raise TooManyActiveJobs(tenant, int(value), int(max_active or 0))
             if created:
                 return job, True
@@ -463,7 +543,7 @@ class JobStore:
                     raw = pipe.get(key)
                     if raw is None:
                         raise JobNotFound(job_id)
-                    old = Job.model_validate_json(raw)
+                    old = parse_job(job_id, raw)
                     result = fn(old)
                     if result is None:
                         pipe.unwatch()
@@ -489,26 +569,99 @@ class JobStore:
                     continue
 
     def _reindex(self, pipe: Any, old: Job, new: Job) -> None:
-        pipe.zrem(self._idx(old.tenant, old.status), old.id)
-        pipe.zadd(self._idx(new.tenant, new.status), {new.id: 0})
-        pipe.hincrby(self._counts, old.status.value, -1)
-        pipe.hincrby(self._counts, new.status.value, 1)
-        if old.status == JobStatus.queued:  # claimed, cancelled or failed: never to be re-sent
-            pipe.zrem(self.outbox_key, new.id)
-        if old.status in HELD and new.status not in HELD:  # finished or re-queued: nobody holds it
-            pipe.delete(self.lease_key(new.id))
-            pipe.zrem(self.leases_key, new.id)
-        if new.status in ACTIVE:
-            pipe.sadd(self._active(new.tenant), new.id)
-        else:
-            pipe.srem(self._active(new.tenant), new.id)
-        if new.status in TERMINAL:  # retention deletes it once it is older than the cutoff
-            pipe.zadd(self.finished_key, {new.id: (new.finished_at or now()).timestamp()})
+        self._move(pipe, new.id, new.tenant, old.status, new.status, new.finished_at or now())
         if new.status in TERMINAL and new.started_at and new.finished_at:
             seconds = (new.finished_at - new.started_at).total_seconds()
             le = next(b for b in DURATION_BUCKETS if seconds <= b)
             pipe.hincrby(self._durations, "+Inf" if math.isinf(le) else f"{le:g}", 1)
             pipe.hincrbyfloat(self._durations, "sum", seconds)
+
+    def _move(
+        self, pipe: Any, job_id: str, tenant: str, old: JobStatus, new: JobStatus, finished_at: datetime
+    ) -> None:
+        """Index, count, outbox, lease and quota changes of a status change (in `pipe`'s transaction)."""
+        pipe.zrem(self._idx(tenant, old), job_id)
+        pipe.zadd(self._idx(tenant, new), {job_id: 0})
+        pipe.hincrby(self._counts, old.value, -1)
+        pipe.hincrby(self._counts, new.value, 1)
+        if old == JobStatus.queued:  # claimed, cancelled or failed: never to be re-sent
+            pipe.zrem(self.outbox_key, job_id)
+        if old in HELD and new not in HELD:  # finished or re-queued: nobody holds it
+            pipe.delete(self.lease_key(job_id))
+            pipe.zrem(self.leases_key, job_id)
+        if new in ACTIVE:
+            pipe.sadd(self._active(tenant), job_id)
+        else:
+            pipe.srem(self._active(tenant), job_id)
+        if new in TERMINAL:  # retention deletes it once it is older than the cutoff
+            pipe.zadd(self.finished_key, {job_id: finished_at.timestamp()})
+
+    def end_unreadable(
+        self, job_id: str, to: JobStatus = JobStatus.failed, tenant: str | None = None
+    ) -> tuple[UnreadableJob, bool] | None:
+        """Move a job whose record does not parse to `to` (failed or cancelled), in one WATCH/MULTI
+        transaction: its indexes, quota, outbox and lease change as for any job, a `status` event
+        records why, and the record keeps its unreadable content with the new status (and, failed,
+        an `unreadable_record` error). Its status is taken from the tenant's indexes (`tenant`
+        when the record does not name one).
+
+        None when the record parses (use the ordinary transitions); else (what is known of it,
+        whether this call changed it). Raises JobNotFound."""
+        key = self.job_key(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    try:
+                        parse_job(job_id, raw)
+                        pipe.unwatch()
+                        return None
+                    except UnreadableRecord as e:
+                        info = e.info
+                    tenant = info.tenant or tenant
+                    old = self._indexed_status(tenant, job_id) if tenant else None
+                    old = old or info.status
+                    if tenant is None or old is None or old in TERMINAL:
+                        pipe.unwatch()
+                        return info.model_copy(update={"tenant": tenant, "status": old}), False
+                    finished = now()
+                    record = _lenient(raw) or {"id": job_id, "tenant": tenant, "unreadable": str(raw)[:2000]}
+                    record.update(status=to.value, finished_at=finished.isoformat())
+                    event = {"status": to.value, "previous": old.value, "reason": UNREADABLE}
+                    if to == JobStatus.failed:
+                        record["error"] = event["error"] = info.error.model_dump()
+                    pipe.multi()
+                    pipe.set(key, json.dumps(record))
+                    self._move(pipe, job_id, tenant, old, to, finished)
+                    pipe.xadd(
+                        events_key(self.prefix, job_id),
+                        encode("status", event),
+                        maxlen=MAXLEN,
+                        approximate=True,
+                    )
+                    pipe.execute()
+                    return info.model_copy(update={"tenant": tenant, "status": to}), True
+                except redis.WatchError:
+                    continue
+
+    def release_unreadable(self, tenant: str) -> int:
+        """Fail the tenant's active jobs whose record does not parse (they would hold its quota for
+        good); the number failed. Called when the tenant is at its active-job limit."""
+        n = 0
+        for member in self.r.smembers(self._active(tenant)):
+            job_id = member.decode() if isinstance(member, bytes) else member
+            raw = self.r.get(self.job_key(job_id))
+            try:
+                if raw is not None:
+                    parse_job(job_id, raw)
+            except UnreadableRecord:
+                with contextlib.suppress(JobNotFound):
+                    done = self.end_unreadable(job_id, JobStatus.failed, tenant)
+                    n += bool(done and done[1])
+        return n
 
     def transition(
         self,
@@ -573,9 +726,12 @@ class JobStore:
                         pipe.unwatch()
                         self.r.zrem(self.finished_key, job_id)
                         return False
-                    job = Job.model_validate_json(raw)
+                    try:
+                        job: Job | UnreadableJob = parse_job(job_id, raw)
+                    except UnreadableRecord as e:  # its tenant and status are all this needs
+                        job = e.info
                     score = pipe.zscore(self.finished_key, job_id)
-                    if job.status not in TERMINAL or score is None or score > before:
+                    if job.status not in TERMINAL or job.tenant is None or score is None or score > before:
                         pipe.unwatch()
                         return False
                     idem = pipe.get(ref)
@@ -596,7 +752,7 @@ class JobStore:
                     pipe.zrem(self.finished_key, job_id)
                     pipe.zrem(self.outbox_key, job_id)
                     pipe.srem(self._active(job.tenant), job_id)
-                    pipe.hincrby(self._counts, job.status.value, -1)
+                    pipe.hincrby(self._counts, job.status.value, -1)  # type: ignore[union-attr]
                     pipe.incr(self._deleted)
                     pipe.execute()
                     return True

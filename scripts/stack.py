@@ -132,13 +132,13 @@ class Stack:
         return url
 
     def start_api(self, port: int | None = None) -> str:
-        """Spawn uvicorn serving the API app (api.app:app) and wait for /healthz."""
+        """Spawn uvicorn serving the API app (api.app:app; `python -m api.serve`) and wait for /healthz."""
         port = port or free_port()
         self.api_url = self.extra_env.get("PRUNE_PUBLIC_URL") or f"http://127.0.0.1:{port}"
         cmd = [
             sys.executable,
             "-m",
-            "uvicorn",
+            "api.serve",
             self.api_app,
             "--host",
             "127.0.0.1",

@@ -35,7 +35,7 @@ from jobs.settings import Settings, get_settings
 from jobs.spec import TERMINAL, Job, JobError, JobProgress, JobStatus, JobSummary
 from jobs.storage import ArtifactStore, StorageError, make_store
 from jobs.storage.s3_inputs import InputNotFound, InputRefused, S3InputFetcher
-from jobs.store import InvalidTransition, JobStore
+from jobs.store import InvalidTransition, JobStore, UnreadableRecord
 from jobs.webhooks import WebhookError, checked_secret
 from worker import inputs, workdirs
 from worker.notify import Notifier
@@ -168,6 +168,9 @@ class _Reporter:
         except redis.RedisError as e:
             log.warning("job %s: cancel check failed: %s", self.job_id, e)
             return False
+        except UnreadableRecord:  # its record was broken under this attempt: fail it and stop
+            lifecycle.end_unreadable(self.ctx.store, self.job_id)
+            raise Fenced(self.job_id, self.token) from None
         if job is not None and job.delivery != self.token:
             raise Fenced(self.job_id, self.token)
         return job is None or job.status == JobStatus.cancelling
@@ -208,14 +211,17 @@ def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -
     `token` is the message's delivery token: a message superseded by a re-send is acked and ignored
     (no state change, no file touched)."""
     ctx = ctx or context()
-    if ctx.store.get(job_id) is None:
-        log.error("job %s: no such job; dropping the task", job_id)
-        return "missing"
     s = ctx.settings
     try:
+        if ctx.store.get(job_id) is None:
+            log.error("job %s: no such job; dropping the task", job_id)
+            return "missing"
         job = lifecycle.claim(
             ctx.store, job_id, token, worker=worker_id(), cap=s.max_attempts, lease_s=s.lease_expire_s
         )
+    except UnreadableRecord:  # failed once, with the reason; its message is acked, not retried
+        lifecycle.end_unreadable(ctx.store, job_id)
+        return "unreadable"
     except Superseded:
         log.info("job %s: message superseded by a re-send (token %s); skipping it", job_id, token)
         return "superseded"

@@ -142,7 +142,7 @@ def test_worker_sweeps_at_start_and_periodically_and_survives_sweep_errors(
     before = {s: job_in(store, s) for s in (S.succeeded, S.failed)} | {"unknown": "f" * 20}
     queued, here = job_in(store, S.queued), job_in(store, S.running, owner=f"{HERE}:1")
     broken = "a" * 20
-    store.r.set(store.job_key(broken), b"not a job record")  # the sweep's check raises on it
+    store.r.hset(store.job_key(broken), "not", "a job record")  # the sweep's check raises (WRONGTYPE)
     for job_id in [*before.values(), queued, here, broken]:
         scratch(work, job_id)
     stack = Stack(
