@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from core import families
+from core import families, placement
 from core.errors import InvalidInput
 from core.progress import CancelFn, ProgressFn, check_cancel, report_block
 from core.result import ExpertTokens, PruneResult
 from core.settings import EngineSettings
 from core.spec import PruneSpec
+from core.weights import InMemory, Onload, WeightSource
 
 if TYPE_CHECKING:
     from core.methods.base import Method
@@ -168,13 +169,16 @@ class Captured:
 
 
 @torch.no_grad()
-def capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, batch_size: int) -> Captured:
-    """Every block's arguments for ``calibration`` ``[n, seqlen]``, in one recorder forward per batch."""
-    device = (
-        next(p.device for p in model.parameters() if p.device.type != "meta")
-        if any(p.device.type != "meta" for p in model.parameters())
-        else torch.device("cpu")
-    )
+def capture(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device | None = None,
+) -> Captured:
+    """Every block's arguments for ``calibration`` ``[n, seqlen]``, in one recorder forward per batch
+    (the ids go to ``device``, default: where the model's first non-meta tensor is)."""
+    device = device if device is not None else _device(model)
     n = len(blocks)
     out = Captured(args=[[] for _ in range(n)])
     ret_shape: list[int | None] = [None]
@@ -226,12 +230,17 @@ class CaptureCache:
         """How many capture forwards this cache ran."""
 
     def get(
-        self, model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, batch_size: int
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        calibration: torch.Tensor,
+        batch_size: int,
+        device: torch.device | None = None,
     ) -> Captured:
         """A fresh view of the captured arguments (the loop consumes its lists; tensors are shared)."""
-        key = (calibration.data_ptr(), tuple(calibration.shape), batch_size, len(blocks))
+        key = (calibration.data_ptr(), tuple(calibration.shape), batch_size, len(blocks), str(device))
         if self._cap is None or key != self._key:
-            self._cap, self._key = capture(model, blocks, calibration, batch_size), key
+            self._cap, self._key = capture(model, blocks, calibration, batch_size, device), key
             self.captures += 1
         return Captured(hidden=list(self._cap.hidden), args=[list(a) for a in self._cap.args])
 
@@ -260,20 +269,35 @@ def run_block(block: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class HiddenStore(Sequence[torch.Tensor]):
-    """Hidden state per batch, in memory or spilled (one ``torch.save`` file per batch, bit-exact)."""
+    """Hidden state per batch: on the compute device, in host memory (``host``; page-locked when
+    ``pin``) or spilled (``spill_dir``: one ``torch.save`` file per batch); all bit-exact. Items
+    are handed out on ``device`` (default: where they were put)."""
 
-    def __init__(self, spill_dir: Path | None = None, items: list[torch.Tensor] | None = None) -> None:
-        self.spill_dir = spill_dir
+    def __init__(
+        self,
+        spill_dir: Path | None = None,
+        items: list[torch.Tensor] | None = None,
+        *,
+        device: torch.device | None = None,
+        host: bool = False,
+        pin: bool = False,
+    ) -> None:
+        self.spill_dir, self.device, self.host, self.pin = spill_dir, device, host, pin
         self._items: list[torch.Tensor | Path] = []
         for t in items or []:
             self.append(t)
 
     def _put(self, i: int, hidden: torch.Tensor) -> torch.Tensor | Path:
         if self.spill_dir is None:
+            if self.host and hidden.device.type != "cpu":
+                out = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self.pin)
+                return out.copy_(hidden)
+            if not self.host and self.device is not None and hidden.device != self.device:
+                return hidden.to(self.device)
             return hidden
         path = self.spill_dir / f"batch-{i:05d}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save(hidden.contiguous(), tmp)
+        torch.save(hidden.detach().to("cpu").contiguous(), tmp)
         os.replace(tmp, path)
         return path
 
@@ -288,14 +312,17 @@ class HiddenStore(Sequence[torch.Tensor]):
 
     def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
         h = self._items[i]
-        return torch.load(h, weights_only=True) if isinstance(h, Path) else h
+        t = torch.load(h, weights_only=True) if isinstance(h, Path) else h
+        if self.device is not None and t.device != self.device:
+            t = t.to(self.device, non_blocking=self.pin)
+        return t
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):
             yield self[i]
 
     def nbytes(self) -> int:
-        """Bytes held in memory (0 when spilled)."""
+        """Bytes held in (device or host) memory (0 when spilled)."""
         return sum(h.numel() * h.element_size() for h in self._items if isinstance(h, torch.Tensor))
 
 
@@ -571,25 +598,6 @@ def check_nm_shapes(model: nn.Module, family: families.Family, spec: PruneSpec) 
 # --------------------------------------------------------------------------------------------
 
 
-class WeightSource:
-    """Where block weights live. The in-memory source does nothing; streaming loads, writes and
-    releases each block (``core.streaming``)."""
-
-    def capture_context(self) -> Any:
-        """Context in which the model can run up to its blocks (streaming: embeddings loaded)."""
-        return nullcontext()
-
-    def load(self, index: int, block: nn.Module) -> None:
-        """Make ``block``'s dense weights available."""
-
-    def done(self, index: int, block: nn.Module) -> None:
-        """``block`` is pruned (and, when not last, has produced the next inputs)."""
-
-
-class InMemory(WeightSource):
-    """Every block is already in memory; nothing to load or write."""
-
-
 def _expert_report(tokens: dict[str, int], fallback: list[str]) -> list[ExpertTokens]:
     """Group ``….experts.<e>.<x>`` matrices by experts module: tokens of each expert's first matrix."""
     import re
@@ -629,13 +637,21 @@ def run_blocks(
     device: torch.device | str | None = None,
     note: str = "",
     capture_cache: CaptureCache | None = None,
+    max_device_memory: int | None = None,
+    max_host_memory: int | None = None,
 ) -> PruneResult:
     """Prune every decoder block of ``model`` on calibration ids ``[n, seqlen]``: the one loop.
 
-    ``source`` provides block weights (default: in memory). ``spill_dir``: keep the hidden states
-    there instead of in memory. ``resume_dir``: persist each finished block and continue a run
-    interrupted earlier with the same fingerprint (:mod:`core.resume`). ``capture_cache``: reuse
-    the block arguments captured by an earlier prune of the same dense model.
+    ``device``: the compute device (default: where the model's weights are). ``source`` provides
+    block weights; default: in memory when the weights are on ``device``, else
+    :class:`core.weights.Onload` (each block copied to ``device`` and back, the model's weights
+    stay where the caller put them). The calibration activations stay on the device, in host
+    memory or on disk as :func:`core.placement.plan` decides from ``max_device_memory`` and
+    ``max_host_memory`` (bytes; default: the worker settings, else 90% of what is free); the
+    choice and its reasons are ``result.placement``. ``spill_dir``: keep the hidden states there
+    (forces disk). ``resume_dir``: persist each finished block and continue a run interrupted
+    earlier with the same fingerprint (:mod:`core.resume`). ``capture_cache``: reuse the block
+    arguments captured by an earlier prune of the same dense model.
     """
     from core import resume
 
@@ -646,7 +662,6 @@ def run_blocks(
         )
     from core.layer_prune import layer_needs
 
-    source = source or InMemory()
     method = _method(spec.method)
     need_stats = layer_needs(method, spec).any or spec.allocation == "owl"
     family = families.family_for(model)
@@ -657,14 +672,20 @@ def run_blocks(
         check_hessian_memory(prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}")
     cal = calibration.to(torch.long)
     dev = torch.device(device) if device is not None else _device(model)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device 'cuda' requested but no CUDA device is available")
+    if source is None:
+        source = InMemory() if _on_device(model, dev) else Onload(model, blocks, dev)
     batch_size = spec.batch_for(cal.shape[-1], dev.type)
+    place = _plan(model, blocks, cal, spec, dev, source, (max_device_memory, max_host_memory), spill_dir)
     ckpt = (
         resume.BlockCheckpoints.open(resume_dir, resume.fingerprint(model, cal, spec)) if resume_dir else None
     )
     start = ckpt.done if ckpt else 0
     result = PruneResult(
-        method=spec.method, pattern=spec.pattern, target=spec.target_sparsity, nblocks=nblocks
-    )
+        method=spec.method, pattern=spec.pattern, target=spec.target_sparsity, nblocks=nblocks,
+        placement=place.report(),
+    )  # fmt: skip
     if ckpt is not None and start:
         result.resumed_from_block = start
         prev = ckpt.partial_result()
@@ -680,16 +701,18 @@ def run_blocks(
     store: HiddenStore | None = None
     budgets: dict[str, int] | None = None
     try:
-        with eager_experts(model):
+        with eager_experts(model), _spill_area(place, spill_dir) as sdir:
             if need_stats and start < nblocks:
                 with source.capture_context():
                     cap = (
-                        capture_cache.get(model, blocks, cal, batch_size)
+                        capture_cache.get(model, blocks, cal, batch_size, dev)
                         if capture_cache is not None
-                        else capture(model, blocks, cal, batch_size)
+                        else capture(model, blocks, cal, batch_size, dev)
                     )
                 hidden = ckpt.hidden() if ckpt and start else cap.hidden
-                store = HiddenStore(spill_dir, hidden)
+                store = HiddenStore(
+                    sdir, hidden, device=dev, host=place.activations == "host", pin=place.pinned
+                )
                 cap.hidden = []
                 del hidden
             if spec.allocation == "owl":
@@ -747,6 +770,66 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _on_device(model: nn.Module, dev: torch.device) -> bool:
+    """Whether every (non-meta) weight of ``model`` is on ``dev``."""
+    return all(_same_device(p.device, dev) for p in model.parameters() if p.device.type != "meta")
+
+
+def _plan(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    cal: torch.Tensor,
+    spec: PruneSpec,
+    dev: torch.device,
+    source: WeightSource,
+    limits: tuple[int | None, int | None],
+    spill_dir: Path | None,
+) -> placement.Placement:
+    """Where the activations go, given where ``source`` keeps the weights (they are not moved)."""
+    weights_at: placement.Where = (
+        "device" if isinstance(source, InMemory) else "host" if isinstance(source, Onload) else "disk"
+    )
+    width = int(model.get_input_embeddings().weight.shape[-1])
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    block = max(placement.module_bytes(b) for b in blocks)
+    outside = placement.module_bytes(model) - sum(placement.module_bytes(b) for b in blocks)
+    dev_b, host_b = placement.budgets(str(dev), *limits)
+    plan = placement.plan(
+        str(dev),
+        weights=placement.module_bytes(model),
+        block=block + max(outside, 0),
+        activations=placement.activation_bytes(cal.shape[0], cal.shape[1], width, dtype),
+        work=placement.block_work_bytes(
+            blocks[0],
+            spec.batch_for(cal.shape[-1], dev.type) * cal.shape[-1],
+            "hessian" in _method(spec.method).needs,
+        ),
+        device_budget=dev_b,
+        host_budget=host_b,
+        weights_at=weights_at,
+    )
+    if spill_dir is not None:
+        plan.activations = "disk"
+        plan.reasons.append(f"activations spilled to {spill_dir} (asked by the caller)")
+    return plan
+
+
+@contextmanager
+def _spill_area(place: placement.Placement, spill_dir: Path | None) -> Iterator[Path | None]:
+    """The spill directory: the caller's, a temporary one when the plan spills, else None."""
+    if spill_dir is not None or place.activations != "disk":
+        yield spill_dir
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="prune-spill-") as tmp:
+        yield Path(tmp)
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -756,13 +839,19 @@ def prune(
     should_cancel: CancelFn | None = None,
     resume_dir: Path | None = None,
     capture_cache: CaptureCache | None = None,
+    *,
+    device: torch.device | str | None = None,
+    max_device_memory: int | None = None,
+    max_host_memory: int | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, on calibration ids ``[n, seqlen]``.
 
     Progress is reported once per block with stage ``pruning`` and ``fraction = block / nblocks``;
-    ``should_cancel`` is checked between blocks. ``capture_cache``: see :func:`run_blocks`.
+    ``should_cancel`` is checked between blocks. ``capture_cache``, ``device`` and the memory
+    budgets: see :func:`run_blocks` (weights off ``device`` are onloaded block by block).
     """
     return run_blocks(
-        model, calibration, spec, InMemory(), on_progress, should_cancel, resume_dir=resume_dir,
-        capture_cache=capture_cache,
+        model, calibration, spec, None, on_progress, should_cancel, resume_dir=resume_dir,
+        capture_cache=capture_cache, device=device, max_device_memory=max_device_memory,
+        max_host_memory=max_host_memory,
     )  # fmt: skip

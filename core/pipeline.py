@@ -400,8 +400,10 @@ class _InMemoryRun:
         self.stages.emit(f"pruning{i}", 0.0, "pruning", f"{tag}pruning with {prune.method}", variant=label)
         if resume_dir is not None:
             resume_dir = resume_dir / (f"variants/{label}/blocks" if self.sweep else "blocks")
+        ms = self.spec.model
         info = engine.prune(self.model, self.calibration, prune, on_block, self.should_cancel, resume_dir,
-                            capture_cache=cache)  # fmt: skip
+                            capture_cache=cache, device=ms.device, max_device_memory=ms.max_device_memory,
+                            max_host_memory=ms.max_host_memory)  # fmt: skip
         own: dict[str, float] = {"prune_s": info.prune_s, "mask_s": info.mask_s}
         if info.owl:
             own["owl_first_pass_s"] = info.owl["first_pass_s"]
@@ -463,6 +465,7 @@ class _InMemoryRun:
             evaluation=evaluation,
             timings=own,
             generations=[Generation(**g) for g in texts],
+            placement=info.placement,
             streaming={"used": False, "mode": spec.model.stream},
             experts=info.experts,
             warnings=list(info.warnings),
@@ -646,6 +649,7 @@ def _run_streaming(
                     "capture_s": st["capture_s"],
                     "blocks_s": st["blocks_s"],
                 },
+                placement=info.placement,
                 experts=info.experts,
                 warnings=list(info.warnings),
             )
