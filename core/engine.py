@@ -44,7 +44,7 @@ from core.progress import CancelFn, ProgressFn, check_cancel, report_block
 from core.result import ExpertTokens, PruneResult
 from core.settings import EngineSettings
 from core.spec import PruneSpec
-from core.weights import InMemory, Onload, WeightSource
+from core.weights import InMemory, WeightSource, compute_device, source_for, weights_device
 
 if TYPE_CHECKING:
     from core.methods.base import Method
@@ -107,7 +107,7 @@ def _share(value: Any, previous: Any) -> Any:
     return previous if previous is not None and _same(value, previous) else value
 
 
-def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Batch:
+def split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Batch:
     if args:
         hidden, rest = args[0], tuple(_drop_cache(a) for a in args[1:])
     else:
@@ -145,7 +145,7 @@ class _Recorder(nn.Module):
             return getattr(object.__getattribute__(self, "_orig"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden, rest, kw = _split(args, kwargs)
+        hidden, rest, kw = split_args(args, kwargs)
         shape = self.sink(self.index, (hidden, rest, kw))
         if self.last:
             raise _Captured
@@ -166,6 +166,8 @@ class Captured:
     hidden: list[torch.Tensor] = field(default_factory=list)
     args: list[list[Args]] = field(default_factory=list)
     """``args[block][batch]``; identical values are shared between blocks."""
+    returns: int | None = None
+    """What a block returns: 0 a tensor, k a k-tuple (hidden state first); None: not learned."""
 
 
 @torch.no_grad()
@@ -178,7 +180,7 @@ def capture(
 ) -> Captured:
     """Every block's arguments for ``calibration`` ``[n, seqlen]``, in one recorder forward per batch
     (the ids go to ``device``, default: where the model's first non-meta tensor is)."""
-    device = device if device is not None else _device(model)
+    device = device if device is not None else weights_device(model)
     n = len(blocks)
     out = Captured(args=[[] for _ in range(n)])
     ret_shape: list[int | None] = [None]
@@ -216,6 +218,7 @@ def capture(
     finally:
         for i, b in enumerate(originals):
             blocks[i] = b
+    out.returns = ret_shape[0]
     return out
 
 
@@ -242,7 +245,8 @@ class CaptureCache:
         if self._cap is None or key != self._key:
             self._cap, self._key = capture(model, blocks, calibration, batch_size, device), key
             self.captures += 1
-        return Captured(hidden=list(self._cap.hidden), args=[list(a) for a in self._cap.args])
+        cap = self._cap
+        return Captured(hidden=list(cap.hidden), args=[list(a) for a in cap.args], returns=cap.returns)
 
 
 def capture_block_inputs(
@@ -671,13 +675,13 @@ def run_blocks(
     for i, block in enumerate(blocks[:1]):
         check_hessian_memory(prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}")
     cal = calibration.to(torch.long)
-    dev = torch.device(device) if device is not None else _device(model)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("device 'cuda' requested but no CUDA device is available")
-    if source is None:
-        source = InMemory() if _on_device(model, dev) else Onload(model, blocks, dev)
+    dev = compute_device(model, device)
+    source = source or source_for(model, blocks, dev)
     batch_size = spec.batch_for(cal.shape[-1], dev.type)
-    place = _plan(model, blocks, cal, spec, dev, source, (max_device_memory, max_host_memory), spill_dir)
+    place = placement.plan_run(
+        model, blocks, cal.shape, batch_size, dev, source.where, "hessian" in method.needs,
+        (max_device_memory, max_host_memory), spill_dir,
+    )  # fmt: skip
     ckpt = (
         resume.BlockCheckpoints.open(resume_dir, resume.fingerprint(model, cal, spec)) if resume_dir else None
     )
@@ -701,7 +705,7 @@ def run_blocks(
     store: HiddenStore | None = None
     budgets: dict[str, int] | None = None
     try:
-        with eager_experts(model), _spill_area(place, spill_dir) as sdir:
+        with eager_experts(model), placement.spill_area(place, spill_dir) as sdir:
             if need_stats and start < nblocks:
                 with source.capture_context():
                     cap = (
@@ -761,73 +765,6 @@ def run_blocks(
     result.experts = _expert_report(tokens, fallback)
     result.prune_s = time.perf_counter() - t0
     return result
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
-def _on_device(model: nn.Module, dev: torch.device) -> bool:
-    """Whether every (non-meta) weight of ``model`` is on ``dev``."""
-    return all(_same_device(p.device, dev) for p in model.parameters() if p.device.type != "meta")
-
-
-def _plan(
-    model: nn.Module,
-    blocks: nn.ModuleList,
-    cal: torch.Tensor,
-    spec: PruneSpec,
-    dev: torch.device,
-    source: WeightSource,
-    limits: tuple[int | None, int | None],
-    spill_dir: Path | None,
-) -> placement.Placement:
-    """Where the activations go, given where ``source`` keeps the weights (they are not moved)."""
-    weights_at: placement.Where = (
-        "device" if isinstance(source, InMemory) else "host" if isinstance(source, Onload) else "disk"
-    )
-    width = int(model.get_input_embeddings().weight.shape[-1])
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    block = max(placement.module_bytes(b) for b in blocks)
-    outside = placement.module_bytes(model) - sum(placement.module_bytes(b) for b in blocks)
-    dev_b, host_b = placement.budgets(str(dev), *limits)
-    plan = placement.plan(
-        str(dev),
-        weights=placement.module_bytes(model),
-        block=block + max(outside, 0),
-        activations=placement.activation_bytes(cal.shape[0], cal.shape[1], width, dtype),
-        work=placement.block_work_bytes(
-            blocks[0],
-            spec.batch_for(cal.shape[-1], dev.type) * cal.shape[-1],
-            "hessian" in _method(spec.method).needs,
-        ),
-        device_budget=dev_b,
-        host_budget=host_b,
-        weights_at=weights_at,
-    )
-    if spill_dir is not None:
-        plan.activations = "disk"
-        plan.reasons.append(f"activations spilled to {spill_dir} (asked by the caller)")
-    return plan
-
-
-@contextmanager
-def _spill_area(place: placement.Placement, spill_dir: Path | None) -> Iterator[Path | None]:
-    """The spill directory: the caller's, a temporary one when the plan spills, else None."""
-    if spill_dir is not None or place.activations != "disk":
-        yield spill_dir
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="prune-spill-") as tmp:
-        yield Path(tmp)
 
 
 @torch.no_grad()

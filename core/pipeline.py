@@ -21,6 +21,7 @@ from typing import Any
 
 from core import (
     baseline_cache,
+    block_eval,
     data,
     engine,
     evaluate,
@@ -311,21 +312,24 @@ class _InMemoryRun:
         self.ebatch = _eval_batch(self.eval_seqlen, vocab)
 
     def _ppl(self, key: str, label: str, model: Any = None, **kw: Any) -> dict[str, Any]:
+        """Perplexity block by block (:mod:`core.block_eval`) on the run's device; ``model``: an
+        exported artifact loaded back (:mod:`core.formats`), evaluated without progress."""
         assert self.eval_ids is not None
         check_cancel(self.should_cancel)
-        ev = self.spec.evaluation
-        if model is not None:  # an exported artifact loaded back (core.formats): no progress
-            return evaluate.perplexity(model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch)
-        self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
+        ev, ms = self.spec.evaluation, self.spec.model
+        if model is None:
+            self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
 
-        def on_window(done: int, total: int) -> None:
-            msg = f"{label} perplexity: window {done}/{total}"
-            self.stages.emit(key, done / total, "evaluating", msg, **kw)
-            check_cancel(self.should_cancel)
+        def on_step(done: int, total: int) -> None:
+            what = f"block {done}/{total - 1}" if done < total else "final norm and head"
+            self.stages.emit(key, done / total, "evaluating", f"{label} perplexity: {what}", **kw)
 
-        return evaluate.perplexity(
-            self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch, on_window
-        )
+        return block_eval.perplexity(
+            model if model is not None else self.model, self.eval_ids, self.eval_seqlen, ev.max_windows,
+            self.ebatch, on_step if model is None else None, device=ms.device,
+            max_device_memory=ms.max_device_memory, max_host_memory=ms.max_host_memory,
+            should_cancel=self.should_cancel,
+        )  # fmt: skip
 
     def _dense(self) -> None:
         """Dense perplexity (or the cached baseline), dense generations and dense task scores."""

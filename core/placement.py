@@ -14,7 +14,10 @@ The resulting :class:`Placement` is written to the report with the reasons for e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,6 +33,8 @@ __all__ = [
     "free_memory",
     "module_bytes",
     "plan",
+    "plan_run",
+    "spill_area",
     "weights_fit",
 ]
 
@@ -183,6 +188,53 @@ def budgets(device: str, max_device_memory: int | None, max_host_memory: int | N
         dev_b = dev_b if dev_b is not None else int(FREE_FRACTION * free_dev)
         host_b = host_b if host_b is not None else int(FREE_FRACTION * free_host)
     return dev_b, host_b
+
+
+def plan_run(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    ids_shape: tuple[int, ...] | torch.Size,
+    batch_size: int,
+    device: torch.device,
+    weights_at: Where,
+    hessians: bool,
+    limits: tuple[int | None, int | None],
+    spill_dir: Path | None = None,
+) -> Placement:
+    """:func:`plan` for a block loop over ``ids_shape`` ``[n, seqlen]`` windows, measured on ``model``,
+    with the weights already at ``weights_at``; ``spill_dir`` (the caller's) forces disk."""
+    nsamples, seqlen = int(ids_shape[0]), int(ids_shape[1])
+    width = int(model.get_input_embeddings().weight.shape[-1])
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    per_block = [module_bytes(b) for b in blocks]
+    whole = module_bytes(model)
+    dev_b, host_b = budgets(str(device), *limits)
+    out = plan(
+        str(device),
+        weights=whole,
+        block=max(per_block) + max(whole - sum(per_block), 0),
+        activations=activation_bytes(nsamples, seqlen, width, dtype),
+        work=block_work_bytes(blocks[0], batch_size * seqlen, hessians),
+        device_budget=dev_b,
+        host_budget=host_b,
+        weights_at=weights_at,
+    )
+    if spill_dir is not None:
+        out.activations = "disk"
+        out.reasons.append(f"activations spilled to {spill_dir} (asked by the caller)")
+    return out
+
+
+@contextmanager
+def spill_area(place: Placement, spill_dir: Path | None) -> Iterator[Path | None]:
+    """The spill directory: the caller's, a temporary one when ``place`` spills, else None."""
+    if spill_dir is not None or place.activations != "disk":
+        yield spill_dir
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="prune-spill-") as tmp:
+        yield Path(tmp)
 
 
 def weights_fit(

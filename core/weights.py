@@ -21,12 +21,25 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["InMemory", "Onload", "WeightSource", "outside_modules"]
+from core.placement import Where
+
+__all__ = [
+    "InMemory",
+    "Onload",
+    "WeightSource",
+    "compute_device",
+    "outside_modules",
+    "source_for",
+    "weights_device",
+]
 
 
 class WeightSource:
     """Where block weights live. The in-memory source does nothing; others load, write and
     release each block."""
+
+    where: Where = "disk"
+    """Where the weights are kept between their blocks' turns (for :mod:`core.placement`)."""
 
     def capture_context(self) -> Any:
         """Context in which the model can run up to its blocks (embeddings and block 0 ready)."""
@@ -36,11 +49,48 @@ class WeightSource:
         """Make ``block``'s dense weights available on the compute device."""
 
     def done(self, index: int, block: nn.Module) -> None:
-        """``block`` is pruned (and, when not last, has produced the next inputs)."""
+        """``block`` is pruned (and, when not last, has produced the next inputs): write it back."""
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """``block`` was only read (evaluation): drop what :meth:`load` brought, write nothing."""
+
+    def outside_context(self) -> Any:
+        """Context in which the modules outside the blocks (embeddings, final norm, head) can run."""
+        return nullcontext()
 
 
 class InMemory(WeightSource):
     """Every block is already on the compute device; nothing to load or write."""
+
+    where: Where = "device"
+
+
+def weights_device(model: nn.Module) -> torch.device:
+    """The device of the model's first non-meta parameter (cpu when all are on meta)."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def compute_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """``device`` (default: where the weights are), refused when it is CUDA and there is none."""
+    from core.errors import InvalidInput
+
+    dev = torch.device(device) if device is not None else weights_device(model)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("device 'cuda' requested but no CUDA device is available")
+    return dev
+
+
+def source_for(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> WeightSource:
+    """In memory when every (non-meta) weight is on ``device``, else :class:`Onload`."""
+    resident = all(_same_device(p.device, device) for p in model.parameters() if p.device.type != "meta")
+    return InMemory() if resident else Onload(model, blocks, device)
 
 
 def outside_modules(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
@@ -91,6 +141,8 @@ def _move_out(moved: _Moved, write_back: bool) -> None:
 class Onload(WeightSource):
     """Blocks kept in host memory (or anywhere off the device), brought to ``device`` one at a time."""
 
+    where: Where = "host"
+
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:
         self.model, self.blocks, self.device = model, blocks, torch.device(device)
         self._held: dict[int, _Moved] = {}
@@ -123,3 +175,6 @@ class Onload(WeightSource):
 
     def done(self, index: int, block: nn.Module) -> None:
         _move_out(self._held.pop(index), write_back=True)
+
+    def release(self, index: int, block: nn.Module) -> None:
+        _move_out(self._held.pop(index), write_back=False)
