@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from core import families
+from core import families, placement
 from core.errors import InvalidInput
 from core.progress import CancelFn, ProgressFn, check_cancel, report_block
 from core.result import ExpertTokens, PruneResult
 from core.settings import EngineSettings
 from core.spec import PruneSpec
+from core.weights import InMemory, WeightSource, compute_device, source_for, weights_device
 
 if TYPE_CHECKING:
     from core.methods.base import Method
@@ -106,7 +107,7 @@ def _share(value: Any, previous: Any) -> Any:
     return previous if previous is not None and _same(value, previous) else value
 
 
-def _split(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Batch:
+def split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Batch:
     if args:
         hidden, rest = args[0], tuple(_drop_cache(a) for a in args[1:])
     else:
@@ -144,7 +145,7 @@ class _Recorder(nn.Module):
             return getattr(object.__getattribute__(self, "_orig"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden, rest, kw = _split(args, kwargs)
+        hidden, rest, kw = split_args(args, kwargs)
         shape = self.sink(self.index, (hidden, rest, kw))
         if self.last:
             raise _Captured
@@ -165,16 +166,21 @@ class Captured:
     hidden: list[torch.Tensor] = field(default_factory=list)
     args: list[list[Args]] = field(default_factory=list)
     """``args[block][batch]``; identical values are shared between blocks."""
+    returns: int | None = None
+    """What a block returns: 0 a tensor, k a k-tuple (hidden state first); None: not learned."""
 
 
 @torch.no_grad()
-def capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, batch_size: int) -> Captured:
-    """Every block's arguments for ``calibration`` ``[n, seqlen]``, in one recorder forward per batch."""
-    device = (
-        next(p.device for p in model.parameters() if p.device.type != "meta")
-        if any(p.device.type != "meta" for p in model.parameters())
-        else torch.device("cpu")
-    )
+def capture(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    calibration: torch.Tensor,
+    batch_size: int,
+    device: torch.device | None = None,
+) -> Captured:
+    """Every block's arguments for ``calibration`` ``[n, seqlen]``, in one recorder forward per batch
+    (the ids go to ``device``, default: where the model's first non-meta tensor is)."""
+    device = device if device is not None else weights_device(model)
     n = len(blocks)
     out = Captured(args=[[] for _ in range(n)])
     ret_shape: list[int | None] = [None]
@@ -212,6 +218,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, 
     finally:
         for i, b in enumerate(originals):
             blocks[i] = b
+    out.returns = ret_shape[0]
     return out
 
 
@@ -226,14 +233,20 @@ class CaptureCache:
         """How many capture forwards this cache ran."""
 
     def get(
-        self, model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, batch_size: int
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        calibration: torch.Tensor,
+        batch_size: int,
+        device: torch.device | None = None,
     ) -> Captured:
         """A fresh view of the captured arguments (the loop consumes its lists; tensors are shared)."""
-        key = (calibration.data_ptr(), tuple(calibration.shape), batch_size, len(blocks))
+        key = (calibration.data_ptr(), tuple(calibration.shape), batch_size, len(blocks), str(device))
         if self._cap is None or key != self._key:
-            self._cap, self._key = capture(model, blocks, calibration, batch_size), key
+            self._cap, self._key = capture(model, blocks, calibration, batch_size, device), key
             self.captures += 1
-        return Captured(hidden=list(self._cap.hidden), args=[list(a) for a in self._cap.args])
+        cap = self._cap
+        return Captured(hidden=list(cap.hidden), args=[list(a) for a in cap.args], returns=cap.returns)
 
 
 def capture_block_inputs(
@@ -260,20 +273,35 @@ def run_block(block: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class HiddenStore(Sequence[torch.Tensor]):
-    """Hidden state per batch, in memory or spilled (one ``torch.save`` file per batch, bit-exact)."""
+    """Hidden state per batch: on the compute device, in host memory (``host``; page-locked when
+    ``pin``) or spilled (``spill_dir``: one ``torch.save`` file per batch); all bit-exact. Items
+    are handed out on ``device`` (default: where they were put)."""
 
-    def __init__(self, spill_dir: Path | None = None, items: list[torch.Tensor] | None = None) -> None:
-        self.spill_dir = spill_dir
+    def __init__(
+        self,
+        spill_dir: Path | None = None,
+        items: list[torch.Tensor] | None = None,
+        *,
+        device: torch.device | None = None,
+        host: bool = False,
+        pin: bool = False,
+    ) -> None:
+        self.spill_dir, self.device, self.host, self.pin = spill_dir, device, host, pin
         self._items: list[torch.Tensor | Path] = []
         for t in items or []:
             self.append(t)
 
     def _put(self, i: int, hidden: torch.Tensor) -> torch.Tensor | Path:
         if self.spill_dir is None:
+            if self.host and hidden.device.type != "cpu":
+                out = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self.pin)
+                return out.copy_(hidden)
+            if not self.host and self.device is not None and hidden.device != self.device:
+                return hidden.to(self.device)
             return hidden
         path = self.spill_dir / f"batch-{i:05d}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save(hidden.contiguous(), tmp)
+        torch.save(hidden.detach().to("cpu").contiguous(), tmp)
         os.replace(tmp, path)
         return path
 
@@ -288,14 +316,17 @@ class HiddenStore(Sequence[torch.Tensor]):
 
     def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
         h = self._items[i]
-        return torch.load(h, weights_only=True) if isinstance(h, Path) else h
+        t = torch.load(h, weights_only=True) if isinstance(h, Path) else h
+        if self.device is not None and t.device != self.device:
+            t = t.to(self.device, non_blocking=self.pin)
+        return t
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):
             yield self[i]
 
     def nbytes(self) -> int:
-        """Bytes held in memory (0 when spilled)."""
+        """Bytes held in (device or host) memory (0 when spilled)."""
         return sum(h.numel() * h.element_size() for h in self._items if isinstance(h, torch.Tensor))
 
 
@@ -571,25 +602,6 @@ def check_nm_shapes(model: nn.Module, family: families.Family, spec: PruneSpec) 
 # --------------------------------------------------------------------------------------------
 
 
-class WeightSource:
-    """Where block weights live. The in-memory source does nothing; streaming loads, writes and
-    releases each block (``core.streaming``)."""
-
-    def capture_context(self) -> Any:
-        """Context in which the model can run up to its blocks (streaming: embeddings loaded)."""
-        return nullcontext()
-
-    def load(self, index: int, block: nn.Module) -> None:
-        """Make ``block``'s dense weights available."""
-
-    def done(self, index: int, block: nn.Module) -> None:
-        """``block`` is pruned (and, when not last, has produced the next inputs)."""
-
-
-class InMemory(WeightSource):
-    """Every block is already in memory; nothing to load or write."""
-
-
 def _expert_report(tokens: dict[str, int], fallback: list[str]) -> list[ExpertTokens]:
     """Group ``….experts.<e>.<x>`` matrices by experts module: tokens of each expert's first matrix."""
     import re
@@ -629,13 +641,21 @@ def run_blocks(
     device: torch.device | str | None = None,
     note: str = "",
     capture_cache: CaptureCache | None = None,
+    max_device_memory: int | None = None,
+    max_host_memory: int | None = None,
 ) -> PruneResult:
     """Prune every decoder block of ``model`` on calibration ids ``[n, seqlen]``: the one loop.
 
-    ``source`` provides block weights (default: in memory). ``spill_dir``: keep the hidden states
-    there instead of in memory. ``resume_dir``: persist each finished block and continue a run
-    interrupted earlier with the same fingerprint (:mod:`core.resume`). ``capture_cache``: reuse
-    the block arguments captured by an earlier prune of the same dense model.
+    ``device``: the compute device (default: where the model's weights are). ``source`` provides
+    block weights; default: in memory when the weights are on ``device``, else
+    :class:`core.weights.Onload` (each block copied to ``device`` and back, the model's weights
+    stay where the caller put them). The calibration activations stay on the device, in host
+    memory or on disk as :func:`core.placement.plan` decides from ``max_device_memory`` and
+    ``max_host_memory`` (bytes; default: the worker settings, else 90% of what is free); the
+    choice and its reasons are ``result.placement``. ``spill_dir``: keep the hidden states there
+    (forces disk). ``resume_dir``: persist each finished block and continue a run interrupted
+    earlier with the same fingerprint (:mod:`core.resume`). ``capture_cache``: reuse the block
+    arguments captured by an earlier prune of the same dense model.
     """
     from core import resume
 
@@ -646,7 +666,6 @@ def run_blocks(
         )
     from core.layer_prune import layer_needs
 
-    source = source or InMemory()
     method = _method(spec.method)
     need_stats = layer_needs(method, spec).any or spec.allocation == "owl"
     family = families.family_for(model)
@@ -656,15 +675,21 @@ def run_blocks(
     for i, block in enumerate(blocks[:1]):
         check_hessian_memory(prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}")
     cal = calibration.to(torch.long)
-    dev = torch.device(device) if device is not None else _device(model)
+    dev = compute_device(model, device)
+    source = source or source_for(model, blocks, dev)
     batch_size = spec.batch_for(cal.shape[-1], dev.type)
+    place = placement.plan_run(
+        model, blocks, cal.shape, batch_size, dev, source.where, "hessian" in method.needs,
+        (max_device_memory, max_host_memory), spill_dir,
+    )  # fmt: skip
     ckpt = (
         resume.BlockCheckpoints.open(resume_dir, resume.fingerprint(model, cal, spec)) if resume_dir else None
     )
     start = ckpt.done if ckpt else 0
     result = PruneResult(
-        method=spec.method, pattern=spec.pattern, target=spec.target_sparsity, nblocks=nblocks
-    )
+        method=spec.method, pattern=spec.pattern, target=spec.target_sparsity, nblocks=nblocks,
+        placement=place.report(),
+    )  # fmt: skip
     if ckpt is not None and start:
         result.resumed_from_block = start
         prev = ckpt.partial_result()
@@ -680,16 +705,18 @@ def run_blocks(
     store: HiddenStore | None = None
     budgets: dict[str, int] | None = None
     try:
-        with eager_experts(model):
+        with eager_experts(model), placement.spill_area(place, spill_dir) as sdir:
             if need_stats and start < nblocks:
                 with source.capture_context():
                     cap = (
-                        capture_cache.get(model, blocks, cal, batch_size)
+                        capture_cache.get(model, blocks, cal, batch_size, dev)
                         if capture_cache is not None
-                        else capture(model, blocks, cal, batch_size)
+                        else capture(model, blocks, cal, batch_size, dev)
                     )
                 hidden = ckpt.hidden() if ckpt and start else cap.hidden
-                store = HiddenStore(spill_dir, hidden)
+                store = HiddenStore(
+                    sdir, hidden, device=dev, host=place.activations == "host", pin=place.pinned
+                )
                 cap.hidden = []
                 del hidden
             if spec.allocation == "owl":
@@ -740,13 +767,6 @@ def run_blocks(
     return result
 
 
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -756,13 +776,19 @@ def prune(
     should_cancel: CancelFn | None = None,
     resume_dir: Path | None = None,
     capture_cache: CaptureCache | None = None,
+    *,
+    device: torch.device | str | None = None,
+    max_device_memory: int | None = None,
+    max_host_memory: int | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, block by block, on calibration ids ``[n, seqlen]``.
 
     Progress is reported once per block with stage ``pruning`` and ``fraction = block / nblocks``;
-    ``should_cancel`` is checked between blocks. ``capture_cache``: see :func:`run_blocks`.
+    ``should_cancel`` is checked between blocks. ``capture_cache``, ``device`` and the memory
+    budgets: see :func:`run_blocks` (weights off ``device`` are onloaded block by block).
     """
     return run_blocks(
-        model, calibration, spec, InMemory(), on_progress, should_cancel, resume_dir=resume_dir,
-        capture_cache=capture_cache,
+        model, calibration, spec, None, on_progress, should_cancel, resume_dir=resume_dir,
+        capture_cache=capture_cache, device=device, max_device_memory=max_device_memory,
+        max_host_memory=max_host_memory,
     )  # fmt: skip

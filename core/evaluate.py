@@ -24,12 +24,57 @@ from core import families
 from core.errors import CalibrationError
 from core.spec import PruneSpec
 
-__all__ = ["FORMULA", "SparsityCounter", "perplexity", "sparsity_report"]
+__all__ = [
+    "FORMULA",
+    "SparsityCounter",
+    "eval_windows",
+    "perplexity",
+    "ppl_result",
+    "sparsity_report",
+    "window_nll",
+]
 
 FORMULA = (
     "W = min(floor(T / seqlen), max_windows) non-overlapping windows of the tokenized text (T tokens); "
     "ppl = exp(sum of next-token NLL over positions 1..seqlen-1 of every window / (W * (seqlen - 1)))"
 )
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """The ``[W, seqlen]`` windows of the token stream ``ids`` (see the module docstring)."""
+    ids = ids.reshape(-1)
+    total = int(ids.numel())
+    windows = total // seqlen
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise CalibrationError(
+            f"evaluation text is too short: one window of seqlen={seqlen} needs {seqlen} tokens, "
+            f"found {total}"
+        )
+    return ids[: windows * seqlen].reshape(windows, seqlen)
+
+
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch of windows (positions 1..seqlen-1), in float64."""
+    logits = logits[:, :-1, :].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+    return float(loss.double().item())
+
+
+def ppl_result(nll: float, windows: int, seqlen: int, tokens: int) -> dict[str, Any]:
+    """The perplexity record from the summed NLL of ``windows`` windows."""
+    ntok = windows * (seqlen - 1)
+    mean = nll / ntok
+    return {
+        "ppl": math.exp(mean) if mean < 700 else float("inf"),
+        "nll": mean,
+        "windows": windows,
+        "seqlen": seqlen,
+        "tokens": tokens,
+        "scored_tokens": ntok,
+        "formula": FORMULA,
+    }
 
 
 @torch.no_grad()
@@ -41,42 +86,20 @@ def perplexity(
     batch_size: int = 1,
     on_window: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of ``model`` on the token stream ``ids`` (see the module docstring for the formula)."""
-    ids = ids.reshape(-1)
-    total = int(ids.numel())
-    windows = total // seqlen
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if windows < 1:
-        raise CalibrationError(
-            f"evaluation text is too short: one window of seqlen={seqlen} needs {seqlen} tokens, "
-            f"found {total}"
-        )
+    """Perplexity of ``model`` on the token stream ``ids`` (see the module docstring for the formula),
+    with whole-model forwards (:func:`core.block_eval.perplexity` evaluates block by block)."""
+    data = eval_windows(ids, seqlen, max_windows)
+    windows = data.shape[0]
     device = next(model.parameters()).device
-    data = ids[: windows * seqlen].reshape(windows, seqlen)
     nll = 0.0
     done = 0
     for start in range(0, windows, batch_size):
         batch = data[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        nll += float(loss.double().item())
+        nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
         done += batch.shape[0]
         if on_window is not None:
             on_window(done, windows)
-    ntok = windows * (seqlen - 1)
-    mean = nll / ntok
-    return {
-        "ppl": math.exp(mean) if mean < 700 else float("inf"),
-        "nll": mean,
-        "windows": windows,
-        "seqlen": seqlen,
-        "tokens": total,
-        "scored_tokens": ntok,
-        "formula": FORMULA,
-    }
+    return ppl_result(nll, windows, seqlen, int(ids.numel()))
 
 
 class SparsityCounter:

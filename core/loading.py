@@ -40,6 +40,8 @@ class Loaded:
     gguf: bool
     gguf_cache: str | None = None
     """For a GGUF source: ``hit``, ``miss``, ``off`` or ``error`` (:mod:`core.model_cache`)."""
+    resident: bool = True
+    """Whether the weights sit on ``spec.device`` (else in host memory, onloaded block by block)."""
 
 
 @dataclass(frozen=True)
@@ -278,9 +280,9 @@ def load_model(spec: ModelSpec) -> Loaded:
             from core import model_cache
 
             entry = model_cache.store(entry, model, tokenizer, Path(src.path) / str(src.gguf_file))
-    model.to(spec.device)
     model.eval()
     family = families.family_for(model)
+    resident = _place(model, family, spec)
     return Loaded(
         model=model,
         tokenizer=tokenizer,
@@ -288,7 +290,23 @@ def load_model(spec: ModelSpec) -> Loaded:
         source=where,
         gguf=bool(src.gguf_file),
         gguf_cache=entry.status if entry is not None else None,
+        resident=resident,
     )
+
+
+def _place(model: Any, family: families.Family, spec: ModelSpec) -> bool:
+    """Put the model on ``spec.device`` when it fits the device budget (:mod:`core.placement`);
+    else leave it in host memory, from where the engine onloads one block at a time. Whether it
+    went to the device."""
+    if spec.device == "cpu":
+        return True
+    from core import placement
+
+    dev_budget, _host = placement.budgets(spec.device, spec.max_device_memory, spec.max_host_memory)
+    if not placement.weights_fit(model, families.get_blocks(model, family), dev_budget):
+        return False
+    model.to(spec.device)
+    return True
 
 
 def _from_model_cache(src: _Source, dtype_name: str, config: Any, dtype: Any) -> tuple[Any, Any, Any]:

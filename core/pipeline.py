@@ -21,6 +21,7 @@ from typing import Any
 
 from core import (
     baseline_cache,
+    block_eval,
     data,
     engine,
     evaluate,
@@ -311,21 +312,24 @@ class _InMemoryRun:
         self.ebatch = _eval_batch(self.eval_seqlen, vocab)
 
     def _ppl(self, key: str, label: str, model: Any = None, **kw: Any) -> dict[str, Any]:
+        """Perplexity block by block (:mod:`core.block_eval`) on the run's device; ``model``: an
+        exported artifact loaded back (:mod:`core.formats`), evaluated without progress."""
         assert self.eval_ids is not None
         check_cancel(self.should_cancel)
-        ev = self.spec.evaluation
-        if model is not None:  # an exported artifact loaded back (core.formats): no progress
-            return evaluate.perplexity(model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch)
-        self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
+        ev, ms = self.spec.evaluation, self.spec.model
+        if model is None:
+            self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
 
-        def on_window(done: int, total: int) -> None:
-            msg = f"{label} perplexity: window {done}/{total}"
-            self.stages.emit(key, done / total, "evaluating", msg, **kw)
-            check_cancel(self.should_cancel)
+        def on_step(done: int, total: int) -> None:
+            what = f"block {done}/{total - 1}" if done < total else "final norm and head"
+            self.stages.emit(key, done / total, "evaluating", f"{label} perplexity: {what}", **kw)
 
-        return evaluate.perplexity(
-            self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch, on_window
-        )
+        return block_eval.perplexity(
+            model if model is not None else self.model, self.eval_ids, self.eval_seqlen, ev.max_windows,
+            self.ebatch, on_step if model is None else None, device=ms.device,
+            max_device_memory=ms.max_device_memory, max_host_memory=ms.max_host_memory,
+            should_cancel=self.should_cancel,
+        )  # fmt: skip
 
     def _dense(self) -> None:
         """Dense perplexity (or the cached baseline), dense generations and dense task scores."""
@@ -400,8 +404,10 @@ class _InMemoryRun:
         self.stages.emit(f"pruning{i}", 0.0, "pruning", f"{tag}pruning with {prune.method}", variant=label)
         if resume_dir is not None:
             resume_dir = resume_dir / (f"variants/{label}/blocks" if self.sweep else "blocks")
+        ms = self.spec.model
         info = engine.prune(self.model, self.calibration, prune, on_block, self.should_cancel, resume_dir,
-                            capture_cache=cache)  # fmt: skip
+                            capture_cache=cache, device=ms.device, max_device_memory=ms.max_device_memory,
+                            max_host_memory=ms.max_host_memory)  # fmt: skip
         own: dict[str, float] = {"prune_s": info.prune_s, "mask_s": info.mask_s}
         if info.owl:
             own["owl_first_pass_s"] = info.owl["first_pass_s"]
@@ -463,6 +469,7 @@ class _InMemoryRun:
             evaluation=evaluation,
             timings=own,
             generations=[Generation(**g) for g in texts],
+            placement=info.placement,
             streaming={"used": False, "mode": spec.model.stream},
             experts=info.experts,
             warnings=list(info.warnings),
@@ -646,6 +653,7 @@ def _run_streaming(
                     "capture_s": st["capture_s"],
                     "blocks_s": st["blocks_s"],
                 },
+                placement=info.placement,
                 experts=info.experts,
                 warnings=list(info.warnings),
             )

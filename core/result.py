@@ -66,6 +66,8 @@ class PruneResult(BaseModel):
     prune_s: float = 0.0
     resumed_from_block: int | None = None
     """First block pruned by this process when it continued from a resume directory."""
+    placement: dict[str, Any] | None = None
+    """Where weights and activations lived and why (:class:`core.placement.Placement`)."""
     # streaming-only facts (None in memory)
     streaming: bool = False
     family: str | None = None
@@ -225,6 +227,8 @@ class RunReport(_Closed):
     generations: list[Generation] = Field(default_factory=list)
     peak_rss_mb: float | None = None
     peak_cuda_mb: float | None = None
+    placement: dict[str, Any] | None = None
+    """Where weights and calibration activations lived, the sizes compared and why (core.placement)."""
     streaming: dict[str, Any]
     experts: list[ExpertTokens] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

@@ -224,6 +224,21 @@ class EngineSettings(EnvSettings):
         shown="`17179869184` (16 GiB)",
         ge=1,
     )
+    max_device_memory: int | None = env_field(
+        "PRUNE_MAX_DEVICE_MEMORY",
+        description="Bytes of the compute device's memory a run may use for weights and activations "
+        "(a job's `model.max_device_memory` wins); above it blocks are onloaded one at a time and "
+        "activations kept in host memory or on disk.",
+        shown="90% of the device's free memory at the start of the run",
+        ge=0,
+    )
+    max_host_memory: int | None = env_field(
+        "PRUNE_MAX_HOST_MEMORY",
+        description="Bytes of host memory a run may use for weights and activations (a job's "
+        "`model.max_host_memory` wins); above it activations spill to disk.",
+        shown="90% of the host's available memory at the start of the run",
+        ge=0,
+    )
     hf_hub_offline: LenientFlag = env_field(
         "HF_HUB_OFFLINE",
         False,

@@ -275,6 +275,19 @@ class ModelSpec(_Strict):
         "'auto': when a local safetensors checkpoint exceeds 40% of available RAM (CPU only). "
         "Streaming runs skip perplexity evaluation.",
     )
+    max_device_memory: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes of the compute device's memory the run may use; when the weights do not fit, "
+        "blocks are onloaded one at a time from host memory. Default: the worker's "
+        "PRUNE_MAX_DEVICE_MEMORY, else 90% of the device's free memory.",
+    )
+    max_host_memory: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes of host memory the run may use; calibration activations beyond it spill to "
+        "disk. Default: the worker's PRUNE_MAX_HOST_MEMORY, else 90% of the available memory.",
+    )
 
 
 class CalibrationSpec(_Strict):

@@ -138,8 +138,8 @@ def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path
     first, second = (r.evaluation for r in reports)
     assert first.dense_cached is False and second.dense_cached is True
     assert second.dense_ppl == first.dense_ppl and second.pruned_ppl == first.pruned_ppl
-    assert any("dense perplexity: window" in m for m in messages[0])
-    assert not any("dense perplexity: window" in m for m in messages[1])
+    assert any("dense perplexity: block" in m for m in messages[0])
+    assert not any("dense perplexity: block" in m for m in messages[1])
     assert "dense perplexity: cached baseline" in messages[1]
     assert "cached dense baseline" in (tmp_path / "o1" / "report.md").read_text()
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
