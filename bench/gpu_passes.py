@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import engine, evaluate
+from core import block_eval, engine, evaluate
 from core.spec import PruneSpec
 
 RUNS = (("wanda", "2:4", None), ("sparsegpt", "unstructured", 0.5))
@@ -156,15 +156,25 @@ def one_run(
         res = engine.run_blocks(model, cal, spec, on_progress=progress, device=device, **extra)
         sync()
         out["prune_s"] = time.perf_counter() - t
-    out.update(totals, mask_s=res.mask_s, timings=res.timings)
+    out.update(totals, mask_s=res.mask_s, timings=res.timings, placement=getattr(res, "placement", None))
     out["other_prune_s"] = out["prune_s"] - totals["stats_s"] - totals["rerun_s"] - res.mask_s
     out["peak_prune_gib"] = _peak_gib(device)
     t = time.perf_counter()
-    if not onload:
-        ppl = evaluate.perplexity(model, ev, ev.shape[-1], max_windows=nwin, batch_size=4)
-        out["pruned_ppl"] = ppl.get("ppl", ppl)
+    ppl = block_eval.perplexity(
+        model, ev, ev.shape[-1], max_windows=nwin, batch_size=4, device=device, **extra
+    )
     sync()
-    out["eval_s"] = time.perf_counter() - t
+    out["eval_s"], out["pruned_ppl"], out["eval_placement"] = (
+        time.perf_counter() - t,
+        ppl["ppl"],
+        ppl["placement"],
+    )
+    if not onload:  # the whole-model forward on the same windows: block-by-block must equal it
+        t = time.perf_counter()
+        whole = evaluate.perplexity(model, ev, ev.shape[-1], max_windows=nwin, batch_size=4)
+        sync()
+        out["whole_eval_s"], out["whole_ppl"] = time.perf_counter() - t, whole["ppl"]
+        out["ppl_rel_diff"] = abs(whole["ppl"] - ppl["ppl"]) / whole["ppl"]
     out["peak_gib"] = _peak_gib(device)
     del model
     return out
