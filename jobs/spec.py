@@ -6,9 +6,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from core.spec import RunSpec, check_prunes_something
+from core.spec import RunSpec
 
 
 class JobStatus(StrEnum):
@@ -56,11 +56,6 @@ class JobRequest(RunSpec):
     are refused)."""
 
     webhook: WebhookSpec | None = Field(default=None, description="Optional job notifications.")
-
-    @model_validator(mode="after")
-    def _prunes_something(self) -> JobRequest:
-        check_prunes_something(self.prune)  # a job that would prune nothing is a mistake (422)
-        return self
 
     def to_run_spec(self) -> RunSpec:
         """The run spec handed to the engine (without service-only fields)."""
