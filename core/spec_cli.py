@@ -318,7 +318,7 @@ def load_spec_file(path: Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as exc:
-        raise ValueError(f"cannot parse {path}: {exc}") from exc
+        raise ValueError(f"cannot parse {path}: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping (a run spec)")
     return data
