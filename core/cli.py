@@ -32,7 +32,6 @@ class _Parser(argparse.ArgumentParser):
 PRUNE_RENAMED: dict[str, tuple[str, ...]] = {
     "--eval-data": ("--eval-source",),
     "--no-dense-eval": ("--no-dense-baseline",),
-    "--batch-size": ("--calibration-batch-size",),
     "--text-field": ("--calibration-text-field", "--eval-text-field"),
     "--no-model": ("--no-export-model",),
 }

@@ -55,7 +55,6 @@ FLAG_NAMES: dict[str, str] = {
     "model.source": "model",
     "calibration.source": "calibration",
     "calibration.text_field": "calibration-text-field",
-    "prune.batch_size": "calibration-batch-size",
     "evaluation.enabled": "eval",
     "evaluation.max_windows": "eval-windows",
     "evaluation.dense_baseline": "dense-baseline",
@@ -135,6 +134,14 @@ def spec_options(model: type[BaseModel], only: Sequence[str] | None = None) -> l
             out.append(SpecOption(path, flag_for(path), info, m, kind, ann, _choices(ann)))
 
     walk(model, "")
+    seen: dict[str, str] = {}
+    for o in out:
+        if o.flag in seen:
+            raise RuntimeError(
+                f"spec fields {seen[o.flag]} and {o.path} would both be {o.flag}: "
+                "give one a name in core.spec_cli.FLAG_NAMES"
+            )
+        seen[o.flag] = o.path
     if only is not None:
         by_path = {o.path: o for o in out}
         return [by_path[p] for p in only]
@@ -158,6 +165,7 @@ def _converter(opt: SpecOption) -> Callable[[str], Any]:
     """argparse ``type=``: parse one value, then check it against the field's own rules alone (its
     constraints and field validators; rules spanning fields are checked when the spec is built)."""
     adapter: TypeAdapter[Any] = TypeAdapter(opt.scalar)
+    plain = opt.choices is not None or opt.scalar in (str, int, float, bool)  # else a JSON value
 
     def convert(text: str) -> Any:
         if opt.choices is not None and text not in opt.choices:
@@ -165,7 +173,7 @@ def _converter(opt: SpecOption) -> Callable[[str], Any]:
                 f"invalid choice: {text!r} for {opt.path} (choose from {', '.join(opt.choices)})"
             )
         try:
-            value = adapter.validate_strings(text)
+            value = adapter.validate_strings(text) if plain else adapter.validate_json(text)
         except ValidationError:
             raise ValueError(text) from None  # argparse: "invalid <type> value: 'x'"
         probe = [value] if opt.kind == "list" else value

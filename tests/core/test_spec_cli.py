@@ -193,7 +193,6 @@ def test_bad_spec_file_or_no_model_exits_2_with_one_line(tmp_path: Path, capsys)
 RENAMED_PRUNE = [
     (["--eval-data", "c4"], ["--eval-source", "c4"]),
     (["--no-dense-eval"], ["--no-dense-baseline"]),
-    (["--batch-size", "4"], ["--calibration-batch-size", "4"]),
     (["--text-field", "body"], ["--calibration-text-field", "body", "--eval-text-field", "body"]),
     (["--no-model"], ["--no-export-model"]),
 ]
@@ -263,3 +262,16 @@ def test_prunes_nothing_is_refused_once_by_the_spec_for_every_entry_point() -> N
             with pytest.raises(ValidationError, match="prune"):
                 model.model_validate(body)
     PruneSpec(sparsity=0.0)  # the section alone may hold 0 (the whole run is what is refused)
+
+
+def test_summary_sparsity_is_renamed_measured_sparsity_and_the_old_name_still_read() -> None:
+    from jobs.spec import JobSummary
+
+    old_record = JobSummary.model_validate_json('{"sparsity": 0.5}')  # stored before the rename
+    assert old_record.measured_sparsity == 0.5
+    new = JobSummary(measured_sparsity=0.4).model_dump(mode="json")
+    assert new["measured_sparsity"] == new["sparsity"] == 0.4  # old readers still find it
+    prop = JobSummary.model_json_schema()["properties"]["sparsity"]
+    assert prop["deprecated"] is True
+    with pytest.warns(DeprecationWarning, match="measured_sparsity"):
+        assert old_record.sparsity == 0.5
