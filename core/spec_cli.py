@@ -330,3 +330,19 @@ def load_spec_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping (a run spec)")
     return data
+
+
+def flag_table(model: type[BaseModel]) -> str:
+    """A Markdown table of every spec field and its flag (docs/core.md is written from it)."""
+    rows = ["| spec field | flag | values |", "|---|---|---|"]
+    for o in spec_options(model):
+        flag = f"`{o.flag}` / `--no-{o.flag[2:]}`" if o.kind == "bool" else f"`{o.flag}`"
+        values = ", ".join(o.choices) if o.choices else getattr(o.scalar, "__name__", str(o.scalar))
+        rows.append(f"| `{o.path}` | {flag} | {values}{' (repeatable)' if o.kind == 'list' else ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m core.spec_cli: the flag table of the run spec
+    from core.spec import RunSpec
+
+    print(flag_table(RunSpec))
