@@ -148,13 +148,13 @@ def spec_options(model: type[BaseModel], only: Sequence[str] | None = None) -> l
     return out
 
 
-def _help(opt: SpecOption) -> str:
+def _help(opt: SpecOption, default: Any = None) -> str:
     text = (opt.info.description or "").strip()
-    if not opt.info.is_required():
+    if default is None and not opt.info.is_required():
         default = opt.info.get_default(call_default_factory=True)
-        if default is not None and default != []:
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            text += f" (default: {shown})"
+    if default is not None and default != []:
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        text += f" (default: {shown})"
     if opt.kind == "list":
         text += " Repeatable."
     # argparse %-formats help texts
@@ -197,47 +197,36 @@ def _metavar(opt: SpecOption) -> str:
 
 
 def add_spec_options(
-    parser: argparse.ArgumentParser, model: type[BaseModel], only: Sequence[str] | None = None
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    only: Sequence[str] | None = None,
+    defaults: dict[str, Any] | None = None,
+    dest: Callable[[str], str] | None = None,
 ) -> list[SpecOption]:
-    """Add an option for every leaf field of ``model`` (or the ``only`` paths), grouped by section;
-    options default to "not given" so that `spec_body` keeps only what was typed."""
+    """Add an option for every leaf field of ``model`` (or the ``only`` paths), grouped by section.
+    Options default to "not given" (`spec_body` keeps only what was typed) unless ``defaults``
+    gives a path its own (a benchmark's settings); ``dest`` maps a path to its attribute
+    (default ``DEST_PREFIX + path``)."""
     opts = spec_options(model, only)
+    defaults = defaults or {}
     groups: dict[str, argparse._ArgumentGroup] = {}
     for opt in opts:
         section = opt.path.partition(".")[0] if "." in opt.path else "run"
         if section not in groups:
             doc = (opt.section.__doc__ or "").strip().splitlines()[0] if "." in opt.path else ""
             groups[section] = parser.add_argument_group(f"spec section '{section}'", doc or None)
-        g = groups[section]
-        dest, help_ = DEST_PREFIX + opt.path, _help(opt)
+        kw: dict[str, Any] = {
+            "dest": dest(opt.path) if dest else DEST_PREFIX + opt.path,
+            "default": defaults.get(opt.path, argparse.SUPPRESS),
+            "help": _help(opt, defaults.get(opt.path)),
+        }
         if opt.kind == "bool":
-            g.add_argument(
-                opt.flag,
-                dest=dest,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_,
-            )
-        elif opt.kind == "list":
-            g.add_argument(
-                opt.flag,
-                dest=dest,
-                action="extend",
-                nargs="+",
-                type=_converter(opt),
-                default=argparse.SUPPRESS,
-                metavar=_metavar(opt),
-                help=help_,
-            )
+            kw["action"] = argparse.BooleanOptionalAction
         else:
-            g.add_argument(
-                opt.flag,
-                dest=dest,
-                type=_converter(opt),
-                default=argparse.SUPPRESS,
-                metavar=_metavar(opt),
-                help=help_,
-            )
+            kw.update(type=_converter(opt), metavar=_metavar(opt))
+            if opt.kind == "list":
+                kw.update(action="extend", nargs="+")
+        groups[section].add_argument(opt.flag, **kw)
     return opts
 
 
