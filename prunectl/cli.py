@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from core.spec_cli import add_spec_options, load_spec_file, spec_body
-from jobs.spec import JobRequest, JobStatus
-from prunectl.client import TERMINAL, ApiError, Client, CliError, TimedOut, Unreachable, check_target
+from jobs.spec import HELD, TERMINAL, JobRequest, JobStatus
+from prunectl.client import ApiError, Client, CliError, TimedOut, Unreachable, check_target
 from prunectl.settings import DEFAULT_URL, ClientSettings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
@@ -145,7 +145,7 @@ def describe(job: dict[str, Any]) -> str:
     """A few human lines about a job."""
     lines = [f"{job.get('id')}  {job.get('status')}"]
     prog = job.get("progress") or {}
-    if job.get("status") in ("running", "cancelling") and prog.get("stage"):
+    if job.get("status") in HELD and prog.get("stage"):
         lines.append(f"  progress: {progress_text(prog)}")
     if job.get("error"):
         lines.append(f"  error: {job['error'].get('code')}: {job['error'].get('message')}")
