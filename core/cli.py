@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-PRUNE_RENAMED: dict[str, tuple[str, ...]] = {
+RENAMED_PRUNE_FLAGS: dict[str, tuple[str, ...]] = {
     "--eval-data": ("--eval-source",),
     "--no-dense-eval": ("--no-dense-baseline",),
     "--text-field": ("--calibration-text-field", "--eval-text-field"),
@@ -46,7 +46,7 @@ EVAL_FIELDS = (
     "evaluation.seqlen",
     "evaluation.max_windows",
 )
-EVAL_RENAMED: dict[str, tuple[str, ...]] = {
+RENAMED_EVAL_FLAGS: dict[str, tuple[str, ...]] = {
     "--data": ("--eval-source",),
     "--windows": ("--eval-windows",),
     "--seqlen": ("--eval-seqlen",),
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data-dir", help="data directory for named datasets (default: PRUNE_DATA_DIR, ...)")
     pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_spec_options(pr, RunSpec)
-    add_deprecated(pr, PRUNE_RENAMED)
+    add_deprecated(pr, RENAMED_PRUNE_FLAGS)
 
     ins = sub.add_parser(
         "inspect", help="print what would be pruned (blocks, layers, experts), prune nothing"
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-batch-size", type=int, default=1, help="evaluation windows per forward (default 1)"
     )
     ev.add_argument("--data-dir", help="data directory for named datasets (default: PRUNE_DATA_DIR, ...)")
-    add_deprecated(ev, EVAL_RENAMED)
+    add_deprecated(ev, RENAMED_EVAL_FLAGS)
     return p
 
 

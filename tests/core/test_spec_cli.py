@@ -201,7 +201,7 @@ RENAMED_PRUNE = [
 @pytest.mark.parametrize(("old", "new"), RENAMED_PRUNE)
 def test_old_prune_flags_still_work_and_warn(old: list[str], new: list[str], capsys) -> None:
     base = ["--model", "m", "--out", "o"]
-    assert set(cli.PRUNE_RENAMED) == {o[0] for o, _ in RENAMED_PRUNE}
+    assert set(cli.RENAMED_PRUNE_FLAGS) == {o[0] for o, _ in RENAMED_PRUNE}
     expected = cli.spec_from_args(CORE_PRUNE.parse_args([*base, *new]))
     assert "deprecated" not in capsys.readouterr().err
     got = cli.spec_from_args(CORE_PRUNE.parse_args([*base, *old]))
@@ -246,8 +246,8 @@ def test_old_eval_flags_still_work_and_warn(capsys) -> None:
         ]
     )
     assert vars(old) == vars(new)
-    assert set(cli.EVAL_RENAMED) == {"--data", "--windows", "--seqlen", "--batch-size", "--text-field"}
-    for flag in cli.EVAL_RENAMED:
+    assert set(cli.RENAMED_EVAL_FLAGS) == {"--data", "--windows", "--seqlen", "--batch-size", "--text-field"}
+    for flag in cli.RENAMED_EVAL_FLAGS:
         assert f"warning: {flag} is deprecated" in err
     with pytest.raises(cli.UsageError, match=r"evaluation\.max_windows"):
         ev.parse_args(["--model", "m", "--windows", "0"])  # the old flag is checked as the new one
