@@ -1,5 +1,8 @@
 """``python -m core``: prune a model, inspect what would be pruned, measure perplexity, unpack.
 
+Spec options are generated from `core.spec.RunSpec` (`core.spec_cli`): the same flags as
+``prunectl submit``; ``prune --spec FILE`` reads a JSON/YAML spec that the flags override.
+
 ``prune`` prints the report JSON on stdout and progress on stderr; ``eval`` prints a JSON
 result on stdout. Bad arguments and invalid input exit with code 2 and a one-line message on
 stderr (no traceback, nothing written to ``--out``); other engine errors exit with code 1.

@@ -13,6 +13,7 @@ everywhere; `flag_for` names it. `spec_body` turns the parsed flags into a neste
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import types
@@ -165,17 +166,24 @@ def _converter(opt: SpecOption) -> Callable[[str], Any]:
     """argparse ``type=``: parse one value, then check it against the field's own rules alone (its
     constraints and field validators; rules spanning fields are checked when the spec is built)."""
     adapter: TypeAdapter[Any] = TypeAdapter(opt.scalar)
-    plain = opt.choices is not None or opt.scalar in (str, int, float, bool)  # else a JSON value
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_strings(text)
+        except ValidationError:
+            if opt.scalar in (str, int, float, bool):
+                raise ValueError(text) from None  # argparse: "invalid <type> value: 'x'"
+        try:  # a structured value (a model, a mapping, a list): JSON text
+            return adapter.validate_json(text)
+        except ValidationError:
+            raise ValueError(text) from None
 
     def convert(text: str) -> Any:
         if opt.choices is not None and text not in opt.choices:
             raise argparse.ArgumentTypeError(
                 f"invalid choice: {text!r} for {opt.path} (choose from {', '.join(opt.choices)})"
             )
-        try:
-            value = adapter.validate_strings(text) if plain else adapter.validate_json(text)
-        except ValidationError:
-            raise ValueError(text) from None  # argparse: "invalid <type> value: 'x'"
+        value = parse(text)
         probe = [value] if opt.kind == "list" else value
         try:
             opt.section.model_validate({opt.name: probe})
@@ -184,6 +192,8 @@ def _converter(opt: SpecOption) -> Callable[[str], Any]:
             if mine:
                 msg = str(mine[0]["msg"]).removeprefix("Value error, ")
                 raise argparse.ArgumentTypeError(f"{opt.path}: {msg}") from None
+        except Exception:  # a section validator that needs other fields: checked with the whole spec
+            pass
         return value
 
     convert.__name__ = getattr(opt.scalar, "__name__", "value")
@@ -295,7 +305,7 @@ def _given(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
 def spec_body(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The spec as a nested dict: ``base`` (a ``--spec`` file) with every given flag laid over it
     (a flag replaces the file's value, lists included). Not validated."""
-    body = json.loads(json.dumps(base)) if base else {}
+    body = copy.deepcopy(base) if base else {}
     for path, value in _given(args):
         _set(body, path, value)
     return body

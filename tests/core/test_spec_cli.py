@@ -115,6 +115,8 @@ def test_a_field_added_to_the_spec_gets_a_flag_with_no_cli_change() -> None:
         steps: int = Field(default=0, ge=0, description="Training steps.")
         schedule: typing.Literal["cosine", "linear"] = "cosine"
         enabled: bool = False
+        lr: float | typing.Literal["auto"] = "auto"
+        weights: dict[str, float] = Field(default_factory=dict)
 
     class Extended(RunSpec):
         recovery: Recovery | None = None
@@ -125,6 +127,9 @@ def test_a_field_added_to_the_spec_gets_a_flag_with_no_cli_change() -> None:
         ["--model", "m", "--recovery-steps", "20", "--recovery-schedule", "linear", "--recovery-enabled"]
     )
     assert spec_body(args)["recovery"] == {"steps": 20, "schedule": "linear", "enabled": True}
+    args = p.parse_args(["--recovery-lr", "0.001", "--recovery-weights", '{"a": 1.5}'])
+    assert spec_body(args)["recovery"] == {"lr": 0.001, "weights": {"a": 1.5}}
+    assert spec_body(p.parse_args(["--recovery-lr", "auto"]))["recovery"] == {"lr": "auto"}
     assert "Training steps." in p.format_help() and "{cosine,linear}" in p.format_help()
     with pytest.raises(argparse.ArgumentError, match=r"recovery\.steps"):
         p.parse_args(["--recovery-steps", "-1"])
