@@ -21,7 +21,7 @@ import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
@@ -50,13 +50,13 @@ SECTION_PREFIX: dict[str, str] = {
     "evaluation": "eval-",
 }
 """Flag prefix of each top-level section; a section not listed (``gate``, ``sweep``, ``webhook``, any
-section added later) uses its own name: ``--gate-min-sparsity``, ``--sweep-methods``."""
+section added later) uses its own name: ``--gate-min-sparsity``, ``--sweep-methods``. A prefixed
+section's ``enabled`` field is the bare prefix: ``--eval/--no-eval``, ``--recovery/--no-recovery``."""
 
 FLAG_NAMES: dict[str, str] = {
     "model.source": "model",
     "calibration.source": "calibration",
     "calibration.text_field": "calibration-text-field",
-    "evaluation.enabled": "eval",
     "evaluation.max_windows": "eval-windows",
     "evaluation.dense_baseline": "dense-baseline",
     "outputs.model": "export-model",
@@ -88,6 +88,10 @@ class SpecOption:
 
 
 def _strip_optional(ann: Any) -> Any:
+    """``X | None`` -> ``X`` and ``Annotated[X, ...]`` -> ``X`` (constraints are checked by the
+    field's model)."""
+    if typing.get_origin(ann) is Annotated:
+        ann = typing.get_args(ann)[0]
     if typing.get_origin(ann) in (Union, types.UnionType):
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if len(args) == 1:
@@ -112,6 +116,8 @@ def flag_for(path: str) -> str:
         return "--" + FLAG_NAMES[path]
     section, _, rest = path.partition(".")
     prefix = SECTION_PREFIX.get(section, f"{section}-")
+    if rest == "enabled" and prefix:  # a section's own switch: --eval / --no-eval, --recovery
+        return "--" + prefix.rstrip("-")
     return "--" + prefix + rest.replace(".", "-").replace("_", "-")
 
 

@@ -124,7 +124,7 @@ def test_a_field_added_to_the_spec_gets_a_flag_with_no_cli_change() -> None:
     p = argparse.ArgumentParser(exit_on_error=False)
     add_spec_options(p, Extended)
     args = p.parse_args(
-        ["--model", "m", "--recovery-steps", "20", "--recovery-schedule", "linear", "--recovery-enabled"]
+        ["--model", "m", "--recovery-steps", "20", "--recovery-schedule", "linear", "--recovery"]
     )
     assert spec_body(args)["recovery"] == {"steps": 20, "schedule": "linear", "enabled": True}
     args = p.parse_args(["--recovery-lr", "0.001", "--recovery-weights", '{"a": 1.5}'])
