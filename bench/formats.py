@@ -21,6 +21,14 @@ from pathlib import Path
 
 from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir, spec_flags
 
+SPEC_DEFAULTS = {
+    "prune.pattern": "2:4",
+    "calibration.nsamples": 32,
+    "calibration.seqlen": 512,
+    "evaluation.max_windows": 40,
+}
+"""This benchmark's run-spec settings, each a flag (``--pattern``, ``--eval-windows``, ...)."""
+
 
 def _fp16_copy(src: Path, dst: Path) -> None:
     """``src`` with every floating tensor cast to fp16 (one tensor at a time), other files as is."""
@@ -102,16 +110,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    spec_flags(
-        ap,
-        {
-            "prune.pattern": "2:4",
-            "calibration.nsamples": 32,
-            "calibration.seqlen": 512,
-            "evaluation.max_windows": 40,
-        },
-        {"--windows": ["--eval-windows"]},
-    )
+    spec_flags(ap, SPEC_DEFAULTS, {"--windows": ["--eval-windows"]})
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
 

@@ -19,6 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SMOLLM2_FILE, machine, smollm2_dir, spec_flags
 
+SPEC_DEFAULTS = {
+    "prune.pattern": "2:4",
+    "calibration.nsamples": 32,
+    "calibration.seqlen": 512,
+    "evaluation.max_windows": 32,
+}
+"""This benchmark's run-spec settings, each a flag (``--pattern``, ``--eval-windows``, ...)."""
+
 
 class MaskOnly:
     """Wraps a method so that it chooses its mask on a copy and never updates the weight."""
@@ -34,15 +42,7 @@ class MaskOnly:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    spec_flags(
-        ap,
-        {
-            "prune.pattern": "2:4",
-            "calibration.nsamples": 32,
-            "calibration.seqlen": 512,
-            "evaluation.max_windows": 32,
-        },
-    )
+    spec_flags(ap, SPEC_DEFAULTS)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
