@@ -9,9 +9,13 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from core import hostinfo
+from core.spec import RunSpec
+from core.spec_cli import add_deprecated, add_spec_options, flag_for
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,3 +73,11 @@ def run_child(args: list[str], env: dict | None = None) -> tuple[dict, float, fl
         raise RuntimeError(f"child {args} exited {proc.returncode}")
     last = out.decode().strip().splitlines()[-1]
     return json.loads(last), wall, usage.ru_maxrss / 1024.0
+
+
+def spec_flags(ap: Any, defaults: dict[str, Any], renamed: dict[str, Sequence[str]] | None = None) -> None:
+    """Add the run-spec flags of these field paths with this benchmark's defaults: the names, help
+    texts and per-value checks of both CLIs (`core.spec_cli`), read as ``args.<flag>``
+    (``args.nsamples``, ``args.eval_windows``). ``renamed``: old flags, kept with a warning."""
+    add_spec_options(ap, RunSpec, list(defaults), defaults, dest=lambda p: flag_for(p)[2:].replace("-", "_"))
+    add_deprecated(ap, renamed or {})

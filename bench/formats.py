@@ -19,7 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir
+from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir, spec_flags
+
+SPEC_DEFAULTS = {
+    "prune.pattern": "2:4",
+    "calibration.nsamples": 32,
+    "calibration.seqlen": 512,
+    "evaluation.max_windows": 40,
+}
+"""This benchmark's run-spec settings, each a flag (``--pattern``, ``--eval-windows``, ...)."""
 
 
 def _fp16_copy(src: Path, dst: Path) -> None:
@@ -102,10 +110,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pattern", default="2:4", help="'unstructured' (50%%) or N:M")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=40)
+    spec_flags(ap, SPEC_DEFAULTS, {"--windows": ["--eval-windows"]})
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
 
@@ -121,7 +126,7 @@ def main() -> None:
                 "model": {"source": str(smollm2_dir() / SMOLLM2_FILE)},
                 "prune": {"method": "wanda", "pattern": args.pattern},
                 "calibration": {"source": "wikitext2", "nsamples": args.nsamples, "seqlen": args.seqlen},
-                "evaluation": {"max_windows": args.windows},
+                "evaluation": {"max_windows": args.eval_windows},
                 "outputs": {"formats": ["dense", "compact", "int8", "compact-int8"]},
             }
         )

@@ -43,11 +43,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, SMOLLM2_FILE, data_dir, machine, smollm2_dir
+from bench.common import REPO, SMOLLM2_FILE, data_dir, machine, smollm2_dir, spec_flags
 
 DEMO = [
     "--method", "wanda", "--pattern", "2:4", "--calibration", "wikitext2", "--nsamples", "32",
-    "--seqlen", "512", "--eval-data", "wikitext2", "--eval-seqlen", "512",
+    "--seqlen", "512", "--eval-source", "wikitext2", "--eval-seqlen", "512",
     "--dtype", "float32", "--quiet",
 ]  # fmt: skip
 """The demo job of scripts/stack.py (`demo_request`) as `python -m core prune` flags."""
@@ -104,7 +104,7 @@ def run_demo(
         entry = ["-m", "core"] if threads is None else ["-c", SET_THREADS, str(threads)]
         cmd = [python, *entry, "prune", "--model", str(smollm2_dir() / SMOLLM2_FILE), *DEMO]
         cmd += ["--eval-windows", str(eval_windows), "--out", str(out)]
-        cmd += [] if dense_eval else ["--no-dense-eval"]
+        cmd += [] if dense_eval else ["--no-dense-baseline"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -260,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--label", required=True)
     r.add_argument("--python", default=sys.executable, help="interpreter of the run (a venv's python)")
     r.add_argument("--env", action="append", default=[], help="K=V for the child (repeatable)")
-    r.add_argument("--eval-windows", type=int, default=40)
-    r.add_argument("--no-dense-eval", action="store_true", help="skip the dense baseline (saves time)")
+    spec_flags(
+        r,
+        {"evaluation.max_windows": 40, "evaluation.dense_baseline": True},
+        {"--no-dense-eval": ["--no-dense-baseline"]},
+    )
     r.add_argument("--out", type=Path, help="append the JSON line here")
     r.add_argument(
         "--threads", help="comma-separated thread counts (e.g. 1,2,4): one run per count, LABEL-tN"
@@ -284,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         counts = [int(n) for n in args.threads.split(",")]
         rows, summary = run_threads(
-            args.label, args.python, extra, counts, args.eval_windows, not args.no_dense_eval
+            args.label, args.python, extra, counts, args.eval_windows, args.dense_baseline
         )
         print(json.dumps(summary, indent=1))
         if args.summary:
             args.summary.write_text(json.dumps(summary, indent=1) + "\n")
     else:
-        rows = [run_demo(args.label, args.python, extra, args.eval_windows, not args.no_dense_eval)]
+        rows = [run_demo(args.label, args.python, extra, args.eval_windows, args.dense_baseline)]
         print(json.dumps(rows[0]))
     if args.out:
         with args.out.open("a") as f:

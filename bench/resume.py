@@ -16,9 +16,9 @@ say they used (`model.gguf_cache`, `evaluation.dense_cached`). `--source hf` run
 as a Hugging Face safetensors directory (converted from the GGUF file first) instead of the GGUF
 file, whose dequantizing load is a fixed cost of every attempt that misses the model cache.
 
-    /work/tools/bench "resume" env HF_HUB_OFFLINE=1 python bench/resume.py --source hf --windows 8 \
+    /work/tools/bench "resume" env HF_HUB_OFFLINE=1 python bench/resume.py --source hf --eval-windows 8 \
         > docs/bench/resume-hf.json
-    /work/tools/bench "resume-gguf" env HF_HUB_OFFLINE=1 python bench/resume.py --windows 8 \
+    /work/tools/bench "resume-gguf" env HF_HUB_OFFLINE=1 python bench/resume.py --eval-windows 8 \
         > docs/bench/resume-gguf.json
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import data_dir, machine, smollm2_dir
+from bench.common import data_dir, machine, smollm2_dir, spec_flags
 from scripts.stack import Stack, demo_request
 
 KILL_AT = 0.8
@@ -114,13 +114,13 @@ def hf_copy(gguf: Path, out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, default=8, help="evaluation windows (the demo uses 40)")
+    spec_flags(ap, {"evaluation.max_windows": 8}, {"--windows": ["--eval-windows"]})  # the demo uses 40
     ap.add_argument("--source", choices=["gguf", "hf"], default="gguf")
     ap.add_argument("--no-baseline-cache", action="store_true", help="PRUNE_BASELINE_CACHE=off")
     ap.add_argument("--no-model-cache", action="store_true", help="PRUNE_MODEL_CACHE=off")
     args = ap.parse_args()
     body = demo_request()
-    body["evaluation"]["max_windows"] = args.windows
+    body["evaluation"]["max_windows"] = args.eval_windows
     body["evaluation"]["generations"] = 0
     with tempfile.TemporaryDirectory() as home_s:
         home = Path(home_s)
@@ -172,7 +172,7 @@ def main() -> None:
             same = fresh["summary"]["pruned_ppl"] == done["summary"]["pruned_ppl"]
     resumed = runs["killed"][-1]["s"]
     out = {
-        "what": f"SmolLM2-135M ({args.source}) wanda 2:4, 32x512 calibration, {args.windows}x512 eval "
+        "what": f"SmolLM2-135M ({args.source}) wanda 2:4, 32x512 calibration, {args.eval_windows}x512 eval "
         "windows, no generations; job B SIGKILLed (worker main + child) late in pruning, resumed on the "
         "same host",
         "baseline_cache": not args.no_baseline_cache,

@@ -17,7 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SMOLLM2_FILE, machine, smollm2_dir
+from bench.common import SMOLLM2_FILE, machine, smollm2_dir, spec_flags
+
+SPEC_DEFAULTS = {
+    "prune.pattern": "2:4",
+    "calibration.nsamples": 32,
+    "calibration.seqlen": 512,
+    "evaluation.max_windows": 32,
+}
+"""This benchmark's run-spec settings, each a flag (``--pattern``, ``--eval-windows``, ...)."""
 
 
 class MaskOnly:
@@ -34,10 +42,7 @@ class MaskOnly:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--pattern", default="2:4")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=32)
+    spec_flags(ap, SPEC_DEFAULTS)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from bench.baseline_wanda import prune_wanda_baseline
-from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir
+from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir, spec_flags
 from core import data, engine, families
 from core.loading import load_model
 from core.spec import ModelSpec, PruneSpec
@@ -77,14 +77,7 @@ def save(path: Path, result: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("docs/bench/speed.json"))
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="engine batch size (PruneSpec.batch_size; default: the engine's own, ~1024 tokens on the CPU)",
-    )
+    spec_flags(ap, {"calibration.nsamples": 32, "calibration.seqlen": 512, "prune.batch_size": None})
     ap.add_argument(
         "--sweep",
         default="1,2,4,8",

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.baseline_wanda import prune_wanda_baseline  # noqa: E402
-from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir  # noqa: E402
+from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir, spec_flags  # noqa: E402
 from bench.speed import compare, timed, zero_patterns  # noqa: E402
 from core import data, engine  # noqa: E402
 from core.loading import load_model  # noqa: E402
@@ -66,8 +66,7 @@ def old_engine(rev: str, root: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    spec_flags(ap, {"calibration.nsamples": 32, "calibration.seqlen": 512})
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--old-rev", default=None, help="also time this commit's engine (e.g. 24c91af)")
     args = ap.parse_args()

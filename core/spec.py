@@ -92,7 +92,7 @@ def check_prunes_something(prune: PruneSpec) -> None:
 class PruneSpec(_Strict):
     """What to prune and how. Validated once, here, for every entry point."""
 
-    method: MethodName = "wanda"
+    method: MethodName = Field(default="wanda", description="Pruning method (docs/methods.md).")
     sparsity: float | None = Field(
         default=None,
         description="Fraction of weights zeroed in each pruned layer, in [0, 1). "
@@ -267,8 +267,8 @@ class ModelSpec(_Strict):
         description="Local Hugging Face directory, a .gguf file, or a hub id (when online).",
     )
     gguf_file: str | None = Field(default=None, max_length=512, description="GGUF file name inside `source`.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights' dtype.")
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where the model runs.")
     stream: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="Prune block by block from the safetensors files without loading the model whole. "
@@ -300,19 +300,24 @@ class CalibrationSpec(_Strict):
         description="Named dataset (wikitext2, c4), a text file, a folder of .txt files, or a .jsonl file.",
     )
     text_field: str = Field(default="text", max_length=128, description="Field holding the text in JSONL.")
-    nsamples: int = Field(default=128, ge=1, le=4096)
+    nsamples: int = Field(default=128, ge=1, le=4096, description="Calibration windows.")
     seqlen: int | None = Field(
         default=None, ge=8, le=131072, description="Default: min(2048, model context)."
     )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed of the random calibration windows.")
 
 
 class EvalSpec(_Strict):
     """Perplexity evaluation over non-overlapping windows."""
 
-    enabled: bool = True
-    source: str = Field(default="wikitext2", min_length=1, max_length=1024)
-    text_field: str = Field(default="text", max_length=128)
+    enabled: bool = Field(default=True, description="Measure perplexity (dense and pruned).")
+    source: str = Field(
+        default="wikitext2",
+        min_length=1,
+        max_length=1024,
+        description="Evaluation text: named dataset (wikitext2, c4), a text file, a folder or a .jsonl file.",
+    )
+    text_field: str = Field(default="text", max_length=128, description="Field holding the text in JSONL.")
     seqlen: int | None = Field(default=None, ge=8, le=131072, description="Default: the calibration seqlen.")
     max_windows: int | None = Field(default=None, ge=1, le=100000, description="Default: every full window.")
     dense_baseline: bool = Field(default=True, description="Also measure the dense model's perplexity.")
@@ -345,7 +350,7 @@ class OutputSpec(_Strict):
     """Which artifacts to produce."""
 
     model: bool = Field(default=True, description="Export the pruned Hugging Face directory.")
-    report: bool = True
+    report: bool = Field(default=True, description="Write report.md (report.json is always written).")
     max_shard_size: str = Field(default="2GB", description="Safetensors shard size: a positive KB, MB or GB.")
 
     @field_validator("max_shard_size")
@@ -392,9 +397,15 @@ class SweepSpec(_Strict):
     (an empty list keeps the ``prune`` section's value; ``sparsities`` apply to the unstructured
     pattern, an N:M pattern implies its own). The other ``prune`` options are shared."""
 
-    sparsities: list[float] = Field(default_factory=list, max_length=MAX_VARIANTS)
-    patterns: list[str] = Field(default_factory=list, max_length=MAX_VARIANTS)
-    methods: list[MethodName] = Field(default_factory=list, max_length=len(METHODS))
+    sparsities: list[float] = Field(
+        default_factory=list, max_length=MAX_VARIANTS, description="Sparsity targets of the variants."
+    )
+    patterns: list[str] = Field(
+        default_factory=list, max_length=MAX_VARIANTS, description="Patterns ('unstructured', 'N:M')."
+    )
+    methods: list[MethodName] = Field(
+        default_factory=list, max_length=len(METHODS), description="Methods of the variants."
+    )
 
     @field_validator("sparsities")
     @classmethod
@@ -502,6 +513,11 @@ class RunSpec(_Strict):
                                  " or 'auto'")  # fmt: skip
         if self.evaluation.tasks and not self.evaluation.enabled:
             raise ValueError("evaluation.tasks need evaluation.enabled = true")
+        return self
+
+    @model_validator(mode="after")
+    def _prunes_something(self) -> RunSpec:
+        check_prunes_something(self.prune)  # a run that would prune nothing is a mistake (CLI 2, HTTP 422)
         return self
 
     @model_validator(mode="after")

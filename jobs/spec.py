@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.spec import RunSpec, check_prunes_something
+from core.spec import RunSpec
 
 
 class JobStatus(StrEnum):
@@ -57,11 +57,6 @@ class JobRequest(RunSpec):
 
     webhook: WebhookSpec | None = Field(default=None, description="Optional job notifications.")
 
-    @model_validator(mode="after")
-    def _prunes_something(self) -> JobRequest:
-        check_prunes_something(self.prune)  # a job that would prune nothing is a mistake (422)
-        return self
-
     def to_run_spec(self) -> RunSpec:
         """The run spec handed to the engine (without service-only fields)."""
         return RunSpec.model_validate(self.model_dump(exclude={"webhook"}))
@@ -97,7 +92,16 @@ class JobSummary(_Record):
 
     dense_ppl: float | None = None
     pruned_ppl: float | None = None
-    sparsity: float | None = Field(default=None, description="Overall sparsity of the pruned layers.")
+    measured_sparsity: float | None = Field(
+        default=None,
+        description="Measured overall sparsity of the pruned layers (report.json `sparsity.overall`); "
+        "the requested target is `prune.sparsity`.",
+    )
+    sparsity: float | None = Field(
+        default=None,
+        deprecated="renamed measured_sparsity (docs/core.md, 'Renamed names'); same value",
+        description="Deprecated name of `measured_sparsity` (same value).",
+    )
     durations: dict[str, float] = Field(default_factory=dict, description="Seconds per engine stage.")
     ppl_ratio: float | None = Field(default=None, description="pruned/dense perplexity.")
     verdict: str | None = Field(default=None, description="good, fair, poor, damaged or unknown.")
@@ -114,6 +118,15 @@ class JobSummary(_Record):
     tasks: list[dict[str, Any]] = Field(
         default_factory=list, description="Zero-shot tasks: `{task, metric, dense, pruned}` (lm-eval)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _same_sparsity(cls, data: Any) -> Any:
+        """Either name fills both (records stored before the rename hold `sparsity` only)."""
+        if isinstance(data, dict):
+            value = data.get("measured_sparsity", data.get("sparsity"))
+            data = {**data, "measured_sparsity": value, "sparsity": value}
+        return data
 
 
 class Job(_Record):

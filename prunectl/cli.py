@@ -23,14 +23,16 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from prunectl.client import TERMINAL, ApiError, Client, CliError, TimedOut, Unreachable, check_target
+from core.spec_cli import add_spec_options, load_spec_file, spec_body
+from jobs.spec import HELD, TERMINAL, JobRequest, JobStatus
+from prunectl.client import ApiError, Client, CliError, TimedOut, Unreachable, check_target
 from prunectl.settings import DEFAULT_URL, ClientSettings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE, EXIT_VERIFY, EXIT_TIMEOUT = 0, 1, 2, 3, 4, 5
 WAIT_TIMEOUT = 6 * 3600.0
 """Default total --timeout of `submit --wait` (seconds)."""
 EXIT_GATE = 6
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+STATUSES = tuple(JobStatus)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,13 +73,6 @@ def _seconds(v: str) -> float:
     return f
 
 
-def _fraction(v: str) -> float:
-    f = float(v)
-    if not 0.0 <= f < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return f
-
-
 def _positive(v: str) -> int:
     i = int(v)
     if i < 1:
@@ -92,24 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("submit", parents=[common], help="submit a job (optionally wait and download)")
-    s.add_argument("--spec", type=Path, help="JSON/YAML run spec; flags below override its fields")
-    s.add_argument("--model", help="model source: hub id, s3:// URI or a path on the service")
-    s.add_argument("--gguf-file", help="GGUF file name inside the model source")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--device", choices=["cpu", "cuda"])
-    s.add_argument("--method", choices=["wanda", "magnitude", "sparsegpt"])
-    s.add_argument("--sparsity", type=_fraction)
-    s.add_argument("--pattern", help="'unstructured' or N:M such as 2:4")
-    s.add_argument("--variant", action="store_true", default=None, help="Wanda's appendix variant")
-    s.add_argument("--ignore", action="append", help="fnmatch pattern of layers to keep dense (repeatable)")
-    s.add_argument("--calibration", help="calibration source (wikitext2, c4, or a path/URI)")
-    s.add_argument("--nsamples", type=_positive)
-    s.add_argument("--seqlen", type=_positive)
-    s.add_argument("--seed", type=int)
-    s.add_argument("--eval-source", help="evaluation text source (default wikitext2)")
-    s.add_argument("--eval-windows", type=_positive, help="evaluate at most this many windows")
-    s.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    s.add_argument("--no-dense-baseline", action="store_true", help="skip the dense perplexity")
+    s.add_argument("--spec", type=Path, help="JSON/YAML run spec; the flags below override its fields")
     s.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
     s.add_argument("--wait", action="store_true", help="follow progress (stderr) until the job ends")
     s.add_argument("--quiet", "-q", action="store_true", help="with --wait: no progress on stderr")
@@ -121,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--force", action="store_true", help="with --download: replace an existing DIR whole")
     s.add_argument("--poll", type=float, default=2.0, help="polling interval without SSE (seconds)")
+    add_spec_options(s, JobRequest)  # every field of the job body (docs/core.md "Command-line flags")
 
     st = sub.add_parser("status", parents=[common], help="show a job")
     st.add_argument("job_id")
@@ -130,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cancel", parents=[common], help="cancel a job")
     c.add_argument("job_id")
     ls = sub.add_parser("list", parents=[common], help="list jobs, newest first")
-    ls.add_argument("--status", choices=STATUSES)
+    ls.add_argument("--status", choices=[str(x) for x in STATUSES])
     ls.add_argument("--limit", type=_positive, default=20)
     ls.add_argument("--after", help="cursor: `next` of the previous page")
     dl = sub.add_parser("download", parents=[common], help="download and verify a job's artifacts")
@@ -143,56 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 # -- spec ----------------------------------------------------------------------------------------
 
 
-def load_spec_file(path: Path) -> dict[str, Any]:
-    """Read a JSON or YAML spec file (raises ValueError with a readable message)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:
-        raise ValueError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping (a run spec)")
-    return data
-
-
 def build_body(args: argparse.Namespace) -> dict[str, Any]:
     """The POST /v1/jobs body from --spec and flags (flags win). The server validates it."""
-    body: dict[str, Any] = load_spec_file(args.spec) if args.spec else {}
-
-    def put(section: str, key: str, value: Any) -> None:
-        if value is not None:
-            sec = body.setdefault(section, {})
-            if not isinstance(sec, dict):
-                raise ValueError(f"spec field {section!r} must be a mapping")
-            sec[key] = value
-
-    put("model", "source", args.model)
-    put("model", "gguf_file", args.gguf_file)
-    put("model", "dtype", args.dtype)
-    put("model", "device", args.device)
-    put("prune", "method", args.method)
-    put("prune", "sparsity", args.sparsity)
-    put("prune", "pattern", args.pattern)
-    put("prune", "variant", args.variant)
-    put("prune", "ignore", args.ignore)
-    put("calibration", "source", args.calibration)
-    put("calibration", "nsamples", args.nsamples)
-    put("calibration", "seqlen", args.seqlen)
-    put("calibration", "seed", args.seed)
-    put("evaluation", "source", args.eval_source)
-    put("evaluation", "max_windows", args.eval_windows)
-    if args.no_eval:
-        put("evaluation", "enabled", False)
-    if args.no_dense_baseline:
-        put("evaluation", "dense_baseline", False)
+    body = spec_body(args, load_spec_file(args.spec) if args.spec else None)
     if not isinstance(body.get("model"), dict) or not body["model"].get("source"):
         raise ValueError("a model is required: --model SOURCE or model.source in --spec")
     return body
@@ -213,13 +145,14 @@ def describe(job: dict[str, Any]) -> str:
     """A few human lines about a job."""
     lines = [f"{job.get('id')}  {job.get('status')}"]
     prog = job.get("progress") or {}
-    if job.get("status") in ("running", "cancelling") and prog.get("stage"):
+    if job.get("status") in HELD and prog.get("stage"):
         lines.append(f"  progress: {progress_text(prog)}")
     if job.get("error"):
         lines.append(f"  error: {job['error'].get('code')}: {job['error'].get('message')}")
     summary = job.get("summary") or {}
     if summary:
-        keys = ("sparsity", "dense_ppl", "pruned_ppl")
+        summary = {"measured_sparsity": summary.get("sparsity"), **summary}  # an API before the rename
+        keys = ("measured_sparsity", "dense_ppl", "pruned_ppl")
         shown = [f"{k}={summary[k]}" for k in keys if summary.get(k) is not None]
         lines.append("  summary: " + ", ".join(shown))
     return "\n".join(lines)

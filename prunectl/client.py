@@ -17,7 +17,6 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 """Answers worth retrying: the tenant is at its limit (429) or the service is failing or restarting."""
 MAX_BACKOFF = 8.0

@@ -44,7 +44,7 @@ def test_subprocess_prune_and_eval(tiny_model_dir, small_text: Path, tmp_path: P
     out = tmp_path / "out"
     model = tiny_model_dir("gpt_neox")
     cmd = [sys.executable, "-m", "core", "prune", "--model", str(model), "--pattern", "2:4"]
-    cmd += ["--calibration", str(small_text), "--eval-data", str(small_text)]
+    cmd += ["--calibration", str(small_text), "--eval-source", str(small_text)]
     cmd += ["--nsamples", "4", "--seqlen", "32", "--eval-windows", "2", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -53,9 +53,22 @@ def test_subprocess_prune_and_eval(tiny_model_dir, small_text: Path, tmp_path: P
     assert "[pruning]" in res.stderr and "block 2/2" in res.stderr
     assert (out / "model" / "config.json").is_file()
 
-    cmd = [sys.executable, "-m", "core", "eval", "--model", str(out / "model"), "--data", str(small_text)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "core",
+        "eval",
+        "--model",
+        str(out / "model"),
+        "--eval-source",
+        str(small_text),
+    ]
     res = subprocess.run(
-        [*cmd, "--seqlen", "32", "--windows", "2"], cwd=REPO, env=env, capture_output=True, text=True
+        [*cmd, "--eval-seqlen", "32", "--eval-windows", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     ev = json.loads(res.stdout)
