@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting sections after this")
     ap.add_argument("--sections", default="matmul,big,matrix,llmc", help="run in this order")
     ap.add_argument("--layers", type=int, default=0, help="decoder blocks of the big model (0: its own)")
+    ap.add_argument("--placements", default="resident,onload", help="8B-shape runs: resident, onload or both")
     ap.add_argument("--llmc-timeout", type=float, default=150.0)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,10 +29,13 @@ def test_tiny_run_on_the_cpu_writes_every_section(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "gpu.json").read_text())
     assert doc["done"] and doc["sections"]["matmul"]["bf16_tflops"] > 0
     runs = doc["sections"]["big"]["runs"]
-    resident = [r for r in runs if not r.get("onload")]
-    assert [r["method"] for r in resident] == ["wanda", "sparsegpt"]
-    for r in resident:
+    assert [(r["method"], r["onload"]) for r in runs] == [
+        ("wanda", False), ("wanda", True), ("sparsegpt", False), ("sparsegpt", True)
+    ]  # fmt: skip
+    for r in runs:
         assert r["prune_s"] > 0 and r["stats_s"] > 0 and r["rerun_s"] > 0 and r["pruned_ppl"] > 1
+    for resident, onloaded in (runs[0:2], runs[2:4]):  # same weights, same windows: same perplexity
+        assert onloaded["pruned_ppl"] == resident["pruned_ppl"] and resident["ppl_rel_diff"] < 1e-5
     matrix = doc["sections"]["matrix"]
     assert matrix["errors"] == 0 and matrix["total_differing_elements"] == 0  # the CPU against itself
     assert len(matrix["rows"]) >= 3 * 20
