@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from core.spec import RunSpec, check_prunes_something
+from core.spec import PruneSpec, RunSpec, check_prunes_something
 
 
 class JobStatus(StrEnum):
@@ -46,8 +46,34 @@ class WebhookSpec(BaseModel):
     events: list[WebhookEvent] = Field(
         default=["completed"],
         min_length=1,
+        max_length=3,
         description="Subset of started, progress (once per pruned block) and completed "
         "(succeeded, failed or cancelled).",
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"webhook events must not repeat, got {v}")
+        return v
+
+
+MAX_IGNORE = 128
+"""Most `prune.ignore` patterns a job may carry (every read of the stored job validates them)."""
+MAX_IGNORE_CHARS = 256
+"""Longest `prune.ignore` pattern (a qualified layer name with wildcards)."""
+
+
+class JobPruneSpec(PruneSpec):
+    """`core.spec.PruneSpec` with the service's bound on `ignore`: a job record is read and validated
+    on every GET, cancel and worker step, so its size is bounded at the door."""
+
+    ignore: list[Annotated[str, StringConstraints(max_length=MAX_IGNORE_CHARS)]] = Field(
+        default_factory=list,
+        max_length=MAX_IGNORE,
+        description="fnmatch patterns over qualified layer names (e.g. 'model.layers.0.*') to leave dense "
+        f"(at most {MAX_IGNORE}, each at most {MAX_IGNORE_CHARS} characters).",
     )
 
 
@@ -55,6 +81,7 @@ class JobRequest(RunSpec):
     """The body of `POST /v1/jobs`: a `core.spec.RunSpec` plus an optional `webhook` (unknown fields
     are refused)."""
 
+    prune: JobPruneSpec = Field(default_factory=JobPruneSpec)
     webhook: WebhookSpec | None = Field(default=None, description="Optional job notifications.")
 
     @model_validator(mode="after")
