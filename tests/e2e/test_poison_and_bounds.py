@@ -234,3 +234,44 @@ def test_unexpected_errors_are_problems_on_a_kept_connection(env: Env) -> None:
     assert "WRONGTYPE" in log  # logged with its traceback
     env.r.delete(f"prune:job:{job_id}")
     env.r.zrem("prune:idx:default", job_id)
+
+
+def test_a_record_broken_while_its_job_runs_fails_it_once(env: Env, tmp_path: Path) -> None:
+    """The running attempt finds the record unreadable at its next progress or cancel check: the job
+    fails once with the reason, the attempt stops, and the worker runs the next job."""
+    if "worker" not in env.stack.procs:
+        env.stack.start_worker()
+    big = tiny_models.save("llama", env.home / "big", layers=12, hidden=256)
+    body = env.body(
+        model={"source": str(big)},
+        calibration={"source": str(env.home / "small.txt"), "nsamples": 64, "seqlen": 128},
+    )
+    deadline = time.monotonic() + 120
+    while (r := env.http.post("/v1/jobs", json=body)).status_code == 429 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the previous test's last job still holds a slot
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    while time.monotonic() < deadline:
+        job = env.http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] != "queued" and (job["progress"] or {}).get("stage") in ("calibrating", "pruning"):
+            break
+        time.sleep(0.1)
+    assert job["status"] == "running", job
+    env.poison(job_id)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = env.http.get(f"/v1/jobs/{job_id}").json()
+        if got.get("job_status") == "failed":
+            break
+        time.sleep(0.2)
+    assert got["job_status"] == "failed", got
+    events = env.status_events(job_id)
+    assert [e["status"] for e in events] == ["queued", "running", "failed"], events
+    assert events[-1]["error"]["code"] == "unreadable_record"
+    follow_up = env.submit()
+    deadline = time.monotonic() + 180
+    while (s := env.http.get(f"/v1/jobs/{follow_up}").json()["status"]) not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert s == "succeeded"
+    assert not (env.stack.home / "work" / job_id).exists()  # the stopped attempt left no scratch
