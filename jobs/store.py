@@ -606,8 +606,8 @@ class JobStore:
         """Move a job whose record does not parse to `to` (failed or cancelled), in one WATCH/MULTI
         transaction: its indexes, quota, outbox and lease change as for any job, a `status` event
         records why, and the record keeps its unreadable content with the new status and an
-        `unreadable_record` error holding the original reason. Its status is taken from the tenant's indexes (`tenant`
-        when the record does not name one).
+        `unreadable_record` error holding the original reason. Its status is taken from the tenant's
+        indexes (`tenant` when the record does not name one).
 
         None when the record parses (use the ordinary transitions); else (what is known of it,
         whether this call changed it). Raises JobNotFound."""
