@@ -4,8 +4,9 @@ uvicorn answers a request it cannot parse (malformed, or a request line and head
 itself, before the app sees it, with `400 text/plain`. `ProblemH11Protocol` and
 `ProblemHttpToolsProtocol` answer the same cases with an RFC 9457 problem: 431 `request-head-too-large`
 when the request line and headers exceed `MAX_HEAD` bytes, 400 `invalid-http-request` otherwise
-(both close the connection, as uvicorn does). httptools sets no size limit of its own; its protocol
-here enforces the same `MAX_HEAD` as h11's.
+(both close the connection, as uvicorn does), with one `MAX_HEAD` for both parsers. (Plain uvicorn
+0.54 measured: h11 passes a 100 KB request line that arrives whole to the app, httptools answers it
+`400 text/plain`, and both pass 40 KB of headers.)
 
 Run: `python -m api.serve [APP] --host H --port P [--proxy-headers] ...` (the subset of the `uvicorn`
 command's flags the deployments use; `main`).

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -44,6 +45,10 @@ RECON_TOKENS = 256
 MAX_VARIANTS = 16
 """Most variants one sweep may ask for."""
 MAX_TASKS = 8
+MAX_IGNORE = 128
+"""Most `prune.ignore` patterns (a stored job is validated on every read, so its size is bounded)."""
+MAX_IGNORE_CHARS = 256
+"""Longest `prune.ignore` pattern (a qualified layer name with wildcards)."""
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """A zero-shot task name: also the folder name under ``$PRUNE_DATA_DIR/lm_eval_tasks/``."""
 MethodName = Literal["wanda", "magnitude", "sparsegpt", "ria"]
@@ -100,9 +105,11 @@ class PruneSpec(_Strict):
     )
     pattern: str = Field(default="unstructured", description="'unstructured' or 'N:M' (keep N of every M).")
     variant: bool = Field(default=False, description="Wanda's appendix variant (unstructured wanda only).")
-    ignore: list[str] = Field(
+    ignore: list[Annotated[str, StringConstraints(max_length=MAX_IGNORE_CHARS)]] = Field(
         default_factory=list,
-        description="fnmatch patterns over qualified layer names (e.g. 'model.layers.0.*') to leave dense.",
+        max_length=MAX_IGNORE,
+        description="fnmatch patterns over qualified layer names (e.g. 'model.layers.0.*') to leave dense "
+        f"(at most {MAX_IGNORE}, each at most {MAX_IGNORE_CHARS} characters).",
     )
     prune_routers: bool = Field(
         default=False,

@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from pydantic_settings import NoDecode
 
 from core.settings import ConfigError, EnvSettings, Flag, env_field
+from jobs import bounds
 
 __all__ = ["HOUR", "ConfigError", "Settings", "get_settings", "settings_or_exit"]
 
@@ -86,7 +87,11 @@ class Settings(EnvSettings):
         "PRUNE_URL_TTL", HOUR, "Lifetime of signed download URLs (s; at most 7 days for S3).", ge=1
     )
     max_body: int = env_field(
-        "PRUNE_MAX_BODY", 1024 * 1024, "Largest request body in bytes (413 above).", ge=1
+        "PRUNE_MAX_BODY",
+        bounds.max_body(),
+        "Largest request body in bytes (413 above). Default: the largest JSON a job request within "
+        "the bounds of its lists and strings can take, plus 16 KiB of whitespace (`jobs.bounds`).",
+        ge=1,
     )
     key_prefix: str = "prune"
     """Prefix of every Redis key (set in code only: tests isolate themselves with it)."""

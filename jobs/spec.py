@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.spec import RunSpec
 
@@ -46,9 +46,17 @@ class WebhookSpec(BaseModel):
     events: list[WebhookEvent] = Field(
         default=["completed"],
         min_length=1,
+        max_length=3,
         description="Subset of started, progress (once per pruned block) and completed "
         "(succeeded, failed or cancelled).",
     )
+
+    @field_validator("events")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"webhook events must not repeat, got {v}")
+        return v
 
 
 class JobRequest(RunSpec):

@@ -154,7 +154,11 @@ def parse_job(job_id: str, raw: bytes | str) -> Job:
         d = _lenient(raw)
         tenant = d.get("tenant") if isinstance(d.get("tenant"), str) else None
         status = d.get("status") if d.get("status") in {s.value for s in JobStatus} else None
-        message = f"the stored record of job {job_id} cannot be read ({_reason(e)})"
+        kept = d.get("error") if isinstance(d.get("error"), dict) else {}
+        if kept.get("code") == UNREADABLE and isinstance(kept.get("message"), str):
+            message = kept["message"]  # rewritten by end_unreadable: the original reason
+        else:
+            message = f"the stored record of job {job_id} cannot be read ({_reason(e)})"
         error = JobError(code=UNREADABLE, message=message)
         raise UnreadableRecord(UnreadableJob(id=job_id, tenant=tenant, status=status, error=error)) from None
 
@@ -601,9 +605,9 @@ class JobStore:
     ) -> tuple[UnreadableJob, bool] | None:
         """Move a job whose record does not parse to `to` (failed or cancelled), in one WATCH/MULTI
         transaction: its indexes, quota, outbox and lease change as for any job, a `status` event
-        records why, and the record keeps its unreadable content with the new status (and, failed,
-        an `unreadable_record` error). Its status is taken from the tenant's indexes (`tenant`
-        when the record does not name one).
+        records why, and the record keeps its unreadable content with the new status and an
+        `unreadable_record` error holding the original reason. Its status is taken from the tenant's
+        indexes (`tenant` when the record does not name one).
 
         None when the record parses (use the ordinary transitions); else (what is known of it,
         whether this call changed it). Raises JobNotFound."""
@@ -631,8 +635,9 @@ class JobStore:
                     record = _lenient(raw) or {"id": job_id, "tenant": tenant, "unreadable": str(raw)[:2000]}
                     record.update(status=to.value, finished_at=finished.isoformat())
                     event = {"status": to.value, "previous": old.value, "reason": UNREADABLE}
+                    record["error"] = info.error.model_dump()  # why, for every later read
                     if to == JobStatus.failed:
-                        record["error"] = event["error"] = info.error.model_dump()
+                        event["error"] = record["error"]
                     pipe.multi()
                     pipe.set(key, json.dumps(record))
                     self._move(pipe, job_id, tenant, old, to, finished)

@@ -103,6 +103,10 @@ def summarize(report: RunReport) -> JobSummary:
     )
 
 
+class RecordBroken(Exception):
+    """The running job's record stopped parsing (edited by hand): it was failed; stop the attempt."""
+
+
 class _Reporter:
     """on_progress / should_cancel callbacks bound to one attempt (its delivery token and lease)."""
 
@@ -153,6 +157,8 @@ class _Reporter:
             lifecycle.progress(self.ctx.store, self.job_id, self.token, prog)
         except redis.RedisError as e:  # a Redis blip must not kill a long job
             log.warning("job %s: progress not recorded: %s", self.job_id, e)
+        except UnreadableRecord:  # its record was broken under this attempt: fail it and stop
+            self._unreadable()
         if self.notifier is not None and key != self.hook_key:  # once per stage and per block
             self.hook_key = key
             self.notifier.send("progress", "job.progress", {"status": "running", **prog.model_dump()})
@@ -161,6 +167,11 @@ class _Reporter:
         """Append an event of this attempt (Fenced once the job was re-queued)."""
         lifecycle.publish(self.ctx.store, self.job_id, self.token, type_, data)
 
+    def _unreadable(self) -> None:
+        """The job's record was broken under this attempt: fail it once and stop the attempt."""
+        lifecycle.end_unreadable(self.ctx.store, self.job_id)
+        raise RecordBroken(self.job_id)
+
     def should_cancel(self) -> bool:
         self.lease.check()
         try:
@@ -168,9 +179,8 @@ class _Reporter:
         except redis.RedisError as e:
             log.warning("job %s: cancel check failed: %s", self.job_id, e)
             return False
-        except UnreadableRecord:  # its record was broken under this attempt: fail it and stop
-            lifecycle.end_unreadable(self.ctx.store, self.job_id)
-            raise Fenced(self.job_id, self.token) from None
+        except UnreadableRecord:
+            self._unreadable()
         if job is not None and job.delivery != self.token:
             raise Fenced(self.job_id, self.token)
         return job is None or job.status == JobStatus.cancelling
@@ -314,6 +324,10 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
         finished = False  # another attempt owns the job (and maybe this work dir): touch nothing
         log.warning("job %s: re-queued elsewhere (token %s is stale); stopping this attempt", job_id, token)
         return "fenced"
+    except RecordBroken:  # already failed with the reason: its artifacts go, the finally drops scratch
+        ctx.artifacts.delete_prefix(prefix)
+        log.warning("job %s: its record became unreadable; attempt stopped", job_id)
+        return JobStatus.failed.value
     except Cancelled:
         _end(ctx, job, token, JobStatus.cancelled)
         log.info("job %s: cancelled", job_id)

@@ -80,6 +80,22 @@ async function loadJobs() {
   const body = $("#jobs tbody");
   body.replaceChildren();
   for (const job of page.items) { jobs.set(job.id, job); body.append(row(job)); follow(job); }
+  for (const info of page.unreadable || []) body.append(unreadableRow(info));
+}
+
+function unreadableRow(info) {
+  // a job whose stored record cannot be read: what is known of it, and a way to cancel it
+  const tr = el("tr", null, { "data-job": info.id, class: "unreadable" });
+  tr.append(el("td", info.id), el("td", "—"), el("td", info.error.message, { class: "err" }));
+  tr.append(el("td", info.status || "unknown", { class: `status status-${info.status}` }), el("td", ""));
+  const act = el("td");
+  if (info.status && !TERMINAL.has(info.status)) {
+    const b = el("button", "Cancel", { type: "button", class: "cancel" });
+    b.addEventListener("click", () => cancel(info.id));
+    act.append(b);
+  }
+  tr.append(act);
+  return tr;
 }
 
 function row(job) {
@@ -168,6 +184,9 @@ async function showJob(id) {
   current = id;
   $("#job").hidden = false;
   shownEvents.clear();
+  lastStep = null;
+  sweep = { total: 0, labels: [], current: -1 };
+  $("#variants tbody").replaceChildren();
   $("#events").replaceChildren(); $("#artifacts").replaceChildren(); $("#plots").replaceChildren();
   $("#report").srcdoc = "";
   const job = await apiJson(`/v1/jobs/${id}`);
@@ -178,13 +197,93 @@ async function showJob(id) {
   location.hash = id;
 }
 
+// -- timeline and sweep view -------------------------------------------------------------------
+
 const shownEvents = new Set(); // event ids in the detail panel (the page and the stream overlap)
+const VARIANT_TAG = /^\[(\S+) (\d+)\/(\d+)\] /; // "[wanda-0.5 2/4] " before a sweep step's message
+let lastStep = null; // {key, tr}: the timeline row of the step (stage, variant, block) in progress
+let sweep = { total: 0, labels: [], current: -1 }; // the shown job's variants, from its progress events
+
+function eventTime(id) {
+  const ms = Number(String(id || "").split("-")[0]); // a stream id starts with its Unix time in ms
+  return ms ? new Date(ms).toLocaleTimeString([], { hour12: false }) : "";
+}
+
+function describe(type, d) {
+  // one timeline row: stage, variant, block i/N, fraction done, ETA and message (never raw JSON)
+  if (type === "progress") {
+    return { stage: d.stage || "", variant: d.variant || "", block: d.block && d.nblocks ? `${d.block}/${d.nblocks}` : "",
+      done: `${Math.round((d.fraction || 0) * 100)}%`, eta: fmtEta(d.eta_s).replace(/^ETA /, ""),
+      message: (d.message || "").replace(VARIANT_TAG, "") };
+  }
+  if (type === "status") {
+    let message = d.previous ? `${d.previous} → ${d.status}` : String(d.status);
+    if (d.attempts) message += ` (attempt ${d.attempts})`;
+    if (d.reason) message += ` · ${d.reason}`;
+    if (d.error) message += ` · ${d.error.code}: ${d.error.message}`;
+    return { stage: d.status, message, cls: `status-${d.status}` };
+  }
+  if (type === "error") return { stage: "error", message: `${d.code}: ${d.message}` };
+  if (type === "log") return { stage: "log", message: d.message || "" };
+  const parts = Object.entries(d).map(([k, v]) => Array.isArray(v) ? `${v.length} ${k}`
+    : v === null || typeof v !== "object" ? `${k} ${v}` : k); // never raw JSON
+  return { stage: type, message: parts.join(" · ") };
+}
 
 function appendEvent(ev) {
   if (ev.id && shownEvents.has(ev.id)) return;
   if (ev.id) shownEvents.add(ev.id);
-  const li = el("li", `${ev.type} ${JSON.stringify(ev.data)}`);
-  $("#events").append(li);
+  const data = ev.data || {};
+  const d = describe(ev.type, data);
+  const tr = el("tr", null, { class: `kind-${ev.type} ${d.cls || ""}`.trim() });
+  const cells = { time: eventTime(ev.id), stage: d.stage, variant: d.variant, block: d.block, done: d.done, eta: d.eta,
+    message: d.message };
+  for (const [cls, text] of Object.entries(cells)) tr.append(el("td", text || "", { class: cls }));
+  const key = ev.type === "progress" ? `${d.stage}|${d.variant}|${d.block}` : null;
+  if (key && lastStep && lastStep.key === key) lastStep.tr.replaceWith(tr); // the same step advancing: one row
+  else $("#events").append(tr);
+  lastStep = key ? { key, tr } : null;
+  if (ev.type === "progress") trackVariant(data);
+}
+
+function trackVariant(p) {
+  const m = VARIANT_TAG.exec(p.message || "");
+  if (!m) return;
+  const i = Number(m[2]) - 1;
+  sweep.total = Number(m[3]);
+  sweep.labels[i] = m[1];
+  sweep.current = i;
+  const job = jobs.get(current);
+  if (job) renderSweep(job);
+}
+
+function variantState(job, i, label, results) {
+  if (results.has(label)) return "done";
+  if (i < sweep.current) return "done";
+  if (i === sweep.current) return TERMINAL.has(job.status) ? `stopped (${job.status})` : "running";
+  return TERMINAL.has(job.status) ? "not run" : "pending";
+}
+
+function renderSweep(job) {
+  $("#sweep").hidden = !(job.request && job.request.sweep);
+  if ($("#sweep").hidden) return;
+  const results = new Map(((job.summary && job.summary.variants) || []).map((v) => [v.label, v]));
+  const total = Math.max(sweep.total, results.size);
+  const labels = results.size ? [...results.keys()] : sweep.labels;
+  const body = $("#variants tbody");
+  body.replaceChildren();
+  for (let i = 0; i < total; i++) {
+    const label = labels[i] || sweep.labels[i] || `variant ${i + 1}`;
+    const r = results.get(label) || {};
+    const state = variantState(job, i, label, results);
+    const tr = el("tr", null, { "data-variant": label });
+    tr.append(el("td", `${i + 1}/${total}`), el("td", label));
+    tr.append(el("td", state, { class: `state state-${state.split(" ")[0]}` }));
+    tr.append(el("td", r.pruned_ppl === undefined ? "" : fmt(r.pruned_ppl), { class: "ppl" }));
+    tr.append(el("td", r.ppl_ratio ? `×${r.ppl_ratio.toFixed(2)}` : ""));
+    tr.append(el("td", r.passed === true ? "passed" : r.passed === false ? "failed" : ""));
+    body.append(tr);
+  }
 }
 
 const shown = new Set(); // jobs whose artifacts are on screen
@@ -209,6 +308,7 @@ function renderJob(job) {
         { id: "gate", class: s.gate.passed ? "gate-passed" : "gate-failed" }));
     }
   }
+  renderSweep(job);
   if (job.status === "succeeded" && !shown.has(job.id)) { shown.add(job.id); loadArtifacts(job.id); }
 }
 
@@ -253,7 +353,10 @@ async function showReport(a) {
 }
 
 async function cancel(id) {
-  try { update(await apiJson(`/v1/jobs/${id}/cancel`, { method: "POST" })); } catch (e) { alert(e.message); }
+  try {
+    const job = await apiJson(`/v1/jobs/${id}/cancel`, { method: "POST" });
+    if (job.request) update(job); else await loadJobs(); // an unreadable job: only its id and status
+  } catch (e) { alert(e.message); }
 }
 
 // -- submit ------------------------------------------------------------------------------------

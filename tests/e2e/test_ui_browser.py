@@ -1,13 +1,15 @@
 """The /ui page in headless Chromium (Selenium) against the real stack: Redis, uvicorn, Celery worker.
 
 Two tenants with API keys: sign in, submit a tiny job from the form, watch it reach 100% over the
-SSE stream, see the plot load, download an artifact and check its sha256, see the API's validation
-error next to its field, and check that the second tenant's key does not see the first's jobs.
+SSE stream, read its timeline (stage, block i/N, ETA, message per row), see the plot load, download an
+artifact and check its sha256, see the API's validation error next to its field, check that the
+second tenant's key does not see the first's jobs, and follow a sweep in its variant table.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -138,6 +140,7 @@ def test_browser_flow(stack: Stack, model: Path, browser: webdriver.Chrome, down
     row = d.find_element(By.CSS_SELECTOR, f'tr[data-job="{job_id}"] .progress')
     assert row.text.startswith("100%")
     assert "quality gate passed" in d.find_element(By.ID, "gate").text
+    check_timeline(d)
 
     # the plot image is loaded (decoded with a real size), the report is shown
     img = wait(d, lambda _: d.find_element(By.CSS_SELECTOR, "#plots img.plot"), 60)
@@ -172,6 +175,86 @@ def test_browser_flow(stack: Stack, model: Path, browser: webdriver.Chrome, down
     wait(d, lambda _: d.title == "E404", 10)
     beta = {"Authorization": f"Bearer {KEYS['beta']}"}
     assert httpx.get(f"{base}/v1/jobs/{job_id}", headers=beta).status_code == 404
+
+
+def screenshot(d: webdriver.Chrome, element_id: str, name: str) -> None:
+    """The window, scrolled to put the element at its top, into docs/img/<name>."""
+    d.execute_script(f"document.getElementById('{element_id}').scrollIntoView(true)")
+    d.save_screenshot(str(DOCS_IMG / name))
+
+
+def timeline(d: webdriver.Chrome) -> list[dict[str, str]]:
+    """The timeline's rows as {column: text}."""
+    return d.execute_script(
+        "return [...document.querySelectorAll('#timeline tbody tr')].map(tr =>"
+        " Object.fromEntries([...tr.cells].map(td => [td.className, td.textContent])))"
+    )
+
+
+def check_timeline(d: webdriver.Chrome) -> None:
+    """One row per step: the status changes, every pruned block as i/N, a message; no raw JSON."""
+    rows = timeline(d)
+    statuses = [r["stage"] for r in rows if r["stage"] in ("queued", "running", "succeeded")]
+    assert statuses == ["queued", "running", "succeeded"], rows
+    assert "queued → running (attempt 1)" in [r["message"] for r in rows]
+    blocks = [r["block"] for r in rows if r["stage"] == "pruning" and r["block"]]
+    assert blocks == ["1/2", "2/2"], rows  # a block's advancing progress stays one row
+    assert all(r["time"].count(":") == 2 for r in rows), rows
+    assert {"loading", "calibrating", "evaluating", "exporting"} <= {r["stage"] for r in rows}
+    assert not any(v.lstrip().startswith(("{", "[")) for r in rows for v in r.values()), rows
+    etas = [r["eta"] for r in rows if r["eta"]]
+    assert etas and all(re.fullmatch(r"\d+s|\d+m\d\ds", e) for e in etas), rows  # the worker's ETA, formatted
+    d.execute_script(
+        "for (const id of ['plots', 'report']) document.getElementById(id).style.display = 'none'"
+    )
+    screenshot(d, "job", "ui-timeline.png")
+    d.execute_script("for (const id of ['plots', 'report']) document.getElementById(id).style.display = ''")
+
+
+def test_sweep_view(stack: Stack, model: Path, browser: webdriver.Chrome) -> None:
+    """A sweep's variant table: one row per variant with its state while it runs, then its perplexity."""
+    base, d = stack.api_url, browser
+    headers = {"Authorization": f"Bearer {KEYS['alpha']}"}
+    body = {
+        "model": {"source": str(model)},
+        "calibration": {"nsamples": 4, "seqlen": 32},
+        "evaluation": {"max_windows": 2},
+        "outputs": {"model": False},
+        "sweep": {"sparsities": [0.3, 0.5, 0.7]},
+        "gate": {"max_ppl_ratio": 50},
+    }
+    r = httpx.post(f"{base}/v1/jobs", json=body, headers=headers, timeout=30)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    sign_in(d, base, KEYS["alpha"])
+    d.execute_script(
+        "window.__states = new Set();"
+        "new MutationObserver(() => { for (const td of document.querySelectorAll('#variants td.state'))"
+        " window.__states.add(td.parentElement.dataset.variant + ' ' + td.textContent); })"
+        ".observe(document.body, {subtree: true, childList: true, characterData: true});"
+    )
+    d.execute_script(f"showJob('{job_id}')")
+    wait(d, lambda _: d.find_element(By.ID, "job-status").text == "succeeded")
+    wait(d, lambda _: len(d.find_elements(By.CSS_SELECTOR, "#variants tbody tr")) == 3, 30)
+    rows = d.execute_script(
+        "return [...document.querySelectorAll('#variants tbody tr')]"
+        ".map(tr => [...tr.cells].map(c => c.textContent))"
+    )
+    assert [r[:3] for r in rows] == [
+        ["1/3", "wanda-0.3", "done"],
+        ["2/3", "wanda-0.5", "done"],
+        ["3/3", "wanda-0.7", "done"],
+    ], rows
+    summary = httpx.get(f"{base}/v1/jobs/{job_id}", headers=headers).json()["summary"]
+    ppl = {v["label"]: v["pruned_ppl"] for v in summary["variants"]}
+    for row in rows:
+        assert float(row[3]) == pytest.approx(ppl[row[1]], rel=1e-3), (row, ppl)
+        assert row[4].startswith("×") and row[5] in ("passed", "failed")
+    states = set(d.execute_script("return [...window.__states]"))
+    assert "wanda-0.5 running" in states or "wanda-0.7 running" in states, states  # seen live
+    assert not d.find_element(By.ID, "sweep").get_attribute("hidden")
+    d.execute_script("document.getElementById('report').style.height = '4em'")  # timeline in view too
+    screenshot(d, "job", "ui-sweep.png")
 
 
 def test_cancel_from_the_page(stack: Stack, browser: webdriver.Chrome, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]

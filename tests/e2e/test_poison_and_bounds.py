@@ -1,9 +1,11 @@
-"""A poisoned job record must not take its tenant down (real Redis, uvicorn API and Celery worker).
+"""A poisoned job record must not take its tenant down, and every input is bounded (real Redis,
+uvicorn API and Celery worker).
 
 Non-finite numbers are refused at the door; a record that still fails to parse (edited by hand, or
 written by an older version: the `null` gate limits an infinite gate used to be stored as) leaves the
 tenant's listing, quota and other jobs working, answers one clear problem, can be cancelled, and is
-failed once by the worker that receives its message.
+failed once by the worker that receives its message. Bodies beyond the bounds are refused; the
+largest accepted job is stored and read back whole.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import httpx
 import pytest
 import redis
 
+from jobs.bounds import largest_request
 from scripts.stack import Stack
 from tests import tiny_models
-from tests.service_fixtures import DATA_DIR, SIGNING_KEY
+from tests.service_fixtures import DATA_DIR, SIGNING_KEY, TASKS_DIR, WEBHOOK_SECRET
 
 pytestmark = pytest.mark.e2e
 PROBLEM = "application/problem+json"
 LIMIT = 2
+TASKS = [f"task{i}" + "x" * 59 for i in range(8)]
 
 
 class Env:
@@ -85,13 +89,22 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tiny_models.save("llama", home / "tiny")
     wiki = (tiny_models.WIKITEXT / "valid.txt").read_text(encoding="utf-8")
     (home / "small.txt").write_text(wiki[:40_000], encoding="utf-8")
+    data = home / "data"
+    (data / "lm_eval_tasks").mkdir(parents=True)
+    for entry in DATA_DIR.iterdir():
+        if entry.name != "lm_eval_tasks":
+            (data / entry.name).symlink_to(entry)
+    for name in TASKS:  # eight task folders with the longest names (copies of the tiny test task)
+        (data / "lm_eval_tasks" / name).symlink_to(TASKS_DIR / "tiny_mc")
     stack = Stack(
         home,
         env={
             "PRUNE_SIGNING_KEY": SIGNING_KEY,
-            "PRUNE_DATA_DIR": str(DATA_DIR),
+            "PRUNE_DATA_DIR": str(data),
             "PRUNE_MODEL_ROOTS": str(home),
             "PRUNE_DEFAULT_MAX_ACTIVE_JOBS": str(LIMIT),
+            "PRUNE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "PRUNE_WEBHOOK_ALLOW_PRIVATE": "1",
         },
     )
     try:
@@ -128,13 +141,36 @@ def test_non_finite_numbers_are_refused_and_nothing_is_stored(env: Env) -> None:
     assert env.r.keys("prune:job:*") == []
 
 
+def test_the_100000_pattern_body_is_refused(env: Env) -> None:
+    body = env.body(prune={"method": "wanda", "pattern": "2:4", "ignore": [f"{i:x}" for i in range(100_000)]})
+    assert 800_000 < len(json.dumps(body)) < 1024 * 1024  # the 0.9 MB body the old 1 MiB limit let in
+    is_problem(env.http.post("/v1/jobs", json=body), 413, "payload-too-large")
+    body["prune"]["ignore"] = [f"l.{i}" for i in range(129)]  # small, but one pattern too many
+    problem = is_problem(env.http.post("/v1/jobs", json=body), 422, "validation-error")
+    assert problem["errors"][0]["loc"] == ["body", "prune", "ignore"], problem
+    assert env.r.keys("prune:job:*") == []
+
+
+def test_the_largest_accepted_job_is_stored_and_read_back(env: Env) -> None:
+    body = largest_request(str(env.home / "tiny"), str(env.home / "small.txt"), TASKS, "http://127.0.0.1:9/")
+    r = env.http.post(
+        "/v1/jobs", content=json.dumps(body, indent=2), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    got = env.http.get(f"/v1/jobs/{job_id}").json()
+    assert got["request"]["prune"]["ignore"] == body["prune"]["ignore"]
+    assert got["request"]["webhook"]["url"] == body["webhook"]["url"]
+    assert env.http.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"  # frees its slot
+
+
 def test_poisoned_records_leave_the_tenant_working(env: Env) -> None:
     a, b = env.submit(), env.submit()  # no worker yet: both stay queued
     env.poison(a)
     env.poison(b)
 
     page = env.listing()  # the tenant's listing still answers, naming the unreadable jobs
-    assert page["items"] == []
+    assert {a, b}.isdisjoint(j["id"] for j in page["items"])
     assert {j["id"]: j["status"] for j in page["unreadable"]} == {a: "queued", b: "queued"}
     assert all(j["error"]["code"] == "unreadable_record" for j in page["unreadable"])
 
@@ -198,3 +234,44 @@ def test_unexpected_errors_are_problems_on_a_kept_connection(env: Env) -> None:
     assert "WRONGTYPE" in log  # logged with its traceback
     env.r.delete(f"prune:job:{job_id}")
     env.r.zrem("prune:idx:default", job_id)
+
+
+def test_a_record_broken_while_its_job_runs_fails_it_once(env: Env, tmp_path: Path) -> None:
+    """The running attempt finds the record unreadable at its next progress or cancel check: the job
+    fails once with the reason, the attempt stops, and the worker runs the next job."""
+    if "worker" not in env.stack.procs:
+        env.stack.start_worker()
+    big = tiny_models.save("llama", env.home / "big", layers=12, hidden=256)
+    body = env.body(
+        model={"source": str(big)},
+        calibration={"source": str(env.home / "small.txt"), "nsamples": 64, "seqlen": 128},
+    )
+    deadline = time.monotonic() + 120
+    while (r := env.http.post("/v1/jobs", json=body)).status_code == 429 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the previous test's last job still holds a slot
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    while time.monotonic() < deadline:
+        job = env.http.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] != "queued" and (job["progress"] or {}).get("stage") in ("calibrating", "pruning"):
+            break
+        time.sleep(0.1)
+    assert job["status"] == "running", job
+    env.poison(job_id)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = env.http.get(f"/v1/jobs/{job_id}").json()
+        if got.get("job_status") == "failed":
+            break
+        time.sleep(0.2)
+    assert got["job_status"] == "failed", got
+    events = env.status_events(job_id)
+    assert [e["status"] for e in events] == ["queued", "running", "failed"], events
+    assert events[-1]["error"]["code"] == "unreadable_record"
+    follow_up = env.submit()
+    deadline = time.monotonic() + 180
+    while (s := env.http.get(f"/v1/jobs/{follow_up}").json()["status"]) not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert s == "succeeded"
+    assert not (env.stack.home / "work" / job_id).exists()  # the stopped attempt left no scratch
