@@ -5,9 +5,9 @@ and (inside the engine) between blocks. Artifacts appear in ``out_dir`` only whe
 
 Streaming mode (``ModelSpec.stream``, see :func:`use_streaming`) prunes a local safetensors
 checkpoint block by block with :func:`core.streaming.prune_streaming` instead: only the config
-and tokenizer are loaded, there is no perplexity evaluation (the model is assumed not to fit in
-memory), and the output has the same layout (``model/``, ``report.json``, ``report.md``,
-``manifest.json``).
+and tokenizer are loaded, perplexity is computed block by block from the input and the output
+checkpoints (:mod:`core.block_eval`), and the output has the same layout (``model/``,
+``report.json``, ``report.md``, ``manifest.json``).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from core.spec import ModelSpec, PruneSpec, RunSpec
 __all__ = ["STAGE_WEIGHTS", "run", "use_streaming"]
 
 STREAMING_EVAL_NOTE = (
-    "not evaluated: streaming mode never holds the whole model in memory, so perplexity "
-    "(dense or pruned) is not measured; evaluate the exported model separately if it fits"
+    "block by block from the checkpoint (core.block_eval): the dense input's and the pruned output's "
+    "safetensors, one decoder block in memory at a time; no dense-baseline cache, no generations"
 )
 
 # Relative share of the progress bar given to each stage (only enabled stages count).
@@ -570,8 +570,11 @@ def _run_streaming(
 
     from core.loading import load_config_and_tokenizer, model_context
 
-    stages = _Stages([(k, STAGE_WEIGHTS[k]) for k in ("loading", "calibrating", "pruning", "exporting")],
-                     on_progress)  # fmt: skip
+    ev = spec.evaluation
+    keys = ["loading", "calibrating"] + (["dense_eval"] if ev.enabled and ev.dense_baseline else [])
+    keys += ["pruning"] + (["pruned_eval"] if ev.enabled else []) + ["exporting"]
+    stages = _Stages([(k, STAGE_WEIGHTS[k]) for k in keys], on_progress)
+    dtype = getattr(torch, spec.model.dtype)
     timings: dict[str, float] = {}
     with _PeakRSS() as rss:
         check_cancel(should_cancel)
@@ -589,14 +592,22 @@ def _run_streaming(
         calibration, cal_source = data.calibration_windows(
             cal.source, tok, cal.nsamples, seqlen, cal.seed, cal.text_field, data_dir
         )
+        eval_ids, eval_source, eval_seqlen = None, None, seqlen
+        if ev.enabled:
+            text, eval_source = data.load_text(ev.source, "evaluation", ev.text_field, data_dir)
+            eval_ids = data.tokenize(tok, text)
+            eval_seqlen = data.resolve_seqlen(ev.seqlen, model_context(config)) if ev.seqlen else seqlen
         timings["calibrate_s"] = time.perf_counter() - t
         stages.emit("calibrating", 1.0, "calibrating", f"{calibration.shape[0]} windows x {seqlen} tokens")
+        disk_eval = _DiskEval(spec, eval_ids, eval_seqlen, stages, should_cancel, int(config.vocab_size))
+        dense = disk_eval("dense_eval", "dense", Path(where)) if ev.enabled and ev.dense_baseline else None
+        timings["dense_eval_s"] = disk_eval.seconds
 
         def on_stream(p: Progress) -> None:
             if p.stage == "pruning":
                 stages.emit("pruning", p.fraction, "pruning", p.message, block=p.block, nblocks=p.nblocks)
-            else:
-                stages.emit("exporting", 0.0, "exporting", p.message)
+            else:  # the pruned blocks' shards are written as they finish: the rest of the checkpoint
+                stages.emit("pruning", 1.0, "exporting", p.message)
 
         check_cancel(should_cancel)
         stages.emit("pruning", 0.0, "pruning", f"pruning with {spec.prune.method} (streaming)")
@@ -609,8 +620,10 @@ def _run_streaming(
                 on_stream,
                 should_cancel,
                 resume_dir=Path(resume_dir) / "blocks" if resume_dir is not None else None,
-                dtype=getattr(torch, spec.model.dtype),
+                dtype=dtype,
             )
+            pruned = disk_eval("pruned_eval", "pruned", tmp / "streamed" / "model") if ev.enabled else None
+            timings["pruned_eval_s"] = disk_eval.seconds - timings["dense_eval_s"]
             t = time.perf_counter()
             (tmp / "streamed" / "report.json").unlink()
             if spec.outputs.model:
@@ -619,7 +632,7 @@ def _run_streaming(
             st = info.timings
             timings["prune_s"] = info.prune_s
             timings["mask_s"] = info.mask_s
-            timings["eval_s"] = 0.0
+            timings["eval_s"] = disk_eval.seconds
             archs = getattr(config, "architectures", None) or ["?"]
             assert info.sparsity is not None and info.params is not None
             report = RunReport(
@@ -641,12 +654,12 @@ def _run_streaming(
                 ),
                 sparsity=SparsityInfo(**info.sparsity),
                 layers=info.layer_records,
-                evaluation=None,
+                evaluation=disk_eval.evaluation(dense, pruned, eval_source),
                 timings=timings,
                 streaming={
                     "used": True,
                     "mode": spec.model.stream,
-                    "evaluation": STREAMING_EVAL_NOTE if spec.evaluation.enabled else "disabled",
+                    "evaluation": STREAMING_EVAL_NOTE if ev.enabled else "disabled",
                     "checkpoint_bytes": info.checkpoint_bytes,
                     "output_bytes": info.output_bytes,
                     "spilled": info.spilled,
@@ -671,6 +684,53 @@ def _run_streaming(
     if resume_dir is not None:
         resume.clear(Path(resume_dir))
     return report
+
+
+class _DiskEval:
+    """Perplexity of a safetensors checkpoint read block by block (streaming mode)."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        ids: Any,
+        seqlen: int,
+        stages: _Stages,
+        should_cancel: CancelFn | None,
+        vocab: int,
+    ) -> None:
+        self.spec, self.ids, self.seqlen, self.stages = spec, ids, seqlen, stages
+        self.should_cancel, self.batch = should_cancel, _eval_batch(seqlen, vocab)
+        self.seconds = 0.0
+
+    def __call__(self, key: str, label: str, model_dir: Path) -> dict[str, Any]:
+        import torch
+
+        t = time.perf_counter()
+        dtype = getattr(torch, self.spec.model.dtype)
+        _config, model = streaming.skeleton(model_dir, dtype)
+
+        def on_step(done: int, total: int) -> None:
+            what = f"block {done}/{total - 1}" if done < total else "final norm and head"
+            self.stages.emit(key, done / total, "evaluating", f"{label} perplexity: {what} (from disk)")
+
+        check_cancel(self.should_cancel)
+        res = block_eval.perplexity(
+            model, self.ids, self.seqlen, self.spec.evaluation.max_windows, self.batch, on_step,
+            device="cpu", source=streaming.CheckpointSource(model, model_dir, dtype),
+            max_host_memory=self.spec.model.max_host_memory, should_cancel=self.should_cancel,
+        )  # fmt: skip
+        self.seconds += time.perf_counter() - t
+        return res
+
+    def evaluation(self, dense: dict[str, Any] | None, pruned: dict[str, Any] | None, source: Any) -> Any:
+        if not self.spec.evaluation.enabled:
+            return None
+        ref = pruned or dense or {}
+        return Evaluation(
+            dense_ppl=dense["ppl"] if dense else None, dense_cached=False,
+            pruned_ppl=pruned["ppl"] if pruned else None, windows=ref.get("windows"), seqlen=self.seqlen,
+            tokens=ref.get("tokens"), formula=evaluate.FORMULA, source=source,
+        )  # fmt: skip
 
 
 def _cuda_peak(device: str) -> float | None:

@@ -273,7 +273,7 @@ class ModelSpec(_Strict):
         default="auto",
         description="Prune block by block from the safetensors files without loading the model whole. "
         "'auto': when a local safetensors checkpoint exceeds 40% of available RAM (CPU only). "
-        "Streaming runs skip perplexity evaluation.",
+        "Streaming runs evaluate perplexity block by block from the checkpoints.",
     )
     max_device_memory: int | None = Field(
         default=None,
