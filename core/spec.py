@@ -496,10 +496,6 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _sweep_valid(self) -> RunSpec:
-        if self.sweep is not None:
-            if self.model.stream == "always":
-                raise ValueError("a sweep prunes the in-memory model several times: use model.stream 'never'"
-                                 " or 'auto'")  # fmt: skip
         if self.evaluation.tasks and not self.evaluation.enabled:
             raise ValueError("evaluation.tasks need evaluation.enabled = true")
         return self

@@ -222,18 +222,20 @@ def _rss_mb() -> float | None:
         return None
 
 
-def skeleton(model_dir: Path, dtype: torch.dtype) -> tuple[Any, nn.Module]:
+def skeleton(model_dir: Path, dtype: torch.dtype, config: Any = None) -> tuple[Any, nn.Module]:
     """``(config, model)``: the checkpoint's model with its parameters on ``meta`` (buffers real),
-    tied weights tied, in eval mode."""
+    tied weights tied, in eval mode. ``config``: already read (else read from ``model_dir``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
     from core.loading import model_class
 
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read model config from {model_dir / 'config.json'}: {exc}") from None
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+        except Exception as exc:
+            msg = f"cannot read model config from {Path(model_dir) / 'config.json'}: {exc}"
+            raise ModelLoadError(msg) from None
     families.check_config(config)
     with init_empty_weights(include_buffers=False):
         model = model_class(config).from_config(config, dtype=dtype)

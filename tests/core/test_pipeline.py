@@ -312,3 +312,31 @@ def smollm2_gguf_or_file(tmp_path: Path) -> Path:
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF")
     return path
+
+
+def test_gguf_source_with_tiny_budgets_equals_default_run(small_text: Path, tmp_path: Path) -> None:
+    """A GGUF source goes through the one run path: with memory budgets of one byte the calibration
+    and evaluation activations spill to disk, and the output and perplexities equal the default run's."""
+    from tests import tiny_models
+
+    gguf = tiny_models.save_gguf(tmp_path / "tiny.gguf")
+
+    def spec(budget: int | None) -> RunSpec:
+        return RunSpec.model_validate(
+            {
+                "model": {"source": str(gguf), "max_device_memory": budget, "max_host_memory": budget},
+                "prune": {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2},
+                "calibration": {"source": str(small_text), "nsamples": 4, "seqlen": 32},
+                "evaluation": {"source": str(small_text), "max_windows": 2, "generations": 0},
+            }
+        )
+
+    tight = pipeline.run(spec(1), tmp_path / "tight")
+    roomy = pipeline.run(spec(None), tmp_path / "roomy")
+    assert tight.model.gguf and tight.placement["activations"] == "disk"
+    assert roomy.placement["activations"] == "device" and roomy.placement["weights"] == "device"
+    assert any("spilled to disk" in r for r in tight.placement["reasons"])
+    a, b = _tensors(tmp_path / "tight" / "model"), _tensors(tmp_path / "roomy" / "model")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in b)
+    assert tight.evaluation.dense_ppl == roomy.evaluation.dense_ppl
+    assert tight.evaluation.pruned_ppl == roomy.evaluation.pruned_ppl
