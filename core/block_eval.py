@@ -159,4 +159,7 @@ def perplexity(
             progress(steps)
     finally:
         model.train(was_training)
-    return {**ppl_result(nll, data.shape[0], seqlen, int(ids.numel())), "placement": place.report()}
+    out = {**ppl_result(nll, data.shape[0], seqlen, int(ids.numel())), "placement": place.report()}
+    if hasattr(source, "read_s"):  # weights read from disk (core.streaming.CheckpointSource)
+        out["read_s"] = source.read_s
+    return out

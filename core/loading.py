@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from core import families
 from core.errors import CoreError, InvalidInput, ModelLoadError
+from core.families import model_class
 from core.settings import EngineSettings
 from core.spec import ModelSpec
 
@@ -342,22 +343,6 @@ def _from_model_cache(src: _Source, dtype_name: str, config: Any, dtype: Any) ->
         return None, None, model_cache.discard(entry, exc)
     model.config._name_or_path = model.name_or_path = src.path  # as the dequantizing load says
     return model, tokenizer, entry
-
-
-def model_class(config: Any) -> Any:
-    """The transformers auto class building ``config``: a causal LM, else an image-text-to-text
-    wrapper (whose language model is pruned); UnsupportedModel when neither maps the config."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from core.errors import UnsupportedModel
-
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping:
-            return auto
-    raise UnsupportedModel(
-        f"model type {getattr(config, 'model_type', None)!r} ({type(config).__name__}) has no causal-LM "
-        "or image-text-to-text class in transformers: only decoder-only causal LMs can be pruned"
-    )
 
 
 def load_config_and_tokenizer(spec: ModelSpec) -> tuple[Any, Any, families.Family, str]:

@@ -250,6 +250,8 @@ class _Run:
         """The input checkpoint when the weights stay on disk (streaming mode)."""
         self.staged: dict[int, Path] = {}
         self.tmp = Path()
+        self.eval_read_s = 0.0
+        """Seconds the evaluations spent reading weights from disk (streaming mode)."""
         self.variants = spec.variants()
         self.sweep = spec.sweep is not None
         ev = spec.evaluation
@@ -331,32 +333,40 @@ class _Run:
         return loading.Loaded(model=skel, tokenizer=loading.load_tokenizer(ck), family=ck.family,
                               source=ck.where, gguf=False, resident=False)  # fmt: skip
 
-    def _ppl(self, key: str, label: str, model: Any = None, **kw: Any) -> dict[str, Any]:
-        """Perplexity block by block (:mod:`core.block_eval`) on the run's device; ``model``: an
-        exported artifact loaded back (:mod:`core.formats`), evaluated without progress."""
+    def _ppl(self, key: str, label: str, **kw: Any) -> dict[str, Any]:
+        """Perplexity block by block (:mod:`core.block_eval`) on the run's device: of the model in
+        memory, or (weights on disk) of the input (dense) or the staged output (pruned) checkpoint."""
         assert self.eval_ids is not None
         check_cancel(self.should_cancel)
         ev, ms = self.spec.evaluation, self.spec.model
-        if model is None:
-            self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
+        self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
 
         def on_step(done: int, total: int) -> None:
             what = f"block {done}/{total - 1}" if done < total else "final norm and head"
             self.stages.emit(key, done / total, "evaluating", f"{label} perplexity: {what}", **kw)
 
         source = None
-        if model is None and self.disk is not None:  # dense: the input; pruned: the staged output
+        if self.disk is not None:
             import torch
 
-            where = self.disk if key == "dense_eval" else self.staged[int(key.removeprefix("pruned_eval"))]
-            where = where if key == "dense_eval" else where / "model"
+            i = None if key == "dense_eval" else int(key.removeprefix("pruned_eval"))
+            where = self.disk if i is None else self.staged[i] / "model"
             source = streaming.CheckpointSource(self.model, where, getattr(torch, ms.dtype))
-        return block_eval.perplexity(
-            model if model is not None else self.model, self.eval_ids, self.eval_seqlen, ev.max_windows,
-            self.ebatch, on_step if model is None else None, device=ms.device, source=source,
-            max_device_memory=ms.max_device_memory, max_host_memory=ms.max_host_memory,
-            should_cancel=self.should_cancel,
+        res = block_eval.perplexity(
+            self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch, on_step,
+            device=ms.device, source=source, max_device_memory=ms.max_device_memory,
+            max_host_memory=ms.max_host_memory, should_cancel=self.should_cancel,
         )  # fmt: skip
+        self.eval_read_s += res.get("read_s", 0.0)
+        return res
+
+    def _format_ppl(self, model: Any) -> float:
+        """Perplexity of an exported format loaded back (:mod:`core.formats`): whole-model forwards,
+        as the format's loader builds it (with its own hooks and packed weights)."""
+        assert self.eval_ids is not None
+        check_cancel(self.should_cancel)
+        ev = self.spec.evaluation
+        return evaluate.perplexity(model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch)["ppl"]
 
     def _dense(self) -> None:
         """Dense perplexity (or the cached baseline), dense generations and dense task scores."""
@@ -541,6 +551,9 @@ class _Run:
             "spilled": info.spilled,
             "capture_s": info.timings["capture_s"],
             "blocks_s": info.timings["blocks_s"],
+            "read_s": info.timings.get("read_s"),
+            "write_s": info.timings.get("write_s"),
+            "eval_read_s": self.eval_read_s,
         }
 
     def _export(self, i: int, root: Path, report: RunReport, shown: Path | str) -> float:
@@ -551,7 +564,7 @@ class _Run:
         t = time.perf_counter()
         root.mkdir(parents=True, exist_ok=True)
         outputs = self.spec.outputs
-        ppl = (lambda m: self._ppl("", "", model=m)["ppl"]) if self.spec.evaluation.enabled else None
+        ppl = self._format_ppl if self.spec.evaluation.enabled else None
         if self.disk is None:
             export.save_model(root, self.model, self.tok, outputs)
         else:  # the staged checkpoint is the output; formats are not loaded back whole to evaluate

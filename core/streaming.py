@@ -228,8 +228,6 @@ def skeleton(model_dir: Path, dtype: torch.dtype, config: Any = None) -> tuple[A
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from core.loading import model_class
-
     if config is None:
         try:
             config = AutoConfig.from_pretrained(model_dir)
@@ -238,7 +236,7 @@ def skeleton(model_dir: Path, dtype: torch.dtype, config: Any = None) -> tuple[A
             raise ModelLoadError(msg) from None
     families.check_config(config)
     with init_empty_weights(include_buffers=False):
-        model = model_class(config).from_config(config, dtype=dtype)
+        model = families.model_class(config).from_config(config, dtype=dtype)
     model.tie_weights()  # not done on meta by from_config; tied tensors are then written once
     model.eval()
     return config, model
@@ -266,10 +264,14 @@ class CheckpointSource(engine.WeightSource):
         self.ckpt = Checkpoint(Path(model_dir), model)
         _groups, non_block = _plan_non_block(model, family.blocks, dtype, 1)
         self.outside = _aliases(model, list(non_block))
+        self.read_s = 0.0
+        """Seconds spent reading tensors from the checkpoint."""
 
     @contextmanager
     def outside_context(self) -> Iterator[None]:
+        t = time.perf_counter()
         tensors = self.ckpt.load(list(self.outside), self.dtype)
+        self.read_s += time.perf_counter() - t
         for name, names in self.outside.items():
             value = nn.Parameter(tensors.pop(name), requires_grad=False)
             for alias in names:
@@ -295,7 +297,9 @@ class CheckpointSource(engine.WeightSource):
 
     def load(self, index: int, block: nn.Module) -> None:
         prefix = f"{self.prefix}.{index}."
+        t = time.perf_counter()
         _materialize(block, {k: prefix + k for k in block.state_dict()}, self.ckpt, self.dtype)
+        self.read_s += time.perf_counter() - t
 
     def release(self, index: int, block: nn.Module) -> None:
         _to_meta(block)
@@ -398,14 +402,18 @@ def prune_streaming(
 
         def load(self, index: int, block: nn.Module) -> None:
             prefix = f"{family.blocks}.{index}."
+            t = time.perf_counter()
             _materialize(block, {k: prefix + k for k in block.state_dict()}, ckpt, dtype)
+            timings["read_s"] += time.perf_counter() - t
 
         def done(self, index: int, block: nn.Module) -> None:
             prefix = f"{family.blocks}.{index}."
             measured.add(families.block_targets(block, prefix[:-1], routers=spec.prune_routers))
             fname = shard_name(len(groups) + index + 1, nshards)
             sd = ckpt.to_saved({prefix + k: v for k, v in block.state_dict().items()})
+            t = time.perf_counter()
             sizes[0] += _save_shard(sd, self.mdir / fname)
+            timings["write_s"] += time.perf_counter() - t
             weight_map.update(dict.fromkeys(sd, fname))
             del sd
             peak[0] = max(peak[0], _rss_mb() or 0.0)
@@ -424,7 +432,7 @@ def prune_streaming(
             import psutil
 
             spill = act_bytes > 0.1 * psutil.virtual_memory().available
-        timings["capture_s"] = 0.0
+        timings["capture_s"] = timings["read_s"] = timings["write_s"] = 0.0
         with _spill_area(spill_dir, out.parent, bool(spill) and bool(method.needs)) as sdir:
             result = engine.run_blocks(
                 model,
