@@ -25,6 +25,7 @@ __all__ = [
     "Batch",
     "CaptureCache",
     "Captured",
+    "StandIn",
     "capture",
     "capture_block_inputs",
     "run_block",
@@ -85,19 +86,27 @@ def _declared_return(block: nn.Module) -> int | None:
     return 0 if ann is torch.Tensor or ann in ("torch.Tensor", "Tensor", "torch.FloatTensor") else None
 
 
-class _Recorder(nn.Module):
-    """Stands in for block ``index``: records its arguments, returns its input hidden state."""
+class StandIn(nn.Module):
+    """Takes a decoder block's place in the model's forward; attributes the model reads from its
+    layers (``attention_type``...) come from the real block."""
 
-    def __init__(self, block: nn.Module, index: int, sink: Callable[[int, Batch], Any], last: bool) -> None:
+    def __init__(self, block: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "_orig", block)
-        self.index, self.sink, self.last = index, sink, last
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_orig"), name)
+
+
+class _Recorder(StandIn):
+    """Stands in for block ``index``: records its arguments, returns its input hidden state."""
+
+    def __init__(self, block: nn.Module, index: int, sink: Callable[[int, Batch], Any], last: bool) -> None:
+        super().__init__(block)
+        self.index, self.sink, self.last = index, sink, last
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden, rest, kw = split_args(args, kwargs)
