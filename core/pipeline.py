@@ -3,10 +3,11 @@
 Progress is reported with overall fractions in [0, 1]; cancellation is checked between stages
 and (inside the engine) between blocks. Artifacts appear in ``out_dir`` only when complete.
 
-Streaming mode (``ModelSpec.stream``, see :func:`use_streaming`) prunes a local safetensors
-checkpoint block by block with :func:`core.streaming.prune_streaming` instead: only the config
-and tokenizer are loaded, perplexity is computed block by block from the input and the output
-checkpoints (:mod:`core.block_eval`), and the output has the same layout (``model/``,
+One code path for every placement of the weights: on the compute device, in host memory
+(onloaded block by block by the engine), or on disk — streaming mode (``ModelSpec.stream``, see
+:func:`use_streaming`), where each variant is pruned from the local safetensors checkpoint into a
+staged output by :func:`core.streaming.prune_streaming`. Perplexity is always computed block by
+block (:mod:`core.block_eval`); the output has the same layout in every case (``model/``,
 ``report.json``, ``report.md``, ``manifest.json``).
 """
 
