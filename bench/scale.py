@@ -177,12 +177,25 @@ def main() -> None:
         help="run the job through the service (Redis, API, Celery worker) with `prunectl submit --wait`: "
         "dense and pruned perplexity, the worker's peak RSS, the wall time split (see service_run)",
     )
-    ap.add_argument("--child", choices=["make", "stream", "idle", "check"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="with --service: call core.pipeline.run (the worker's call) in a child process instead of "
+        "queueing the job (the worker's block checkpoints would need a third copy of the model on disk)",
+    )
+    ap.add_argument(
+        "--child", choices=["make", "stream", "idle", "check", "pipeline"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child == "make":
         print(json.dumps(make_checkpoint(args.dir, args.layers, args.shape)))
+        return
+    if args.child == "pipeline":
+        from bench.scale_service import pipeline_child
+
+        print(json.dumps(pipeline_child(args.dir, args.nsamples, args.seqlen, args.pattern)))
         return
     if args.service:
         from bench.scale_service import service_run

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -66,9 +67,47 @@ def _job_spec(model: Path, nsamples: int, seqlen: int, pattern: str) -> dict[str
     }
 
 
-def service_run(args: Any, shape: tuple[int, int, int]) -> None:
+def pipeline_child(work: Path, nsamples: int, seqlen: int, pattern: str) -> dict[str, Any]:
+    """The worker's call, ``core.pipeline.run``, in this (child) process; the report."""
+    from core import pipeline
+    from core.spec import RunSpec
+
+    spec = _job_spec(work / "ckpt", nsamples, seqlen, pattern)
+    spec["outputs"]["model"] = True
+    os.environ["PRUNE_DATA_DIR"] = str(data_dir())
+    return pipeline.run(RunSpec.model_validate(spec), work / "out").to_json()
+
+
+def _direct(me: str, work: Path, args: Any) -> tuple[int, dict[str, Any], float, float]:
+    """``pipeline_child`` in a child process: (exit code, report, wall s, peak RSS bytes)."""
+    cmd = [me, "--child", "pipeline", "--dir", str(work), "--nsamples", str(args.nsamples)]
+    report, wall, peak_mib = run_child([*cmd, "--seqlen", str(args.seqlen), "--pattern", args.pattern])
+    return 0, report, wall, peak_mib * 2**20
+
+
+def _service(work: Path, spec: Path) -> tuple[int, dict[str, Any], float, float, str]:
+    """``prunectl submit --wait`` against a local stack: (exit, report, wall s, worker peak RSS, err)."""
     from prunectl.cli import main as prunectl
     from scripts.stack import Stack
+
+    env = {"PRUNE_MODEL_ROOTS": str(work), "PRUNE_DATA_DIR": str(data_dir())}
+    with Stack(work / "home", env=env) as stack:
+        stack.start_redis()
+        stack.start_api()
+        worker = stack.start_worker()
+        rss = _RSS(worker.pid)
+        rss.thread.start()
+        out, err = io.StringIO(), io.StringIO()
+        t = time.perf_counter()
+        argv = ["--url", stack.api_url, "--json", "submit", "--spec", str(spec), "--wait"]
+        code = prunectl([*argv, "--download", str(work / "dl")], out, err)
+        wall = time.perf_counter() - t
+        rss.stop.set()
+    report = json.loads((work / "dl" / "report.json").read_text()) if code == 0 else {}
+    return code, report, wall, rss.peak, err.getvalue()[-3000:]
+
+
+def service_run(args: Any, shape: tuple[int, int, int]) -> None:
     from tests import tiny_models
 
     me = str(Path(__file__).resolve().parent / "scale.py")
@@ -84,22 +123,12 @@ def service_run(args: Any, shape: tuple[int, int, int]) -> None:
         print(f"checkpoint: {ckpt_bytes / 2**30:.2f} GiB in {make_s:.0f}s", file=sys.stderr, flush=True)
         spec = work / "spec.json"
         spec.write_text(json.dumps(_job_spec(work / "ckpt", args.nsamples, args.seqlen, args.pattern)))
-        env = {"PRUNE_MODEL_ROOTS": str(work), "PRUNE_DATA_DIR": str(data_dir())}
-        with Stack(work / "home", env=env) as stack:
-            stack.start_redis()
-            stack.start_api()
-            worker = stack.start_worker()
-            rss = _RSS(worker.pid)
-            rss.thread.start()
-            out, err = io.StringIO(), io.StringIO()
-            t = time.perf_counter()
-            argv = ["--url", stack.api_url, "--json", "submit", "--spec", str(spec), "--wait"]
-            code = prunectl([*argv, "--download", str(work / "dl")], out, err)
-            wall = time.perf_counter() - t
-            rss.stop.set()
-        if code != 0:
-            raise SystemExit(f"prunectl exited {code}: {err.getvalue()[-3000:]}")
-        report = json.loads((work / "dl" / "report.json").read_text())
+        if args.direct:
+            code, report, wall, peak = _direct(me, work, args)
+        else:
+            code, report, wall, peak, err = _service(work, spec)
+            if code != 0:
+                raise SystemExit(f"prunectl exited {code}: {err}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     t, st = report["timings"], report["streaming"]
@@ -117,9 +146,10 @@ def service_run(args: Any, shape: tuple[int, int, int]) -> None:
         "checkpoint_bytes": ckpt_bytes,
         "host_total_mb": machine()["host"]["memory"]["host_total_mb"],
         "make_checkpoint_s": round(make_s, 1),
-        "prunectl_exit": code,
-        "submit_wait_wall_s": round(wall, 1),
-        "worker_peak_rss_mib": round(rss.peak / 2**20, 1),
+        "via": "core.pipeline.run in a child process (--direct)" if args.direct else "prunectl submit --wait",
+        "exit": code,
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(peak / 2**20, 1),
         "dense_ppl": report["evaluation"]["dense_ppl"],
         "pruned_ppl": report["evaluation"]["pruned_ppl"],
         "sparsity": report["sparsity"]["overall"],
