@@ -33,29 +33,37 @@ from bench.common import machine, run_child
 TARGET_RATIO = 0.35
 
 
-def llama_config(layers: int):
+SHAPES = {
+    "small": (2048, 5632, 16),
+    "7b": (4096, 11008, 32),
+}
+"""``--shape``: (hidden, MLP, heads) of the LLaMA-shaped checkpoint; ``7b`` is LLaMA-7B's."""
+
+
+def llama_config(layers: int, shape: str = "small"):
     from transformers import LlamaConfig
 
+    hidden, mlp, heads = SHAPES[shape]
     return LlamaConfig(
         vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
+        hidden_size=hidden,
+        intermediate_size=mlp,
         num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )
 
 
-def make_checkpoint(out: Path, layers: int) -> dict:
+def make_checkpoint(out: Path, layers: int, shape: str = "small") -> dict:
     """Write the random model shard by shard (one shard per block, one per non-block tensor)."""
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    config = llama_config(layers)
+    config = llama_config(layers, shape)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -162,12 +170,37 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--pattern", default="2:4")
-    ap.add_argument("--child", choices=["make", "stream", "idle", "check"], help=argparse.SUPPRESS)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument(
+        "--service",
+        action="store_true",
+        help="run the job through the service (Redis, API, Celery worker) with `prunectl submit --wait`: "
+        "dense and pruned perplexity, the worker's peak RSS, the wall time split (see service_run)",
+    )
+    ap.add_argument(
+        "--direct",
+        action="store_true",
+        help="with --service: call core.pipeline.run (the worker's call) in a child process instead of "
+        "queueing the job (the worker's block checkpoints would need a third copy of the model on disk)",
+    )
+    ap.add_argument(
+        "--child", choices=["make", "stream", "idle", "check", "pipeline"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child == "make":
-        print(json.dumps(make_checkpoint(args.dir, args.layers)))
+        print(json.dumps(make_checkpoint(args.dir, args.layers, args.shape)))
+        return
+    if args.child == "pipeline":
+        from bench.scale_service import pipeline_child
+
+        print(json.dumps(pipeline_child(args.dir, args.nsamples, args.seqlen, args.pattern)))
+        return
+    if args.service:
+        from bench.scale_service import service_run
+
+        service_run(args, SHAPES[args.shape])
         return
     if args.child == "stream":
         print(

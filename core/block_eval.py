@@ -27,28 +27,22 @@ import torch
 from torch import nn
 
 from core import families, placement
-from core.engine import HiddenStore, capture, split_args
+from core.capture import StandIn, capture, split_args
 from core.evaluate import eval_windows, ppl_result, window_nll
+from core.hidden import HiddenStore
 from core.progress import CancelFn, check_cancel
 from core.weights import WeightSource, compute_device, source_for
 
 __all__ = ["perplexity"]
 
 
-class _PassThrough(nn.Module):
+class _PassThrough(StandIn):
     """Stands in for a block in the head pass: hands back its input, or ``final`` when set."""
 
     def __init__(self, block: nn.Module, returns: int) -> None:
-        super().__init__()
-        object.__setattr__(self, "_orig", block)
+        super().__init__(block)
         self.returns = returns
         self.final: torch.Tensor | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_orig"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         hidden = self.final if self.final is not None else split_args(args, kwargs)[0]
@@ -159,4 +153,7 @@ def perplexity(
             progress(steps)
     finally:
         model.train(was_training)
-    return {**ppl_result(nll, data.shape[0], seqlen, int(ids.numel())), "placement": place.report()}
+    out = {**ppl_result(nll, data.shape[0], seqlen, int(ids.numel())), "placement": place.report()}
+    if hasattr(source, "read_s"):  # weights read from disk (core.streaming.CheckpointSource)
+        out["read_s"] = source.read_s
+    return out

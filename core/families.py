@@ -48,6 +48,7 @@ __all__ = [
     "in_features",
     "is_ignored",
     "is_transposed",
+    "model_class",
     "prunable_linears",
     "prunable_targets",
     "set_weight",
@@ -346,11 +347,25 @@ def prunable_linears(model: nn.Module, family: Family | None = None) -> dict[str
     return out
 
 
+def model_class(config: Any) -> Any:
+    """The transformers auto class building ``config``: a causal LM, else an image-text-to-text
+    wrapper (whose language model is pruned); UnsupportedModel when neither maps the config."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from core.errors import UnsupportedModel
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise UnsupportedModel(
+        f"model type {getattr(config, 'model_type', None)!r} ({type(config).__name__}) has no causal-LM "
+        "or image-text-to-text class in transformers: only decoder-only causal LMs can be pruned"
+    )
+
+
 def skeleton(config: Any) -> nn.Module:
     """The model ``config`` describes, built on the ``meta`` device (no memory, no weights)."""
     from accelerate import init_empty_weights
-
-    from core.loading import model_class
 
     try:
         cls = model_class(config)

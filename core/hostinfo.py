@@ -1,4 +1,5 @@
-"""What a run's numbers depend on beyond its spec: CPU model, SIMD flags, kernels, threads.
+"""What a run's numbers depend on beyond its spec: CPU model, SIMD flags, kernels, threads, and the
+devices with their free memory (host RAM, each CUDA GPU).
 
 Recorded in every report.json (``versions.host``) and every bench JSON, because the pruned weights
 of one spec differ between CPUs whose kernels differ (docs/reliability.md, "Reproducibility").
@@ -57,4 +58,22 @@ def describe() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "env": {k: os.environ[k] for k in KNOB_VARS if k in os.environ},
+        "memory": memory(),
     }
+
+
+def memory() -> dict[str, Any]:
+    """The compute devices and their free memory at this moment (MiB): the host's available RAM
+    and, per CUDA device, its name, total and free memory (``cuda: []`` without a GPU). The engine's
+    default budgets (:mod:`core.placement`) are 90% of these free figures."""
+    import psutil
+    import torch
+
+    vm = psutil.virtual_memory()
+    cuda = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            name = torch.cuda.get_device_name(i)
+            cuda.append({"index": i, "name": name, "total_mb": total // 2**20, "free_mb": free // 2**20})
+    return {"host_total_mb": vm.total // 2**20, "host_available_mb": vm.available // 2**20, "cuda": cuda}

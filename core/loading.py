@@ -8,19 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from core import families
 from core.errors import CoreError, InvalidInput, ModelLoadError
+from core.families import model_class
 from core.settings import EngineSettings
 from core.spec import ModelSpec
 
 __all__ = [
+    "Checked",
     "Loaded",
+    "check_source",
     "checked_config",
     "hub_online",
     "load_config_and_tokenizer",
     "load_model",
+    "load_tokenizer",
     "model_class",
     "model_context",
     "resolve_source",
@@ -219,7 +223,17 @@ def model_context(model_or_config: Any) -> int | None:
     return None
 
 
-def _checked_source(spec: ModelSpec) -> tuple[_Source, Any, families.Family, str]:
+class Checked(NamedTuple):
+    """A model source resolved and checked once per run (:func:`check_source`), handed down."""
+
+    src: _Source
+    config: Any
+    family: families.Family
+    where: str
+    """The source as reports name it (a directory, a GGUF file, a hub id)."""
+
+
+def check_source(spec: ModelSpec) -> Checked:
     """Resolve the source and run every check that needs no weight: config, architecture, headers."""
     src = resolve_source(spec)
     config = _load_config(src)
@@ -227,13 +241,13 @@ def _checked_source(spec: ModelSpec) -> tuple[_Source, Any, families.Family, str
     if src.local and not src.gguf_file:
         _check_safetensors(Path(src.path))
     where = str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
-    return src, config, family, where
+    return Checked(src, config, family, where)
 
 
 def checked_config(spec: ModelSpec) -> tuple[Any, families.Family]:
     """``(config, family)`` after every check that needs no weight (see :mod:`core.preflight`)."""
-    _src, config, family, _where = _checked_source(spec)
-    return config, family
+    checked = check_source(spec)
+    return checked.config, checked.family
 
 
 def _load_tokenizer(src: _Source, where: str) -> Any:
@@ -247,11 +261,12 @@ def _load_tokenizer(src: _Source, where: str) -> Any:
         raise ModelLoadError(f"cannot load tokenizer from {where}: {first}") from None
 
 
-def load_model(spec: ModelSpec) -> Loaded:
-    """Load the model (in ``spec.dtype`` on ``spec.device``, eval mode) and its tokenizer."""
+def load_model(spec: ModelSpec, checked: Checked | None = None) -> Loaded:
+    """Load the model (in ``spec.dtype``, eval mode; on ``spec.device`` when it fits the device
+    budget, else in host memory) and its tokenizer. ``checked``: the run's :func:`check_source`."""
     import torch
 
-    src, _config, family, where = _checked_source(spec)
+    src, _config, family, where = checked or check_source(spec)
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("device 'cuda' requested but no CUDA device is available")
     dtype = getattr(torch, _DTYPES[spec.dtype])
@@ -330,30 +345,19 @@ def _from_model_cache(src: _Source, dtype_name: str, config: Any, dtype: Any) ->
     return model, tokenizer, entry
 
 
-def model_class(config: Any) -> Any:
-    """The transformers auto class building ``config``: a causal LM, else an image-text-to-text
-    wrapper (whose language model is pruned); UnsupportedModel when neither maps the config."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from core.errors import UnsupportedModel
-
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping:
-            return auto
-    raise UnsupportedModel(
-        f"model type {getattr(config, 'model_type', None)!r} ({type(config).__name__}) has no causal-LM "
-        "or image-text-to-text class in transformers: only decoder-only causal LMs can be pruned"
-    )
-
-
 def load_config_and_tokenizer(spec: ModelSpec) -> tuple[Any, Any, families.Family, str]:
     """``(config, tokenizer, family, where)`` without reading any weight (streaming mode).
 
     Same checks and errors as :func:`load_model`: the architecture from the config, the
     safetensors headers of a local directory, then the tokenizer.
     """
-    src, config, family, where = _checked_source(spec)
+    src, config, family, where = check_source(spec)
     return config, _load_tokenizer(src, where), family, where
+
+
+def load_tokenizer(checked: Checked) -> Any:
+    """The tokenizer of a checked source (a run whose weights stay on disk loads nothing else)."""
+    return _load_tokenizer(checked.src, checked.where)
 
 
 def strip_quantization(model: Any) -> None:

@@ -24,11 +24,14 @@ import torch
 from torch import nn
 
 from core.allocation import layer_budgets, outlier_ratio, owl_sparsities
-from core.engine import Args, collect_stats, prune_targets
+from core.block_prune import prune_targets
+from core.block_stats import collect_stats
+from core.capture import Args
 from core.layer_prune import LayerNeeds
 from core.methods.wanda import wanda_scores
 from core.progress import CancelFn, check_cancel
 from core.spec import PruneSpec
+from core.weights import InMemory, WeightSource
 
 __all__ = ["owl_budgets"]
 
@@ -43,13 +46,16 @@ def owl_budgets(
     block_args: Sequence[Sequence[Args]],
     spec: PruneSpec,
     should_cancel: CancelFn | None = None,
+    source: WeightSource | None = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """``({layer: pruned count}, info)`` for OWL.
 
     ``hidden``: block 0's input per batch (not modified); ``block_args[i][j]``: the ``(args,
     kwargs)`` the model passes block ``i`` for batch ``j`` (:class:`core.engine.Captured`).
+    ``source``: brings each block to the compute device and releases it (default: in memory).
     """
     t0 = time.perf_counter()
+    source = source or InMemory()
     hidden = list(hidden)
     ratios: list[float] = []
     numels: list[int] = []
@@ -60,20 +66,24 @@ def owl_budgets(
         targets = prune_targets(block, f"{prefix}.{i}", spec)[0]
         outs: list[torch.Tensor] = []
         batches = [(h, args, kwargs) for h, (args, kwargs) in zip(hidden, block_args[i], strict=True)]
-        stats = collect_stats(block, targets, batches, _XNORM, outputs=outs)
-        hidden = outs
-        del batches
-        if not targets:
-            continue
-        scores = []
-        sizes: dict[str, int] = {}
-        for n, t in targets.items():
-            w = t.get_weight()
-            xn = stats[n].xnorm_sq
-            assert xn is not None
-            scores.append(wanda_scores(w, xn))
-            sizes[n] = w.numel()
-        del stats
+        source.load(i, block)
+        try:
+            stats = collect_stats(block, targets, batches, _XNORM, outputs=outs)
+            hidden = outs
+            del batches
+            if not targets:
+                continue
+            scores = []
+            sizes: dict[str, int] = {}
+            for n, t in targets.items():
+                w = t.get_weight()
+                xn = stats[n].xnorm_sq
+                assert xn is not None
+                scores.append(wanda_scores(w, xn))
+                sizes[n] = w.numel()
+            del stats
+        finally:
+            source.release(i, block)
         ratios.append(outlier_ratio(scores, spec.owl_m))
         numels.append(sum(sizes.values()))
         block_layers.append(sizes)

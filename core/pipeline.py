@@ -3,11 +3,12 @@
 Progress is reported with overall fractions in [0, 1]; cancellation is checked between stages
 and (inside the engine) between blocks. Artifacts appear in ``out_dir`` only when complete.
 
-Streaming mode (``ModelSpec.stream``, see :func:`use_streaming`) prunes a local safetensors
-checkpoint block by block with :func:`core.streaming.prune_streaming` instead: only the config
-and tokenizer are loaded, there is no perplexity evaluation (the model is assumed not to fit in
-memory), and the output has the same layout (``model/``, ``report.json``, ``report.md``,
-``manifest.json``).
+One code path for every placement of the weights: on the compute device, in host memory
+(onloaded block by block by the engine), or on disk — streaming mode (``ModelSpec.stream``, see
+:func:`use_streaming`), where each variant is pruned from the local safetensors checkpoint into a
+staged output by :func:`core.streaming.prune_streaming`. Perplexity is always computed block by
+block (:mod:`core.block_eval`); the output has the same layout in every case (``model/``,
+``report.json``, ``report.md``, ``manifest.json``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from core import (
     export,
     families,
     hostinfo,
+    loading,
     preflight,
     resume,
     streaming,
@@ -42,6 +44,7 @@ from core.result import (
     Evaluation,
     Generation,
     ModelInfo,
+    PruneResult,
     RunReport,
     SparsityInfo,
     TaskScore,
@@ -52,8 +55,8 @@ from core.spec import ModelSpec, PruneSpec, RunSpec
 __all__ = ["STAGE_WEIGHTS", "run", "use_streaming"]
 
 STREAMING_EVAL_NOTE = (
-    "not evaluated: streaming mode never holds the whole model in memory, so perplexity "
-    "(dense or pruned) is not measured; evaluate the exported model separately if it fits"
+    "block by block from the checkpoint (core.block_eval): the dense input's and the pruned output's "
+    "safetensors, one decoder block in memory at a time; no dense-baseline cache, no generations"
 )
 
 # Relative share of the progress bar given to each stage (only enabled stages count).
@@ -209,29 +212,28 @@ def run(
     """
     t_start = time.perf_counter()
     out = export.check_out_dir(out_dir)
-    preflight.check(spec)  # what the config alone refuses, before any weight is read
-    if spec.model.stream != "never":
-        from core.loading import resolve_source
-
-        resolve_source(spec.model)  # a missing source is reported as such, not as a streaming error
-        if use_streaming(spec.model):
-            if spec.sweep is not None or spec.evaluation.tasks:
-                raise InvalidInput(
-                    "this checkpoint would be pruned in streaming mode (too large for the RAM), which "
-                    "evaluates nothing and prunes once: sweeps and zero-shot tasks need the model in "
-                    "memory (model.stream 'never')"
-                )
-            return _run_streaming(
-                spec, out, on_progress, should_cancel, data_dir, t_start, reported_spec, resume_dir
-            )
-    return _InMemoryRun(spec, on_progress, should_cancel, data_dir, reported_spec or spec).run(
+    checked = loading.check_source(spec.model)  # resolved and checked once, handed down
+    preflight.check(spec, checked)  # what the config alone refuses, before any weight is read
+    disk = use_streaming(spec.model)
+    if disk and spec.evaluation.tasks:
+        raise InvalidInput(
+            "this checkpoint would be pruned with its weights on disk (too large for the RAM): zero-shot "
+            "tasks need the model in memory (model.stream 'never')"
+        )
+    return _Run(spec, on_progress, should_cancel, data_dir, reported_spec or spec, checked, disk).run(
         out, t_start, Path(resume_dir) if resume_dir is not None else None
     )
 
 
-class _InMemoryRun:
-    """:func:`run` with the whole model in memory: one load, one calibration and one dense
-    evaluation, then every variant (one outside sweeps) pruned from the dense weights."""
+class _Run:
+    """:func:`run`: one load, one calibration and one dense evaluation, then every variant (one
+    outside sweeps) pruned from the dense weights, evaluated and exported.
+
+    The weights are in memory (on the device, or in host memory and onloaded block by block by the
+    engine) or, in streaming mode (``disk``), on disk: each variant is then pruned block by block
+    from the input checkpoint into a staged output checkpoint (:func:`core.streaming.prune_streaming`)
+    and both are evaluated block by block from disk; there are no generations and no baseline cache.
+    """
 
     def __init__(
         self,
@@ -240,8 +242,17 @@ class _InMemoryRun:
         should_cancel: CancelFn | None,
         data_dir: str | Path | None,
         reported: RunSpec,
+        checked: loading.Checked,
+        disk: bool,
     ) -> None:
         self.spec, self.should_cancel, self.data_dir, self.reported = spec, should_cancel, data_dir, reported
+        self.checked = checked
+        self.disk = Path(checked.src.path) if disk else None
+        """The input checkpoint when the weights stay on disk (streaming mode)."""
+        self.staged: dict[int, Path] = {}
+        self.tmp = Path()
+        self.eval_read_s = 0.0
+        """Seconds the evaluations spent reading weights from disk (streaming mode)."""
         self.variants = spec.variants()
         self.sweep = spec.sweep is not None
         ev = spec.evaluation
@@ -273,7 +284,7 @@ class _InMemoryRun:
 
     def _setup(self) -> None:
         """Load the model, read calibration windows and evaluation tokens, resolve the tasks."""
-        from core.loading import hub_online, load_model, model_context
+        from core.loading import hub_online, model_context
 
         spec, ev = self.spec, self.spec.evaluation
         self.tasks: list[Any] = []
@@ -285,10 +296,11 @@ class _InMemoryRun:
         check_cancel(self.should_cancel)
         self.stages.emit("loading", 0.0, "loading", f"loading {spec.model.source}")
         t = time.perf_counter()
-        self.loaded = load_model(spec.model)
+        self.loaded = self._load()
         self.model, self.tok = self.loaded.model, self.loaded.tokenizer
         self.timings["load_s"] = time.perf_counter() - t
-        self.stages.emit("loading", 1.0, "loading", "model loaded")
+        self.stages.emit("loading", 1.0, "loading", "model loaded" if self.disk is None else
+                         "config and tokenizer loaded (weights stay on disk: streaming mode)")  # fmt: skip
 
         check_cancel(self.should_cancel)
         self.stages.emit("calibrating", 0.0, "calibrating", f"reading {spec.calibration.source}")
@@ -311,25 +323,51 @@ class _InMemoryRun:
         vocab = int(getattr(self.model.config, "vocab_size", 50000))
         self.ebatch = _eval_batch(self.eval_seqlen, vocab)
 
-    def _ppl(self, key: str, label: str, model: Any = None, **kw: Any) -> dict[str, Any]:
-        """Perplexity block by block (:mod:`core.block_eval`) on the run's device; ``model``: an
-        exported artifact loaded back (:mod:`core.formats`), evaluated without progress."""
+    def _load(self) -> loading.Loaded:
+        """The model in memory, or (streaming mode) its meta skeleton and the tokenizer."""
+        if self.disk is None:
+            return loading.load_model(self.spec.model, self.checked)
+        import torch
+
+        ck = self.checked
+        _config, skel = streaming.skeleton(self.disk, getattr(torch, self.spec.model.dtype), ck.config)
+        return loading.Loaded(model=skel, tokenizer=loading.load_tokenizer(ck), family=ck.family,
+                              source=ck.where, gguf=False, resident=False)  # fmt: skip
+
+    def _ppl(self, key: str, label: str, **kw: Any) -> dict[str, Any]:
+        """Perplexity block by block (:mod:`core.block_eval`) on the run's device: of the model in
+        memory, or (weights on disk) of the input (dense) or the staged output (pruned) checkpoint."""
         assert self.eval_ids is not None
         check_cancel(self.should_cancel)
         ev, ms = self.spec.evaluation, self.spec.model
-        if model is None:
-            self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
+        self.stages.emit(key, 0.0, "evaluating", f"{label} perplexity", **kw)
 
         def on_step(done: int, total: int) -> None:
             what = f"block {done}/{total - 1}" if done < total else "final norm and head"
             self.stages.emit(key, done / total, "evaluating", f"{label} perplexity: {what}", **kw)
 
-        return block_eval.perplexity(
-            model if model is not None else self.model, self.eval_ids, self.eval_seqlen, ev.max_windows,
-            self.ebatch, on_step if model is None else None, device=ms.device,
-            max_device_memory=ms.max_device_memory, max_host_memory=ms.max_host_memory,
-            should_cancel=self.should_cancel,
+        source = None
+        if self.disk is not None:
+            import torch
+
+            i = None if key == "dense_eval" else int(key.removeprefix("pruned_eval"))
+            where = self.disk if i is None else self.staged[i] / "model"
+            source = streaming.CheckpointSource(self.model, where, getattr(torch, ms.dtype))
+        res = block_eval.perplexity(
+            self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch, on_step,
+            device=ms.device, source=source, max_device_memory=ms.max_device_memory,
+            max_host_memory=ms.max_host_memory, should_cancel=self.should_cancel,
         )  # fmt: skip
+        self.eval_read_s += res.get("read_s", 0.0)
+        return res
+
+    def _format_ppl(self, model: Any) -> float:
+        """Perplexity of an exported format loaded back (:mod:`core.formats`): whole-model forwards,
+        as the format's loader builds it (with its own hooks and packed weights)."""
+        assert self.eval_ids is not None
+        check_cancel(self.should_cancel)
+        ev = self.spec.evaluation
+        return evaluate.perplexity(model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch)["ppl"]
 
     def _dense(self) -> None:
         """Dense perplexity (or the cached baseline), dense generations and dense task scores."""
@@ -339,21 +377,26 @@ class _InMemoryRun:
         if self.dense_eval:
             t = time.perf_counter()
             assert self.eval_ids is not None
-            bkey = baseline_cache.key(
-                self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch
+            bkey = (  # not for weights on disk: the key would read them all
+                baseline_cache.key(self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch)
+                if self.disk is None
+                else None
             )
-            self.dense = baseline_cache.load(bkey)
+            self.dense = baseline_cache.load(bkey) if bkey else None
             self.dense_cached = self.dense is not None
             if self.dense is None:
                 self.dense = self._ppl("dense_eval", "dense")
-                baseline_cache.store(bkey, self.dense)
+                if bkey:
+                    baseline_cache.store(bkey, self.dense)
             else:
                 self.stages.emit("dense_eval", 1.0, "evaluating", "dense perplexity: cached baseline")
             self.timings["dense_eval_s"] = time.perf_counter() - t
             self.timings["eval_s"] += self.timings["dense_eval_s"]
         t = time.perf_counter()
         self.dense_text = (
-            generations.generate(self.model, self.tok, ev.generations) if ev.dense_baseline else None
+            generations.generate(self.model, self.tok, ev.generations)
+            if ev.dense_baseline and self.disk is None
+            else None
         )
         self._add("generate_s", time.perf_counter() - t)
         self.dense_scores: dict[str, Any] = {}
@@ -391,23 +434,42 @@ class _InMemoryRun:
             )
         return out
 
+    def _prune(self, i: int, prune: PruneSpec, resume_dir: Path | None, cache: Any) -> PruneResult:
+        """Prune variant ``i``: in memory (resident or onloaded by the engine), or from the input
+        checkpoint into the staged output ``self.staged[i]`` (weights on disk)."""
+        label, tag = self._tag(i)
+
+        def on_block(p: Progress) -> None:
+            if p.stage != "pruning":  # streaming writes the rest of the checkpoint after the blocks
+                self.stages.emit(f"pruning{i}", 1.0, p.stage, tag + p.message, variant=label)
+                return
+            self.stages.emit(f"pruning{i}", p.fraction, "pruning", tag + p.message, block=p.block,
+                             nblocks=p.nblocks, variant=label)  # fmt: skip
+
+        ms = self.spec.model
+        if self.disk is None:
+            return engine.prune(self.model, self.calibration, prune, on_block, self.should_cancel, resume_dir,
+                                capture_cache=cache, device=ms.device, max_device_memory=ms.max_device_memory,
+                                max_host_memory=ms.max_host_memory)  # fmt: skip
+        import torch
+
+        self.staged[i] = self.tmp / f".streamed-{i}"
+        info = streaming.prune_streaming(self.disk, self.staged[i], self.calibration, prune, on_block,
+                                         self.should_cancel, resume_dir=resume_dir,
+                                         dtype=getattr(torch, ms.dtype))  # fmt: skip
+        (self.staged[i] / "report.json").unlink()
+        return info
+
     def _prune_variant(self, i: int, prune: PruneSpec, resume_dir: Path | None, cache: Any) -> RunReport:
         """Prune the (dense) model with ``prune`` and evaluate it; the variant's report."""
         label, tag = self._tag(i)
         ev = self.spec.evaluation
 
-        def on_block(p: Progress) -> None:
-            self.stages.emit(f"pruning{i}", p.fraction, "pruning", tag + p.message, block=p.block,
-                             nblocks=p.nblocks, variant=label)  # fmt: skip
-
         check_cancel(self.should_cancel)
         self.stages.emit(f"pruning{i}", 0.0, "pruning", f"{tag}pruning with {prune.method}", variant=label)
         if resume_dir is not None:
             resume_dir = resume_dir / (f"variants/{label}/blocks" if self.sweep else "blocks")
-        ms = self.spec.model
-        info = engine.prune(self.model, self.calibration, prune, on_block, self.should_cancel, resume_dir,
-                            capture_cache=cache, device=ms.device, max_device_memory=ms.max_device_memory,
-                            max_host_memory=ms.max_host_memory)  # fmt: skip
+        info = self._prune(i, prune, resume_dir, cache)
         own: dict[str, float] = {"prune_s": info.prune_s, "mask_s": info.mask_s}
         if info.owl:
             own["owl_first_pass_s"] = info.owl["first_pass_s"]
@@ -417,7 +479,8 @@ class _InMemoryRun:
             pruned = self._ppl(f"pruned_eval{i}", f"{tag}pruned", variant=label)
             own["pruned_eval_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        texts = generations.pair(self.dense_text, generations.generate(self.model, self.tok, ev.generations))
+        after = generations.generate(self.model, self.tok, ev.generations) if self.disk is None else []
+        texts = generations.pair(self.dense_text, after)
         own["generate_s"] = time.perf_counter() - t
         scores = self._run_tasks(f"pruned_tasks{i}", f"{tag}pruned", variant=label) if self.tasks else {}
         for k, v in own.items():
@@ -463,18 +526,36 @@ class _InMemoryRun:
                 seqlen=self.seqlen,
                 seed=spec.calibration.seed,
             ),
-            sparsity=SparsityInfo(**evaluate.sparsity_report(model, prune)),
+            sparsity=SparsityInfo(**(info.sparsity or evaluate.sparsity_report(model, prune))),
             layers=info.layer_records,
             allocation=info.owl,
             evaluation=evaluation,
             timings=own,
             generations=[Generation(**g) for g in texts],
             placement=info.placement,
-            streaming={"used": False, "mode": spec.model.stream},
+            streaming=self._streaming(info),
             experts=info.experts,
             warnings=list(info.warnings),
             variant=label,
         )
+
+    def _streaming(self, info: PruneResult) -> dict[str, Any]:
+        """The report's ``streaming`` record."""
+        if self.disk is None:
+            return {"used": False, "mode": self.spec.model.stream}
+        return {
+            "used": True,
+            "mode": self.spec.model.stream,
+            "evaluation": STREAMING_EVAL_NOTE if self.spec.evaluation.enabled else "disabled",
+            "checkpoint_bytes": info.checkpoint_bytes,
+            "output_bytes": info.output_bytes,
+            "spilled": info.spilled,
+            "capture_s": info.timings["capture_s"],
+            "blocks_s": info.timings["blocks_s"],
+            "read_s": info.timings.get("read_s"),
+            "write_s": info.timings.get("write_s"),
+            "eval_read_s": self.eval_read_s,
+        }
 
     def _export(self, i: int, root: Path, report: RunReport, shown: Path | str) -> float:
         """Write variant ``i``'s model artifacts under ``root`` (``shown`` in messages); seconds taken."""
@@ -484,8 +565,16 @@ class _InMemoryRun:
         t = time.perf_counter()
         root.mkdir(parents=True, exist_ok=True)
         outputs = self.spec.outputs
-        export.save_model(root, self.model, self.tok, outputs)
-        ppl = (lambda m: self._ppl("", "", model=m)["ppl"]) if self.spec.evaluation.enabled else None
+        ppl = self._format_ppl if self.spec.evaluation.enabled else None
+        if self.disk is None:
+            export.save_model(root, self.model, self.tok, outputs)
+        else:  # the staged checkpoint is the output; formats are not loaded back whole to evaluate
+            import shutil
+
+            stage, ppl = self.staged.pop(i), None
+            if outputs.model:
+                (stage / "model").rename(root / "model")
+            shutil.rmtree(stage)
         report.artifacts = export.save_formats(root, report, outputs, ppl)
         return time.perf_counter() - t
 
@@ -495,9 +584,11 @@ class _InMemoryRun:
             self._setup()
             self._dense()
             blocks = families.get_blocks(self.model, self.loaded.family)
-            snapshot = sweep.DenseSnapshot(blocks) if len(self.variants) > 1 else None
+            restore = len(self.variants) > 1 and self.disk is None  # on disk each variant reads the input
+            snapshot = sweep.DenseSnapshot(blocks) if restore else None
             cache = engine.CaptureCache()
             with export.staging_dir(out) as tmp:
+                self.tmp = tmp
                 if not self.sweep:
                     report = self._prune_variant(0, self.variants[0][1], resume_dir, cache)
                     self.timings["export_s"] = self._export(0, tmp, report, out)
@@ -551,126 +642,6 @@ class _InMemoryRun:
                 "variant": result.headline,
             }
         )
-
-
-def _run_streaming(
-    spec: RunSpec,
-    out: Path,
-    on_progress: ProgressFn | None,
-    should_cancel: CancelFn | None,
-    data_dir: str | Path | None,
-    t_start: float,
-    reported_spec: RunSpec | None = None,
-    resume_dir: str | Path | None = None,
-) -> RunReport:
-    """:func:`run` in streaming mode: tokenizer-only calibration, ``prune_streaming``, reports."""
-    import shutil
-
-    import torch
-
-    from core.loading import load_config_and_tokenizer, model_context
-
-    stages = _Stages([(k, STAGE_WEIGHTS[k]) for k in ("loading", "calibrating", "pruning", "exporting")],
-                     on_progress)  # fmt: skip
-    timings: dict[str, float] = {}
-    with _PeakRSS() as rss:
-        check_cancel(should_cancel)
-        stages.emit("loading", 0.0, "loading", f"reading config and tokenizer of {spec.model.source}")
-        t = time.perf_counter()
-        config, tok, family, where = load_config_and_tokenizer(spec.model)
-        timings["load_s"] = time.perf_counter() - t
-        stages.emit("loading", 1.0, "loading", "config and tokenizer loaded (streaming mode)")
-
-        check_cancel(should_cancel)
-        stages.emit("calibrating", 0.0, "calibrating", f"reading {spec.calibration.source}")
-        t = time.perf_counter()
-        cal = spec.calibration
-        seqlen = data.resolve_seqlen(cal.seqlen, model_context(config))
-        calibration, cal_source = data.calibration_windows(
-            cal.source, tok, cal.nsamples, seqlen, cal.seed, cal.text_field, data_dir
-        )
-        timings["calibrate_s"] = time.perf_counter() - t
-        stages.emit("calibrating", 1.0, "calibrating", f"{calibration.shape[0]} windows x {seqlen} tokens")
-
-        def on_stream(p: Progress) -> None:
-            if p.stage == "pruning":
-                stages.emit("pruning", p.fraction, "pruning", p.message, block=p.block, nblocks=p.nblocks)
-            else:
-                stages.emit("exporting", 0.0, "exporting", p.message)
-
-        check_cancel(should_cancel)
-        stages.emit("pruning", 0.0, "pruning", f"pruning with {spec.prune.method} (streaming)")
-        with export.staging_dir(out) as tmp:
-            info = streaming.prune_streaming(
-                spec.model.source,
-                tmp / "streamed",
-                calibration,
-                spec.prune,
-                on_stream,
-                should_cancel,
-                resume_dir=Path(resume_dir) / "blocks" if resume_dir is not None else None,
-                dtype=getattr(torch, spec.model.dtype),
-            )
-            t = time.perf_counter()
-            (tmp / "streamed" / "report.json").unlink()
-            if spec.outputs.model:
-                (tmp / "streamed" / "model").rename(tmp / "model")
-            shutil.rmtree(tmp / "streamed")
-            st = info.timings
-            timings["prune_s"] = info.prune_s
-            timings["mask_s"] = info.mask_s
-            timings["eval_s"] = 0.0
-            archs = getattr(config, "architectures", None) or ["?"]
-            assert info.sparsity is not None and info.params is not None
-            report = RunReport(
-                spec=(reported_spec or spec).model_dump(mode="json"),
-                versions=_versions(),
-                model=ModelInfo(
-                    source=where,
-                    family=family.name,
-                    architecture=archs[0],
-                    model_type=config.model_type,
-                    nblocks=info.nblocks,
-                    params=info.params,
-                    dtype=spec.model.dtype,
-                    device=spec.model.device,
-                    gguf=False,
-                ),
-                calibration=CalibrationInfo(
-                    source=cal_source, nsamples=int(calibration.shape[0]), seqlen=seqlen, seed=cal.seed
-                ),
-                sparsity=SparsityInfo(**info.sparsity),
-                layers=info.layer_records,
-                evaluation=None,
-                timings=timings,
-                streaming={
-                    "used": True,
-                    "mode": spec.model.stream,
-                    "evaluation": STREAMING_EVAL_NOTE if spec.evaluation.enabled else "disabled",
-                    "checkpoint_bytes": info.checkpoint_bytes,
-                    "output_bytes": info.output_bytes,
-                    "spilled": info.spilled,
-                    "capture_s": st["capture_s"],
-                    "blocks_s": st["blocks_s"],
-                },
-                placement=info.placement,
-                experts=info.experts,
-                warnings=list(info.warnings),
-            )
-            report.artifacts = export.save_formats(tmp, report, spec.outputs)
-            check_cancel(should_cancel)
-            timings["export_s"] = st["export_s"] + time.perf_counter() - t
-            timings["total_s"] = time.perf_counter() - t_start
-            report.timings = timings  # validation copied the dict: hand it the finished one
-            rss._sample()
-            report.peak_rss_mb = round(rss.mb, 1)
-            report_doc.finish(tmp, report, spec)
-            export.write_reports(tmp, report, spec.outputs)
-            check_cancel(should_cancel)
-        stages.emit("exporting", 1.0, "exporting", "done")
-    if resume_dir is not None:
-        resume.clear(Path(resume_dir))
-    return report
 
 
 def _cuda_peak(device: str) -> float | None:

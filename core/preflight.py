@@ -42,15 +42,16 @@ def skeleton(config: Any) -> Any | None:
         return None
 
 
-def check(spec: RunSpec) -> None:
-    """Refuse what the model's config alone shows to be impossible (InvalidInput / CalibrationError)."""
+def check(spec: RunSpec, checked: Any = None) -> None:
+    """Refuse what the model's config alone shows to be impossible (InvalidInput / CalibrationError).
+    ``checked``: the run's :func:`core.loading.check_source` (default: checked here)."""
     from core.engine import check_nm_shapes
     from core.loading import checked_config, model_context
 
     check_text_source(spec.calibration.source, "calibration")
     if spec.evaluation.enabled:
         check_text_source(spec.evaluation.source, "evaluation")
-    config, family = checked_config(spec.model)
+    config, family = (checked.config, checked.family) if checked is not None else checked_config(spec.model)
     context = model_context(config)
     data.resolve_seqlen(spec.calibration.seqlen, context)
     data.resolve_seqlen(spec.evaluation.seqlen, context)

@@ -280,7 +280,7 @@ class ModelSpec(_Strict):
         default="auto",
         description="Prune block by block from the safetensors files without loading the model whole. "
         "'auto': when a local safetensors checkpoint exceeds 40% of available RAM (CPU only). "
-        "Streaming runs skip perplexity evaluation.",
+        "Streaming runs evaluate perplexity block by block from the checkpoints.",
     )
     max_device_memory: int | None = Field(
         default=None,
@@ -514,10 +514,6 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _sweep_valid(self) -> RunSpec:
-        if self.sweep is not None:
-            if self.model.stream == "always":
-                raise ValueError("a sweep prunes the in-memory model several times: use model.stream 'never'"
-                                 " or 'auto'")  # fmt: skip
         if self.evaluation.tasks and not self.evaluation.enabled:
             raise ValueError("evaluation.tasks need evaluation.enabled = true")
         return self

@@ -88,7 +88,8 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = root.get_submodule(mod_name) if mod_name else root
     if attr in mod._parameters:
-        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        keep = isinstance(value, nn.Parameter)
+        mod._parameters[attr] = value if keep else nn.Parameter(value, requires_grad=False)
     else:
         mod._buffers[attr] = value
 
@@ -221,6 +222,89 @@ def _rss_mb() -> float | None:
         return None
 
 
+def skeleton(model_dir: Path, dtype: torch.dtype, config: Any = None) -> tuple[Any, nn.Module]:
+    """``(config, model)``: the checkpoint's model with its parameters on ``meta`` (buffers real),
+    tied weights tied, in eval mode. ``config``: already read (else read from ``model_dir``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(model_dir)
+        except Exception as exc:
+            msg = f"cannot read model config from {Path(model_dir) / 'config.json'}: {exc}"
+            raise ModelLoadError(msg) from None
+    families.check_config(config)
+    with init_empty_weights(include_buffers=False):
+        model = families.model_class(config).from_config(config, dtype=dtype)
+    model.tie_weights()  # not done on meta by from_config; tied tensors are then written once
+    model.eval()
+    return config, model
+
+
+def _aliases(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """``{name: [every name of the same tensor]}`` for tied parameters (a head tied to the embedding)."""
+    by_id: dict[int, list[str]] = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(t), []).append(n)
+    sd = model.state_dict(keep_vars=True)
+    return {n: by_id[id(sd[n])] for n in names}
+
+
+class CheckpointSource(engine.WeightSource):
+    """Weights on disk: a safetensors checkpoint read block by block into a meta skeleton
+    (:func:`skeleton`), each block returned to ``meta`` when released; read only (evaluation)."""
+
+    where = "disk"
+
+    def __init__(self, model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
+        family = families.family_for(model)
+        self.model, self.dtype, self.prefix = model, dtype, family.blocks
+        self.blocks = families.get_blocks(model, family)
+        self.ckpt = Checkpoint(Path(model_dir), model)
+        _groups, non_block = _plan_non_block(model, family.blocks, dtype, 1)
+        self.outside = _aliases(model, list(non_block))
+        self.read_s = 0.0
+        """Seconds spent reading tensors from the checkpoint."""
+
+    @contextmanager
+    def outside_context(self) -> Iterator[None]:
+        t = time.perf_counter()
+        tensors = self.ckpt.load(list(self.outside), self.dtype)
+        self.read_s += time.perf_counter() - t
+        for name, names in self.outside.items():
+            value = nn.Parameter(tensors.pop(name), requires_grad=False)
+            for alias in names:
+                _set_tensor(self.model, alias, value)
+        try:
+            yield
+        finally:
+            sd = self.model.state_dict(keep_vars=True)
+            for name, names in self.outside.items():
+                meta = nn.Parameter(torch.empty_like(sd[name], device="meta"), requires_grad=False)
+                for alias in names:
+                    _set_tensor(self.model, alias, meta)
+            _release_memory()
+
+    @contextmanager
+    def capture_context(self) -> Iterator[None]:
+        with self.outside_context():
+            self.load(0, self.blocks[0])
+            try:
+                yield
+            finally:
+                self.release(0, self.blocks[0])
+
+    def load(self, index: int, block: nn.Module) -> None:
+        prefix = f"{self.prefix}.{index}."
+        t = time.perf_counter()
+        _materialize(block, {k: prefix + k for k in block.state_dict()}, self.ckpt, self.dtype)
+        self.read_s += time.perf_counter() - t
+
+    def release(self, index: int, block: nn.Module) -> None:
+        _to_meta(block)
+
+
 @torch.no_grad()
 def prune_streaming(
     model_dir: str | Path,
@@ -250,9 +334,6 @@ def prune_streaming(
     ``tune_malloc`` (glibc only) makes large allocations use mmap for the rest of the process
     (see :func:`_tune_malloc`) and trims the heap after every block; it bounds peak RSS.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
     from core import export
     from core.evaluate import SparsityCounter
     from core.methods import get_method
@@ -274,17 +355,7 @@ def prune_streaming(
     out = export.check_out_dir(out_dir)
     if tune_malloc:
         _tune_malloc()
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read model config from {model_dir / 'config.json'}: {exc}") from None
-    from core.loading import model_class
-
-    families.check_config(config)
-    with init_empty_weights(include_buffers=False):
-        model = model_class(config).from_config(config, dtype=dtype)
-    model.tie_weights()  # not done on meta by from_config; tied tensors are then written once
-    model.eval()
+    config, model = skeleton(model_dir, dtype)
     family = families.family_for(model)
     ckpt = Checkpoint(model_dir, model)
     params = sum(p.numel() for p in model.parameters())
@@ -331,14 +402,18 @@ def prune_streaming(
 
         def load(self, index: int, block: nn.Module) -> None:
             prefix = f"{family.blocks}.{index}."
+            t = time.perf_counter()
             _materialize(block, {k: prefix + k for k in block.state_dict()}, ckpt, dtype)
+            timings["read_s"] += time.perf_counter() - t
 
         def done(self, index: int, block: nn.Module) -> None:
             prefix = f"{family.blocks}.{index}."
             measured.add(families.block_targets(block, prefix[:-1], routers=spec.prune_routers))
             fname = shard_name(len(groups) + index + 1, nshards)
             sd = ckpt.to_saved({prefix + k: v for k, v in block.state_dict().items()})
+            t = time.perf_counter()
             sizes[0] += _save_shard(sd, self.mdir / fname)
+            timings["write_s"] += time.perf_counter() - t
             weight_map.update(dict.fromkeys(sd, fname))
             del sd
             peak[0] = max(peak[0], _rss_mb() or 0.0)
@@ -357,7 +432,7 @@ def prune_streaming(
             import psutil
 
             spill = act_bytes > 0.1 * psutil.virtual_memory().available
-        timings["capture_s"] = 0.0
+        timings["capture_s"] = timings["read_s"] = timings["write_s"] = 0.0
         with _spill_area(spill_dir, out.parent, bool(spill) and bool(method.needs)) as sdir:
             result = engine.run_blocks(
                 model,

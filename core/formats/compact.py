@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from core.digest import sha256_file
 from core.errors import CorruptArtifact
-from core.export import sha256_file
 from core.formats import bits
 from core.formats.shards import DTYPES, ShardWriter, dense_layout, iter_tensors
 

@@ -26,6 +26,10 @@ def test_describe_matches_this_machine() -> None:
     assert host["simd_flags"] == [f for f in hostinfo.SIMD_FLAGS if f in flags]
     assert host["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert host["torch_threads"] == torch.get_num_threads()
+    mem = host["memory"]
+    assert 0 < mem["host_available_mb"] <= mem["host_total_mb"]
+    assert len(mem["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert all(0 <= d["free_mb"] <= d["total_mb"] for d in mem["cuda"])
     assert machine()["host"]["cpu_model"] == host["cpu_model"]  # every bench JSON carries it
 
 

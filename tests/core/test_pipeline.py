@@ -245,7 +245,7 @@ def test_streaming_mode_matches_in_memory(family: str, small_text: Path, tmp_pat
 
     events: list[Progress] = []
     rs = pipeline.run(spec("always", True), tmp_path / "s", events.append)
-    rm = pipeline.run(spec("never", False), tmp_path / "m")
+    rm = pipeline.run(spec("never", True), tmp_path / "m")
 
     a, b = _tensors(tmp_path / "s" / "model"), _tensors(tmp_path / "m" / "model")
     assert set(a) == set(b)
@@ -253,7 +253,16 @@ def test_streaming_mode_matches_in_memory(family: str, small_text: Path, tmp_pat
         assert torch.equal(a[name], b[name]), name
     assert REPORT_KEYS <= set(rs.to_json()) and TIMINGS <= set(rs.timings)
     assert rs.streaming["used"] is True and rm.streaming == {"used": False, "mode": "never"}
-    assert rs.evaluation is None and "not evaluated" in rs.streaming["evaluation"]
+    # evaluated block by block from the input and the output checkpoints: the in-memory numbers
+    assert (
+        rs.evaluation is not None
+        and rm.evaluation is not None
+        and "block by block" in rs.streaming["evaluation"]
+    )
+    for key in ("dense_ppl", "pruned_ppl"):
+        a, b = getattr(rs.evaluation, key), getattr(rm.evaluation, key)
+        assert abs(a - b) <= 1e-5 * b, key
+    assert rs.evaluation.windows == rm.evaluation.windows == 1
     assert rs.sparsity == rm.sparsity and rs.sparsity.nm_ok is True
     assert rs.model.params == rm.model.params and rs.model.nblocks == 3
     assert rs.calibration == rm.calibration
@@ -303,3 +312,31 @@ def smollm2_gguf_or_file(tmp_path: Path) -> Path:
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF")
     return path
+
+
+def test_gguf_source_with_tiny_budgets_equals_default_run(small_text: Path, tmp_path: Path) -> None:
+    """A GGUF source goes through the one run path: with memory budgets of one byte the calibration
+    and evaluation activations spill to disk, and the output and perplexities equal the default run's."""
+    from tests import tiny_models
+
+    gguf = tiny_models.save_gguf(tmp_path / "tiny.gguf")
+
+    def spec(budget: int | None) -> RunSpec:
+        return RunSpec.model_validate(
+            {
+                "model": {"source": str(gguf), "max_device_memory": budget, "max_host_memory": budget},
+                "prune": {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2},
+                "calibration": {"source": str(small_text), "nsamples": 4, "seqlen": 32},
+                "evaluation": {"source": str(small_text), "max_windows": 2, "generations": 0},
+            }
+        )
+
+    tight = pipeline.run(spec(1), tmp_path / "tight")
+    roomy = pipeline.run(spec(None), tmp_path / "roomy")
+    assert tight.model.gguf and tight.placement["activations"] == "disk"
+    assert roomy.placement["activations"] == "device" and roomy.placement["weights"] == "device"
+    assert any("spilled to disk" in r for r in tight.placement["reasons"])
+    a, b = _tensors(tmp_path / "tight" / "model"), _tensors(tmp_path / "roomy" / "model")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in b)
+    assert tight.evaluation.dense_ppl == roomy.evaluation.dense_ppl
+    assert tight.evaluation.pruned_ppl == roomy.evaluation.pruned_ppl

@@ -172,11 +172,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3_moe", "gpt2"])
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "wanda-owl"])
 def test_onloaded_run_on_cuda_equals_resident(family: str, method: str) -> None:
     """Weights on the host, each block copied to the GPU: the same masks and weights as the whole
     model on the GPU; the host model's tensors stay on the host."""
-    spec = PruneSpec(method=method, sparsity=0.5)
+    owl = method == "wanda-owl"
+    spec = PruneSpec(method="wanda" if owl else method, sparsity=0.5, allocation="owl" if owl else "uniform")
     resident = tiny_models.build(family).to("cuda")
     engine.run_blocks(resident, calib(), spec)
     host = tiny_models.build(family)

@@ -61,11 +61,23 @@ def test_bad_sweeps_are_refused(sweep: dict, prune: dict, match: str) -> None:
         RunSpec.model_validate(body("m", sweep, **prune))
 
 
-def test_sweep_refuses_streaming_always() -> None:
-    b = body("m", {"sparsities": [0.3]})
-    b["model"]["stream"] = "always"
-    with pytest.raises(ValidationError, match="stream 'never'"):
-        RunSpec.model_validate(b)
+def test_sweep_with_weights_on_disk_equals_in_memory(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+    """One run path: a sweep in streaming mode (each variant pruned from the input checkpoint,
+    evaluated block by block from disk) gives the in-memory sweep's tensors and perplexities."""
+    src = tiny_model_dir("llama")
+    reports = {}
+    for stream in ("always", "never"):
+        b = body(src, {"sparsities": [0.3, 0.6]})
+        b["model"]["stream"] = stream
+        reports[stream] = pipeline.run(RunSpec.model_validate(b), tmp_path / stream, data_dir=data_dir)
+    disk, mem = reports["always"], reports["never"]
+    assert disk.streaming["used"] is True and mem.streaming["used"] is False
+    assert disk.evaluation.dense_ppl == pytest.approx(mem.evaluation.dense_ppl, rel=1e-5)
+    for a, b in zip(disk.sweep.variants, mem.sweep.variants, strict=True):
+        assert a.label == b.label and a.pruned_ppl == pytest.approx(b.pruned_ppl, rel=1e-5)
+        wa = _weights(tmp_path / "always" / "variants" / a.label / "model")
+        wb = _weights(tmp_path / "never" / "variants" / b.label / "model")
+        assert set(wa) == set(wb) and all(torch.equal(wa[n], wb[n]) for n in wb), a.label
 
 
 def _weights(d: Path) -> dict[str, torch.Tensor]:
