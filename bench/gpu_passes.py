@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import block_eval, engine, evaluate
+from core import block_eval, block_prune, engine, evaluate
 from core.spec import PruneSpec
 
 RUNS = (("wanda", "2:4", None), ("sparsegpt", "unstructured", 0.5))
@@ -24,7 +24,7 @@ RUNS = (("wanda", "2:4", None), ("sparsegpt", "unstructured", 0.5))
 @contextmanager
 def timed_engine(totals: dict[str, float], sync: Callable[[], None]) -> Iterator[None]:
     """Adds the synchronised seconds of every statistics pass and block re-run to ``totals``."""
-    saved = {"collect_stats": engine.collect_stats, "run_block": engine.run_block}
+    saved = {"collect_stats": block_prune.collect_stats, "run_block": engine.run_block}
 
     def wrap(key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*a: Any, **kw: Any) -> Any:
@@ -37,12 +37,12 @@ def timed_engine(totals: dict[str, float], sync: Callable[[], None]) -> Iterator
 
         return timed
 
-    engine.collect_stats = wrap("stats_s", saved["collect_stats"])  # type: ignore[assignment]
+    block_prune.collect_stats = wrap("stats_s", saved["collect_stats"])  # type: ignore[assignment]
     engine.run_block = wrap("rerun_s", saved["run_block"])  # type: ignore[assignment]
     try:
         yield
     finally:
-        engine.collect_stats = saved["collect_stats"]  # type: ignore[assignment]
+        block_prune.collect_stats = saved["collect_stats"]  # type: ignore[assignment]
         engine.run_block = saved["run_block"]  # type: ignore[assignment]
 
 
