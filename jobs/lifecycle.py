@@ -11,7 +11,7 @@
 ```
 
 - The API (`api/routes.py`) calls `submit` and `cancel`; every API process runs `sweep_leases` and
-  `resend_unsent` in the background (`api/app.py`).
+  `resend_unsent` in the background (`api/maintenance.py`).
 - The worker (`worker/runner.py`) calls `claim`, holds a `Lease` while it runs the job, writes through
   `progress` / `publish` / `finish`, and calls `give_back` when its upload failed. Its main process
   asks `unrunnable` before handing a message to a pool process (`worker/tasks.py`); whoever sends a
