@@ -227,10 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from core.errors import CoreError, InvalidInput
-    from core.settings import ConfigError
+    from core.settings import ConfigError, EngineSettings
 
     try:
         args = build_parser().parse_args(argv)
+        EngineSettings.from_env()  # a refused PRUNE_* variable stops the run before any work
         if args.command == "prune":
             return _cmd_prune(args)
         if args.command == "unpack":
