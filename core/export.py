@@ -10,7 +10,6 @@ other file). Everything is written into a temporary sibling directory that is re
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidInput
+from core.hashing import sha256_file
 from core.report import markdown_sections
 from core.result import CalibrationInfo, ExpertTokens, RunReport
 from core.spec import OutputSpec
@@ -59,15 +59,6 @@ def staging_dir(out_dir: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest(root: Path) -> dict[str, Any]:

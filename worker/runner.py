@@ -298,20 +298,7 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
             "artifacts", {"files": [{"name": i.name, "size": i.size, "sha256": i.sha256} for i in infos]}
         )
         shutil.rmtree(work, ignore_errors=True)  # scratch is gone before the job reads as finished
-        try:
-            lifecycle.finish(
-                ctx.store,
-                job_id,
-                token,
-                JobStatus.succeeded,
-                summary=summarize(report),
-                progress=JobProgress(stage="done", fraction=1.0, eta_s=0.0),
-            )
-        except InvalidTransition as e:
-            if e.job.status == JobStatus.cancelling:
-                raise Cancelled("cancelled by request") from None
-            if e.job.status != JobStatus.succeeded:  # succeeded: our EXEC landed, its reply was lost
-                raise
+        _succeed(ctx, job_id, token, report)
         log.info("job %s: succeeded", job_id)
         return JobStatus.succeeded.value
     except Fenced:
@@ -338,6 +325,24 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
         if finished:
             shutil.rmtree(work, ignore_errors=True)
             notify_completed(ctx, job, hooks)
+
+
+def _succeed(ctx: Context, job_id: str, token: str, report: RunReport) -> None:
+    """Mark the attempt's job succeeded with its summary; raise Cancelled when a cancel came first."""
+    try:
+        lifecycle.finish(
+            ctx.store,
+            job_id,
+            token,
+            JobStatus.succeeded,
+            summary=summarize(report),
+            progress=JobProgress(stage="done", fraction=1.0, eta_s=0.0),
+        )
+    except InvalidTransition as e:
+        if e.job.status == JobStatus.cancelling:
+            raise Cancelled("cancelled by request") from None
+        if e.job.status != JobStatus.succeeded:  # succeeded: our EXEC landed, its reply was lost
+            raise
 
 
 def _end(ctx: Context, job: Job, token: str, to: JobStatus, err: JobError | None = None) -> None:

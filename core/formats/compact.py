@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from core.errors import CorruptArtifact
-from core.export import sha256_file
 from core.formats import bits
 from core.formats.shards import DTYPES, ShardWriter, dense_layout, iter_tensors
+from core.hashing import sha256_file
 
 __all__ = ["FORMAT", "HEADER", "VERSION", "load_model", "pack", "read_header", "unpack", "verify"]
 
