@@ -231,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        EngineSettings.from_env()  # a refused PRUNE_* variable stops the run before any work
         if args.command == "prune":
+            EngineSettings.from_env()  # a refused PRUNE_* variable stops the run before any work
             return _cmd_prune(args)
         if args.command == "unpack":
             return _cmd_unpack(args)
