@@ -17,7 +17,7 @@ Layout (prefix "prune"):
 - `prune:active:<tenant>`          set of the tenant's queued/running/cancelling job ids (quota)
 - `prune:outbox`                   sorted set of queued jobs whose task message is not known to be sent
                                    (score: Unix time of creation or of the last re-send; jobs.lifecycle)
-- `prune:events:<id>`              the job's event stream (jobs.events)
+- `prune:events:<id>`              the job's event stream (read and written by jobs.events)
 - `prune:lease:<id>`               id of the worker holding the running job, with a TTL (the lease,
                                    jobs.lifecycle); gone when the worker stopped renewing it
 - `prune:leases`                   sorted set of held jobs, score: Unix time their lease expires
@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from jobs.events import events_key
 from jobs.spec import JobStatus
 
 __all__ = ["CONFIRM", "CREATE", "DELETE_IF", "PUBLISH", "RENEW", "Keys"]
@@ -68,7 +67,7 @@ class Keys:
 
     def events(self, job_id: str) -> str:
         """The job's event stream."""
-        return events_key(self.prefix, job_id)
+        return f"{self.prefix}:events:{job_id}"
 
     def lease_key(self, job_id: str) -> str:
         """Key holding the id of the worker whose lease on the job is live (expires with the lease)."""
