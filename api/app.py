@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -15,6 +13,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import maintenance
 from api.deps import Services, document_security, open_tenant_of, services
 from api.logctx import RequestLogMiddleware
 from api.metrics import JobsCollector, http_latency_histogram
@@ -24,13 +23,10 @@ from api.ui import router as ui_router
 from jobs import logs
 from jobs.auth import AuthConfigError, KeyRing
 from jobs.events import EventLog
-from jobs.lifecycle import resend_unsent, sweep_leases
 from jobs.queue import Queue
 from jobs.redisconn import API_RETRIES, aconnect, connect
-from jobs.retention import sweep_all as sweep_retention
 from jobs.settings import Settings, get_settings, settings_or_exit
 from jobs.sources import SourcePolicy, service_policy
-from jobs.spec import Job
 from jobs.storage import make_store
 from jobs.store import JobStore
 from jobs.webhooks import WebhookError, checked_secret
@@ -100,17 +96,6 @@ def build_services(settings: Settings) -> Services:
     )
 
 
-async def _every(interval_s: float, what: str, fn: Callable[..., object], *args: object) -> None:
-    """Run `fn(*args)` in a thread now and then every `interval_s` seconds, until cancelled; errors
-    are logged, not raised (Redis away: the next run tries again)."""
-    while True:
-        try:
-            await asyncio.to_thread(fn, *args)
-        except Exception as e:
-            log.warning("%s failed: %s", what, e)
-        await asyncio.sleep(interval_s)
-
-
 def create_app(
     settings: Settings | None = None, *, keyring: KeyRing | None = None, sources: SourcePolicy | None = None
 ) -> FastAPI:
@@ -127,56 +112,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc.aredis = aconnect(settings.redis_url)
-        tasks = []
-        if settings.outbox_interval > 0:  # re-send jobs a dead API process created but never sent
-            tasks.append(
-                asyncio.create_task(
-                    _every(
-                        settings.outbox_interval,
-                        "outbox sweep",
-                        resend_unsent,
-                        svc.store,
-                        svc.queue,
-                        settings.outbox_age,
-                    )
-                )
-            )
-
-        def drop_artifacts(job: Job) -> None:  # a job the lease sweeper failed or cancelled
-            svc.artifacts.delete_prefix(f"{job.tenant}/{job.id}")
-
-        # re-queue jobs whose worker stopped renewing its lease (a lost host)
-        lease_sweep = _every(
-            settings.lease_renew_s,
-            "lease sweep",
-            sweep_leases,
-            svc.store,
-            svc.queue,
-            settings.max_attempts,
-            drop_artifacts,
-        )
-        tasks.append(asyncio.create_task(lease_sweep))
-        retention_s = settings.retention_s
-        if settings.retention_interval > 0 and retention_s is not None:  # delete old finished jobs
-            tasks.append(
-                asyncio.create_task(
-                    _every(
-                        settings.retention_interval,
-                        "retention sweep",
-                        sweep_retention,
-                        svc.store,
-                        svc.artifacts,
-                        retention_s,
-                    )
-                )
-            )
+        tasks = maintenance.start(svc)
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await maintenance.stop(tasks)
             await svc.aredis.aclose()
             svc.aredis = None
 

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from jobs import lifecycle
+from jobs import metrics
 
 if TYPE_CHECKING:
     from api.deps import Services
@@ -27,12 +27,12 @@ class JobsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         try:
-            counts = self.svc.store.status_counts()
+            counts = metrics.status_counts(self.svc.store)
             messages = self.svc.queue.messages()
-            life = lifecycle.counts(self.svc.store)
-            buckets, total = self.svc.store.duration_histogram()
-            block_buckets, block_total = self.svc.store.block_histogram()
-            deleted = self.svc.store.deleted_count()
+            life = metrics.lifecycle_counts(self.svc.store)
+            buckets, total = metrics.duration_histogram(self.svc.store)
+            block_buckets, block_total = metrics.block_histogram(self.svc.store)
+            deleted = metrics.deleted_count(self.svc.store)
         except Exception as e:  # a scrape must not fail because Redis is down
             log.warning("metrics unavailable: %s", e)
             return

@@ -3,7 +3,7 @@
 
 Experts: an expert that saw no calibration token is pruned by magnitude, with a warning.
 SparseGPT keeps one ``in × in`` fp32 Hessian per matrix of a block (so ``E × in²`` for fused
-experts); above :data:`HESSIAN_LIMIT_BYTES` per block the run is refused before any work.
+experts); above :func:`hessian_limit_bytes` per block the run is refused before any work.
 """
 
 from __future__ import annotations
@@ -27,17 +27,27 @@ if TYPE_CHECKING:
     from core.methods.base import Method
 
 __all__ = [
-    "HESSIAN_LIMIT_BYTES",
     "BlockResult",
     "check_hessian_memory",
     "check_nm_shapes",
+    "hessian_limit_bytes",
     "method_named",
     "prune_block",
     "prune_targets",
 ]
 
-HESSIAN_LIMIT_BYTES = EngineSettings.from_env().hessian_limit_bytes
-"""Largest total of SparseGPT Hessians (fp32 ``in × in`` per pruned matrix) held for one block."""
+
+def hessian_limit_bytes() -> int:
+    """Largest total of SparseGPT Hessians (fp32 ``in × in`` per pruned matrix) held for one block
+    (``PRUNE_HESSIAN_LIMIT_BYTES``, read when used)."""
+    return EngineSettings.from_env().hessian_limit_bytes
+
+
+def __getattr__(name: str) -> int:
+    """``HESSIAN_LIMIT_BYTES``: the old constant's name, now the value read when used."""
+    if name == "HESSIAN_LIMIT_BYTES":
+        return hessian_limit_bytes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_named(name: str) -> Method:
@@ -73,16 +83,17 @@ def prune_targets(
 
 
 def check_hessian_memory(targets: dict[str, families.Target], method: Method, where: str) -> None:
-    """Refuse SparseGPT when one block's Hessians would exceed :data:`HESSIAN_LIMIT_BYTES`."""
+    """Refuse SparseGPT when one block's Hessians would exceed :func:`hessian_limit_bytes`."""
     if "hessian" not in method.needs:
         return
     need = sum(4 * t.in_features**2 for t in targets.values())
-    if need > HESSIAN_LIMIT_BYTES:
+    limit = hessian_limit_bytes()
+    if need > limit:
         nexp = sum(1 for t in targets.values() if t.is_expert)
         raise InvalidInput(
             f"{method.name} needs one fp32 in x in Hessian per pruned matrix of a block: {where} has "
             f"{len(targets)} matrices ({nexp} of them expert matrices) = {need / 2**30:.1f} GiB, above the "
-            f"limit of {HESSIAN_LIMIT_BYTES / 2**30:.1f} GiB (PRUNE_HESSIAN_LIMIT_BYTES); use wanda or "
+            f"limit of {limit / 2**30:.1f} GiB (PRUNE_HESSIAN_LIMIT_BYTES); use wanda or "
             "magnitude for this model, or keep experts dense with 'ignore'"
         )
 

@@ -227,11 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from core.errors import CoreError, InvalidInput
-    from core.settings import ConfigError
+    from core.settings import ConfigError, EngineSettings
 
     try:
         args = build_parser().parse_args(argv)
         if args.command == "prune":
+            EngineSettings.from_env()  # a refused PRUNE_* variable stops the run before any work
             return _cmd_prune(args)
         if args.command == "unpack":
             return _cmd_unpack(args)

@@ -1,4 +1,5 @@
-"""File digests shared by the artifact writers (the manifest, the compact format's own index)."""
+"""File digests shared by the artifact writers (the manifest, the compact format's own index) and
+the service's artifact store (torch-free, no other core import)."""
 
 from __future__ import annotations
 

@@ -30,10 +30,10 @@ from torch import nn
 
 from core import families, placement, resume
 from core.block_prune import (
-    HESSIAN_LIMIT_BYTES,
     BlockResult,
     check_hessian_memory,
     check_nm_shapes,
+    hessian_limit_bytes,
     method_named,
     prune_block,
     prune_targets,
@@ -59,7 +59,6 @@ from core.spec import PruneSpec
 from core.weights import InMemory, WeightSource, compute_device, source_for
 
 __all__ = [
-    "HESSIAN_LIMIT_BYTES",
     "Args",
     "Batch",
     "BlockResult",
@@ -73,6 +72,7 @@ __all__ = [
     "check_hessian_memory",
     "check_nm_shapes",
     "collect_stats",
+    "hessian_limit_bytes",
     "prune",
     "prune_block",
     "prune_targets",
@@ -80,6 +80,13 @@ __all__ = [
     "run_blocks",
     "split_args",
 ]
+
+
+def __getattr__(name: str) -> int:
+    """``HESSIAN_LIMIT_BYTES``: the old constant's name, now the value read when used."""
+    if name == "HESSIAN_LIMIT_BYTES":
+        return hessian_limit_bytes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _expert_report(tokens: dict[str, int], fallback: list[str]) -> list[ExpertTokens]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as _DecodeError
@@ -177,22 +177,41 @@ class EnvSettings(BaseSettings):
         return {k: v for k, v in data.items() if not unset(k, v)}
 
 
-class EngineSettings(EnvSettings):
+def _resolved(path: Path | None) -> Path | None:
+    return None if path is None else path.resolve()
+
+
+ResolvedPath = Annotated[Path, AfterValidator(_resolved)]
+"""A path variable; a relative value is resolved against the working directory."""
+
+
+class SharedSettings(EnvSettings):
+    """The variables both the engine and the service read, declared once: `EngineSettings` and the
+    service's `jobs.settings.Settings` derive from this class (the service gives `home` its own
+    default, `./var`; the engine leaves it unset)."""
+
+    home: ResolvedPath | None = env_field(
+        "PRUNE_HOME",
+        description="Home directory. The service's var directory: artifacts (local storage), worker "
+        "scratch, the launcher's Redis data and logs, the generated signing key. The engine (the "
+        "worker's jobs included) keeps its default caches under it: `$PRUNE_HOME/cache/baselines` "
+        "and `$PRUNE_HOME/cache/models`.",
+        shown="service: `./var` (resolved against the working directory); engine: unset, no baseline "
+        "or model cache",
+    )
+    data_dir: ResolvedPath | None = env_field(
+        "PRUNE_DATA_DIR",
+        description="Data directory of the named datasets (`wikitext-2/…`, `c4/…`) and of the zero-shot "
+        "tasks (`lm_eval_tasks/`), read by the engine (the worker's jobs included; an explicit "
+        "`--data-dir` wins); the API checks task folders there.",
+        shown="`../shared/data` beside the checkout if present, else `~/.cache/prune-service/data`",
+    )
+
+
+class EngineSettings(SharedSettings):
     """The engine's variables (`python -m core` and the worker's jobs); read when used, so a change
     of the environment applies to the next run."""
 
-    data_dir: Path | None = env_field(
-        "PRUNE_DATA_DIR",
-        description="Data directory of the named datasets (`wikitext-2/…`, `c4/…`) and of the zero-shot "
-        "tasks (`lm_eval_tasks/`); an explicit `--data-dir` wins.",
-        shown="`../shared/data` beside the checkout if present, else `~/.cache/prune-service/data`",
-    )
-    home: Path | None = env_field(
-        "PRUNE_HOME",
-        description="When set (the service's worker hosts), the default baseline cache is "
-        "`$PRUNE_HOME/cache/baselines` and the default model cache `$PRUNE_HOME/cache/models`.",
-        shown="unset: no baseline or model cache",
-    )
     baseline_cache: str | None = env_field(
         "PRUNE_BASELINE_CACHE",
         description="Directory of the cached dense perplexities (keyed by weights digest and evaluation "

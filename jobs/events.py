@@ -14,6 +14,8 @@ import redis
 import redis.asyncio as aredis
 from pydantic import BaseModel
 
+from jobs.keys import Keys
+
 EVENT_TYPES = ("status", "progress", "artifacts", "error", "log", "webhook")
 _ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?", re.ASCII)
 ID_PART_MAX = 2**64 - 1
@@ -29,11 +31,6 @@ class Event(BaseModel):
     id: str
     type: str
     data: dict[str, Any]
-
-
-def events_key(prefix: str, job_id: str) -> str:
-    """The Redis key of a job's event stream."""
-    return f"{prefix}:events:{job_id}"
 
 
 def encode(type_: str, data: dict[str, Any]) -> dict[str, str]:
@@ -83,7 +80,7 @@ class EventLog:
 
     def key(self, job_id: str) -> str:
         """Stream key of `job_id`."""
-        return events_key(self.prefix, job_id)
+        return Keys(self.prefix).events(job_id)
 
     def publish(self, job_id: str, type_: str, data: dict[str, Any]) -> str:
         """Append an event and return its id."""
@@ -118,13 +115,13 @@ class AsyncEventLog:
         start = _range_start(after)
         if start is None:
             return []
-        return _decode(await self.r.xrange(events_key(self.prefix, job_id), min=start, max="+", count=limit))
+        return _decode(await self.r.xrange(Keys(self.prefix).events(job_id), min=start, max="+", count=limit))
 
     async def tail(
         self, job_id: str, after: str = "0", block_ms: int = 5000, count: int = 100
     ) -> list[Event]:
         """Events after `after`, waiting up to `block_ms` for the first one."""
         res = await self.r.xread(
-            {events_key(self.prefix, job_id): check_id(after)}, count=count, block=block_ms
+            {Keys(self.prefix).events(job_id): check_id(after)}, count=count, block=block_ms
         )
         return _decode(res[0][1]) if res else []

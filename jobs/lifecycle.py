@@ -11,7 +11,7 @@
 ```
 
 - The API (`api/routes.py`) calls `submit` and `cancel`; every API process runs `sweep_leases` and
-  `resend_unsent` in the background (`api/app.py`).
+  `resend_unsent` in the background (`api/maintenance.py`).
 - The worker (`worker/runner.py`) calls `claim`, holds a `Lease` while it runs the job, writes through
   `progress` / `publish` / `finish`, and calls `give_back` when its upload failed. Its main process
   asks `unrunnable` before handing a message to a pool process (`worker/tasks.py`); whoever sends a
@@ -33,6 +33,9 @@ whose lease key is gone: a cancelling one becomes cancelled, one that already us
 so an API dying meanwhile loses nothing). The broker's visibility timeout remains as a last resort:
 a message it redelivers is dropped while another live worker holds the job's lease.
 
+The Redis side of each step (keys, scripts, transactions) is `jobs.store` over `jobs.keys`; this
+module only decides. Counters and the workers' heartbeats are `jobs.metrics`.
+
 Outbox. `submit` creates the record and its `prune:outbox` entry in one script, sends the task, then
 drops the entry (`JobStore.confirm_sent`); `resend_unsent` re-sends entries older than an age with a
 fresh token (`JobStore.reissue`), so a job whose API died between the two writes still runs, once.
@@ -51,7 +54,7 @@ from typing import Any, Protocol
 
 import redis
 
-from jobs.events import MAXLEN, encode, events_key
+from jobs import metrics
 from jobs.settings import Settings
 from jobs.spec import HELD, TERMINAL, Job, JobError, JobProgress, JobRequest, JobStatus
 from jobs.store import (
@@ -78,7 +81,6 @@ __all__ = [
     "claim",
     "finish",
     "give_back",
-    "heartbeat",
     "progress",
     "publish",
     "renew",
@@ -126,8 +128,9 @@ class HeldElsewhere(Exception):
 
 
 def worker_id() -> str:
-    """This worker's id: PRUNE_WORKER_ID (set by the worker's main process for its pool children),
-    else host:pid."""
+    """This worker's id (the one place it is derived): PRUNE_WORKER_ID (the worker's main process
+    sets it to its own id for its pool children, so a job whose pool child died is claimed again by
+    the same worker at once), else host:pid."""
     return Settings.from_env().worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -248,10 +251,10 @@ def sweep_leases(
     ids of the jobs re-queued."""
     requeued: list[str] = []
     for job_id, _ in store.leases(time.time()):
-        lease = store.lease_key(job_id)
+        lease = store.keys.lease_key(job_id)
 
-        def fn(job: Job, lease: str = lease) -> tuple[Job, Events] | None:
-            if job.status not in HELD or store.r.exists(lease):
+        def fn(job: Job, job_id: str = job_id) -> tuple[Job, Events] | None:
+            if job.status not in HELD or store.lease_live(job_id):
                 return None  # finished, or renewed meanwhile
             if job.status == JobStatus.cancelling:
                 new = job.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
@@ -266,15 +269,15 @@ def sweep_leases(
         try:
             job, changed = store.mutate(job_id, _outboxed(store, fn, "leases_expired"), watch=[lease])
         except JobNotFound:
-            store.r.zrem(store.leases_key, job_id)
+            store.forget_lease(job_id)
             continue
         except UnreadableRecord:
             end_unreadable(store, job_id)
-            store.r.zrem(store.leases_key, job_id)
+            store.forget_lease(job_id)
             continue
         if not changed:
             if job.status not in HELD:
-                store.r.zrem(store.leases_key, job_id)
+                store.forget_lease(job_id)
             continue
         log.warning("job %s: lease expired (attempt %d); now %s", job_id, job.attempts, job.status.value)
         if job.status == JobStatus.queued:
@@ -310,10 +313,10 @@ def _outboxed(store: JobStore, fn: Mutation, counter: str) -> Mutation:
         new, events = result
 
         def extra(pipe: Any) -> None:
-            pipe.hincrby(store.lifecycle_key, counter, 1)
+            metrics.count_lifecycle(pipe, store.keys, counter)
             if new.status == JobStatus.queued:
-                pipe.hincrby(store.lifecycle_key, "requeued", 1)
-                pipe.zadd(store.outbox_key, {new.id: time.time()})
+                metrics.count_lifecycle(pipe, store.keys, "requeued")
+                store.add_to_outbox(pipe, new.id)
 
         return new, events, extra
 
@@ -328,30 +331,6 @@ def _send(store: JobStore, queue: Sender, job: Job, countdown: float | None = No
         log.warning("job %s: re-queued but not sent (%s); the outbox sweeper sends it", job.id, e)
         return
     store.confirm_sent(job.id, job.delivery)
-
-
-def heartbeat(store: JobStore, worker: str, ttl_s: float) -> None:
-    """Record that `worker` is alive for the next `ttl_s` seconds (the live-workers metric)."""
-    t = time.time()
-    with store.r.pipeline(transaction=True) as pipe:
-        pipe.zadd(store.workers_key, {worker: t + ttl_s})
-        pipe.zremrangebyscore(store.workers_key, "-inf", t - 3600)  # long gone
-        pipe.execute()
-
-
-def counts(store: JobStore) -> dict[str, int]:
-    """Live workers, live leases, and the counters of expired leases and re-queues."""
-    t = time.time()
-    raw = {
-        (k.decode() if isinstance(k, bytes) else k): int(v)
-        for k, v in store.r.hgetall(store.lifecycle_key).items()
-    }
-    return {
-        "workers": int(store.r.zcount(store.workers_key, t, "+inf")),
-        "leases": int(store.r.zcount(store.leases_key, t, "+inf")),
-        "leases_expired": raw.get("leases_expired", 0),
-        "requeued": raw.get("requeued", 0),
-    }
 
 
 # ---- worker side ----------------------------------------------------------------------------------
@@ -385,7 +364,7 @@ def take_notice(store: JobStore, job_id: str, ttl_s: float = NOTICE_TTL_S) -> bo
     dropped there) and a pool process (an attempt that finished, or a message the main process
     handed on) both ask, so a job's `job.succeeded|failed|cancelled` goes out once however many of
     its messages arrive."""
-    return bool(store.r.set(store.notice_key(job_id), worker_id(), nx=True, px=int(ttl_s * 1000)))
+    return store.mark_notice(job_id, worker_id(), ttl_s)
 
 
 def host_of(worker: str) -> str:
@@ -408,8 +387,7 @@ def stale_work(store: JobStore, job_id: str, worker: str) -> str | None:
     if job.status in TERMINAL:
         return job.status.value
     if job.status in HELD:
-        owner = store.r.get(store.lease_key(job_id))
-        owner = owner.decode() if isinstance(owner, bytes) else owner
+        owner = store.lease_owner(job_id)
         if owner is not None and host_of(owner) != host_of(worker):
             return f"held by {owner}"
     return None
@@ -424,11 +402,9 @@ def claim(store: JobStore, job_id: str, token: str | None, *, worker: str, cap: 
     and one that used `cap` attempts fails. Raises Superseded (older token; a message without one
     is accepted) or HeldElsewhere (another live worker holds the lease), changing nothing.
     """
-    lease = store.lease_key(job_id)
 
     def take(pipe: Any) -> None:
-        pipe.set(lease, worker, px=int(lease_s * 1000))
-        pipe.zadd(store.leases_key, {job_id: time.time() + lease_s})
+        store.take_lease(pipe, job_id, worker, lease_s)
 
     def fn(job: Job) -> tuple[Job, Events] | tuple[Job, Events, Callable[[Any], None]] | None:
         if token is not None and token != job.delivery:
@@ -436,8 +412,7 @@ def claim(store: JobStore, job_id: str, token: str | None, *, worker: str, cap: 
         if job.status in TERMINAL:
             return None  # e.g. cancelled while queued: skip, the task is acked
         if job.status in HELD:
-            owner = store.r.get(lease)
-            owner = owner.decode() if isinstance(owner, bytes) else owner
+            owner = store.lease_owner(job_id)
             if owner is not None and owner != worker:
                 raise HeldElsewhere(f"job {job_id} is held by live worker {owner}")
         if job.status == JobStatus.cancelling:  # its worker died after a cancel request
@@ -457,50 +432,21 @@ def claim(store: JobStore, job_id: str, token: str | None, *, worker: str, cap: 
         )
         return new, [("status", status_event(job.status, new, worker=worker))], take
 
-    return store.mutate(job_id, fn, watch=[lease])[0]
-
-
-# KEYS: job, lease, leases; ARGV: token, worker, lease ms, deadline (Unix s), job id
-_RENEW = """
-local raw = redis.call('GET', KEYS[1])
-if not raw then return 0 end
-local job = cjson.decode(raw)
-if job['delivery'] ~= ARGV[1] or (job['status'] ~= 'running' and job['status'] ~= 'cancelling') then
-  return 0
-end
-redis.call('SET', KEYS[2], ARGV[2], 'PX', tonumber(ARGV[3]))
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
-return 1
-"""
-
-# KEYS: job, events; ARGV: token, maxlen, event type, event data
-_PUBLISH = """
-local raw = redis.call('GET', KEYS[1])
-if not raw then return false end
-local job = cjson.decode(raw)
-if job['delivery'] ~= ARGV[1] or (job['status'] ~= 'running' and job['status'] ~= 'cancelling') then
-  return false
-end
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', ARGV[3], 'data', ARGV[4])
-"""
+    return store.mutate(job_id, fn, watch=[store.keys.lease_key(job_id)])[0]
 
 
 def renew(store: JobStore, job_id: str, token: str, worker: str, lease_s: float) -> bool:
     """Extend `worker`'s lease on the job by `lease_s` seconds; False (nothing written) when the job
     is no longer held under `token`."""
-    keys = [store.job_key(job_id), store.lease_key(job_id), store.leases_key]
-    args = [token, worker, int(lease_s * 1000), time.time() + lease_s, job_id]
-    return bool(store.r.register_script(_RENEW)(keys=keys, args=args))
+    return store.renew_lease(job_id, token, worker, lease_s)
 
 
 def publish(store: JobStore, job_id: str, token: str, type_: str, data: dict[str, Any]) -> str:
     """Append an event for the job held under `token`; raise Fenced (nothing appended) otherwise."""
-    fields = encode(type_, data)
-    keys = [store.job_key(job_id), events_key(store.prefix, job_id)]
-    eid = store.r.register_script(_PUBLISH)(keys=keys, args=[token, MAXLEN, type_, fields["data"]])
+    eid = store.publish_held(job_id, token, type_, data)
     if eid is None:
         raise Fenced(job_id, token)
-    return eid.decode() if isinstance(eid, bytes) else str(eid)
+    return eid
 
 
 def check_held(store: JobStore, job_id: str, token: str) -> Job:

@@ -14,10 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
-from core.settings import ConfigError, EnvSettings, Flag, env_field
+from core.settings import ConfigError, Flag, SharedSettings, env_field
 from jobs import bounds
 
 __all__ = ["HOUR", "ConfigError", "Settings", "get_settings", "settings_or_exit"]
@@ -32,34 +32,18 @@ def _split(sep: str) -> BeforeValidator:
     )
 
 
-def _resolved(path: Path | None) -> Path | None:
-    return None if path is None else path.resolve()
-
-
-ResolvedPath = Annotated[Path, AfterValidator(_resolved)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class Settings(EnvSettings):
+class Settings(SharedSettings):
     """Everything the service reads from its environment. `Settings.from_env()` reads it (unset or
-    blank variables take the defaults); `Settings(...)` takes only the given values."""
+    blank variables take the defaults); `Settings(...)` takes only the given values. `PRUNE_HOME`
+    and `PRUNE_DATA_DIR` are declared once, in `core.settings.SharedSettings`; unset, the service's
+    home is `./var`."""
 
     # -- the service -----------------------------------------------------------------------------
     redis_url: str = env_field(
         "REDIS_URL", "redis://localhost:6379/0", "Redis: Celery broker, job records, event streams."
-    )
-    home: ResolvedPath = env_field(
-        "PRUNE_HOME",
-        description="Var directory: artifacts (local storage), worker scratch, the launcher's Redis "
-        "data and logs, the generated signing key.",
-        default_factory=lambda: Path("var").resolve(),
-        shown="`./var` (resolved against the working directory)",
-    )
-    data_dir: ResolvedPath | None = env_field(
-        "PRUNE_DATA_DIR",
-        description="Data directory the worker's engine reads named datasets and zero-shot tasks from; "
-        "the API checks task folders there.",
-        shown="the engine's default (below)",
     )
     public_url: str = env_field(
         "PRUNE_PUBLIC_URL",
@@ -297,6 +281,18 @@ class Settings(EnvSettings):
         description="Name of a worker in job leases; a worker's main process sets it for its pool children.",
         shown="`host:pid` of the worker's main process",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_home(cls, data: Any) -> Any:
+        """The service always has a home: `./var` when PRUNE_HOME is unset or blank."""
+        if not isinstance(data, dict):
+            return data
+        given = [data[k] for k in ("home", "PRUNE_HOME") if k in data]
+        if all(v is None or (isinstance(v, str) and not v.strip()) for v in given):
+            data = {k: v for k, v in data.items() if k not in ("home", "PRUNE_HOME")}
+            data["home"] = Path("var")
+        return data
 
     @field_validator("public_url")
     @classmethod

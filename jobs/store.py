@@ -1,28 +1,7 @@
 """Job records in the service's own Redis keys.
 
-Layout (prefix "prune"):
-- `prune:job:<id>`                 JSON of the `Job` record
-- `prune:idx:<tenant>`             sorted set of the tenant's job ids (score 0, ids sort by creation time)
-- `prune:idx:<tenant>:<status>`    the same per status (listing filter)
-- `prune:idem:<tenant>:<key>`      "<job id> <request sha256>" with a TTL (Idempotency-Key)
-- `prune:idemref:<id>`             name of the job's `prune:idem:…` key, with the same TTL (retention
-                                   deletes the key with the job while it still points at it)
-- `prune:counts`                   hash status -> number of stored jobs in that status (metrics;
-                                   jobs deleted by retention leave it)
-- `prune:finished`                 sorted set of finished (succeeded, failed, cancelled) jobs, score:
-                                   Unix time they finished (retention, jobs.retention)
-- `prune:deleted`                  number of finished jobs deleted by retention (metrics)
-- `prune:durations`                hash of job duration histogram buckets (metrics)
-- `prune:blocks`                   hash of per-block pruning time histogram buckets (metrics, worker)
-- `prune:active:<tenant>`          set of the tenant's queued/running/cancelling job ids (quota)
-- `prune:outbox`                   sorted set of queued jobs whose task message is not known to be sent
-                                   (score: Unix time of creation or of the last re-send; jobs.lifecycle)
-- `prune:events:<id>`              the job's event stream (jobs.events)
-- `prune:lease:<id>`               id of the worker holding the running job, with a TTL (the lease,
-                                   jobs.lifecycle); gone when the worker stopped renewing it
-- `prune:leases`                   sorted set of held jobs, score: Unix time their lease expires
-- `prune:workers`                  sorted set of worker ids, score: Unix time their heartbeat expires
-- `prune:lifecycle`                hash of lifecycle counters (`leases_expired`, `requeued`; metrics)
+The key names and Lua scripts are `jobs.keys`; counters and histograms are read by `jobs.metrics`,
+and retention deletes finished jobs (`jobs.retention`).
 
 Every status change is a WATCH/MULTI transaction that also appends a `status` event, so a
 concurrent cancel and start can never both win, and the stream and record always agree.
@@ -34,9 +13,8 @@ old entries with a fresh token (`reissue`), so a job whose API died before sendi
 once. The job lifecycle built on these transactions (claims, leases, re-queues) is jobs.lifecycle.
 
 Retention: every transition into a terminal status adds the job to `prune:finished` in the same
-transaction. `delete_finished` removes a finished job's record, event stream, index entries and
-idempotency key and takes it out of `prune:counts`, in one WATCH/MULTI transaction that re-checks the
-job is finished before the cutoff (`jobs.retention.sweep` deletes its artifacts first).
+transaction (`jobs.retention.delete_finished` deletes it later). Leases: `take_lease`, `renew_lease`,
+`lease_owner` keep the `prune:lease:<id>` keys and the `prune:leases` deadlines the lifecycle decides on.
 """
 
 from __future__ import annotations
@@ -56,7 +34,9 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from jobs.events import MAXLEN, encode, events_key
+from jobs import metrics
+from jobs.events import MAXLEN, encode
+from jobs.keys import CONFIRM, CREATE, DELETE_IF, PUBLISH, RENEW, Keys
 from jobs.spec import (
     ACTIVE,
     HELD,
@@ -71,49 +51,7 @@ from jobs.spec import (
     UnreadableJob,
 )
 
-DURATION_BUCKETS: tuple[float, ...] = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, math.inf)
-BLOCK_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, math.inf)
 IDEMPOTENCY_TTL = 24 * 3600
-
-# KEYS: idem, job, idx, idx:queued, counts, events, active, outbox, idemref
-# ARGV: id, record, digest, ttl, idem?, event, maxlen, max active jobs (0 = no limit), outbox score
-_CREATE = """
-if ARGV[5] == '1' then
-  local existing = redis.call('GET', KEYS[1])
-  if existing then return {0, existing} end
-end
-local limit = tonumber(ARGV[8])
-if limit > 0 then
-  local active = redis.call('SCARD', KEYS[7])
-  if active >= limit then return {2, tostring(active)} end
-end
-if ARGV[5] == '1' then
-  redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'EX', tonumber(ARGV[4]))
-  redis.call('SET', KEYS[9], KEYS[1], 'EX', tonumber(ARGV[4]))
-end
-redis.call('SADD', KEYS[7], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
-redis.call('ZADD', KEYS[4], 0, ARGV[1])
-redis.call('HINCRBY', KEYS[5], 'queued', 1)
-redis.call('ZADD', KEYS[8], ARGV[9], ARGV[1])
-local eid = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'type', 'status', 'data', ARGV[6])
-return {1, eid}
-"""
-
-# Drop a job's outbox entry unless the record has moved on to another delivery token.
-# KEYS: job, outbox; ARGV: id, token
-_CONFIRM = """
-local raw = redis.call('GET', KEYS[1])
-if raw and cjson.decode(raw)['delivery'] ~= ARGV[2] then return 0 end
-return redis.call('ZREM', KEYS[2], ARGV[1])
-"""
-
-# Delete a key only while it holds the given value. KEYS: key; ARGV: value
-_DELETE_IF = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 class JobNotFound(KeyError):
@@ -253,75 +191,12 @@ class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = "prune") -> None:
         self.r = client
         self.prefix = prefix
-        self._create = client.register_script(_CREATE)
-        self._confirm = client.register_script(_CONFIRM)
-        self._delete_if = client.register_script(_DELETE_IF)
-
-    # keys
-    def job_key(self, job_id: str) -> str:
-        """Key of a job record."""
-        return f"{self.prefix}:job:{job_id}"
-
-    def _idx(self, tenant: str, status: JobStatus | None = None) -> str:
-        return f"{self.prefix}:idx:{tenant}" + (f":{status.value}" if status else "")
-
-    def _idem(self, tenant: str, key: str) -> str:
-        return f"{self.prefix}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
-
-    def _idemref(self, job_id: str) -> str:
-        return f"{self.prefix}:idemref:{job_id}"
-
-    @property
-    def _counts(self) -> str:
-        return f"{self.prefix}:counts"
-
-    @property
-    def _durations(self) -> str:
-        return f"{self.prefix}:durations"
-
-    @property
-    def _blocks(self) -> str:
-        return f"{self.prefix}:blocks"
-
-    def _active(self, tenant: str) -> str:
-        return f"{self.prefix}:active:{tenant}"
-
-    @property
-    def finished_key(self) -> str:
-        """Sorted set of finished jobs (score: Unix time they finished)."""
-        return f"{self.prefix}:finished"
-
-    @property
-    def _deleted(self) -> str:
-        return f"{self.prefix}:deleted"
-
-    def lease_key(self, job_id: str) -> str:
-        """Key holding the id of the worker whose lease on the job is live (expires with the lease)."""
-        return f"{self.prefix}:lease:{job_id}"
-
-    def notice_key(self, job_id: str) -> str:
-        """Key marking that the job's completion webhook was taken by a sender (`lifecycle.take_notice`)."""
-        return f"{self.prefix}:notice:{job_id}"
-
-    @property
-    def leases_key(self) -> str:
-        """Sorted set of held jobs (score: Unix time their lease expires)."""
-        return f"{self.prefix}:leases"
-
-    @property
-    def workers_key(self) -> str:
-        """Sorted set of worker ids (score: Unix time their heartbeat expires)."""
-        return f"{self.prefix}:workers"
-
-    @property
-    def lifecycle_key(self) -> str:
-        """Hash of lifecycle counters (metrics)."""
-        return f"{self.prefix}:lifecycle"
-
-    @property
-    def outbox_key(self) -> str:
-        """Sorted set of queued jobs whose task message is not confirmed sent (score: Unix time)."""
-        return f"{self.prefix}:outbox"
+        self.keys = Keys(prefix)
+        self._create = client.register_script(CREATE)
+        self._confirm = client.register_script(CONFIRM)
+        self._delete_if = client.register_script(DELETE_IF)
+        self._renew = client.register_script(RENEW)
+        self._publish = client.register_script(PUBLISH)
 
     # reads
     def ping(self) -> None:
@@ -330,24 +205,24 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """The job record, or None; raise UnreadableRecord when it does not parse."""
-        raw = self.r.get(self.job_key(job_id))
+        raw = self.r.get(self.keys.job_key(job_id))
         return parse_job(job_id, raw) if raw is not None else None
 
     def status_of(self, job_id: str) -> JobStatus | None:
         """The job's status read leniently from its record (no validation: cheap, and works for an
         unreadable record); None when the job is gone or its status cannot be read."""
-        raw = self.r.get(self.job_key(job_id))
+        raw = self.r.get(self.keys.job_key(job_id))
         status = _lenient(raw).get("status") if raw is not None else None
         return JobStatus(status) if status in {s.value for s in JobStatus} else None
 
     def owns(self, tenant: str, job_id: str) -> bool:
         """Whether the job is in the tenant's index (ownership without reading the record)."""
-        return self.r.zscore(self._idx(tenant), job_id) is not None
+        return self.r.zscore(self.keys.idx(tenant), job_id) is not None
 
     def _indexed_status(self, tenant: str, job_id: str) -> JobStatus | None:
         with self.r.pipeline(transaction=False) as pipe:
             for status in JobStatus:
-                pipe.zscore(self._idx(tenant, status), job_id)
+                pipe.zscore(self.keys.idx(tenant, status), job_id)
             found = pipe.execute()
         return next((s for s, score in zip(JobStatus, found, strict=True) if score is not None), None)
 
@@ -363,12 +238,12 @@ class JobStore:
     ) -> JobPage:
         """Newest first; `after` is the last id of the previous page."""
         ids = self.r.zrevrangebylex(
-            self._idx(tenant, status), "(" + after if after else "+", "-", start=0, num=limit + 1
+            self.keys.idx(tenant, status), "(" + after if after else "+", "-", start=0, num=limit + 1
         )
         ids = [i.decode() if isinstance(i, bytes) else i for i in ids]
         more = len(ids) > limit
         ids = ids[:limit]
-        raws = self.r.mget([self.job_key(i) for i in ids]) if ids else []
+        raws = self.r.mget([self.keys.job_key(i) for i in ids]) if ids else []
         items, unreadable = [], []
         for job_id, raw in zip(ids, raws, strict=True):
             if raw is None:
@@ -381,60 +256,23 @@ class JobStore:
 
     def outbox(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
         """(job id, score) of outbox entries with a score up to `before`, oldest first."""
-        return self._up_to(self.outbox_key, before, limit)
+        return self._up_to(self.keys.outbox_key, before, limit)
 
     def leases(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
         """(job id, lease deadline) of held jobs whose lease expires up to `before`, oldest first."""
-        return self._up_to(self.leases_key, before, limit)
+        return self._up_to(self.keys.leases_key, before, limit)
 
     def finished(self, before: float = math.inf, limit: int = 500) -> list[tuple[str, float]]:
         """(job id, finish time) of jobs that finished up to `before` (Unix time), oldest first."""
-        return self._up_to(self.finished_key, before, limit)
+        return self._up_to(self.keys.finished_key, before, limit)
 
     def _up_to(self, key: str, before: float, limit: int) -> list[tuple[str, float]]:
         rows = self.r.zrangebyscore(key, "-inf", before, start=0, num=limit, withscores=True)
         return [(k.decode() if isinstance(k, bytes) else k, float(v)) for k, v in rows]
 
-    def deleted_count(self) -> int:
-        """How many finished jobs retention has deleted."""
-        return int(self.r.get(self._deleted) or 0)
-
-    def status_counts(self) -> dict[str, int]:
-        """Number of stored jobs per status, across tenants (deleted jobs are not counted)."""
-        raw = self.r.hgetall(self._counts)
-        counts = {s.value: 0 for s in JobStatus}
-        for k, v in raw.items():
-            counts[k.decode() if isinstance(k, bytes) else k] = int(v)
-        return counts
-
-    def duration_histogram(self) -> tuple[list[tuple[str, int]], float]:
-        """Cumulative (le, count) buckets and the sum of finished jobs' run durations (seconds)."""
-        return self._histogram(self._durations, DURATION_BUCKETS)
-
-    def block_histogram(self) -> tuple[list[tuple[str, int]], float]:
-        """Cumulative (le, count) buckets and the sum of per-block pruning times (seconds)."""
-        return self._histogram(self._blocks, BLOCK_BUCKETS)
-
     def active_count(self, tenant: str) -> int:
         """The tenant's queued, running and cancelling jobs."""
-        return int(self.r.scard(self._active(tenant)))
-
-    def observe_block(self, seconds: float) -> None:
-        """Record the time the worker took to prune one decoder block."""
-        le = next(b for b in BLOCK_BUCKETS if seconds <= b)
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.hincrby(self._blocks, "+Inf" if math.isinf(le) else f"{le:g}", 1)
-            pipe.hincrbyfloat(self._blocks, "sum", seconds)
-            pipe.execute()
-
-    def _histogram(self, key: str, bounds: tuple[float, ...]) -> tuple[list[tuple[str, int]], float]:
-        raw = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in self.r.hgetall(key).items()}
-        buckets, acc = [], 0
-        for b in bounds:
-            le = "+Inf" if math.isinf(b) else f"{b:g}"
-            acc += int(raw.get(le, 0))
-            buckets.append((le, acc))
-        return buckets, raw.get("sum", 0.0)
+        return int(self.r.scard(self.keys.active(tenant)))
 
     # writes
     def create(
@@ -464,15 +302,15 @@ class JobStore:
             delivery=new_delivery_token(),
         )
         keys = [
-            self._idem(tenant, idempotency_key or ""),
-            self.job_key(job.id),
-            self._idx(tenant),
-            self._idx(tenant, JobStatus.queued),
-            self._counts,
-            events_key(self.prefix, job.id),
-            self._active(tenant),
-            self.outbox_key,
-            self._idemref(job.id),
+            self.keys.idem(tenant, idempotency_key or ""),
+            self.keys.job_key(job.id),
+            self.keys.idx(tenant),
+            self.keys.idx(tenant, JobStatus.queued),
+            self.keys.counts,
+            self.keys.events(job.id),
+            self.keys.active(tenant),
+            self.keys.outbox_key,
+            self.keys.idemref(job.id),
         ]
         event = encode("status", status_event(None, job))["data"]
         idem = "1" if idempotency_key else "0"
@@ -498,7 +336,8 @@ class JobStore:
     def confirm_sent(self, job_id: str, token: str | None) -> bool:
         """The task message carrying `token` was sent: drop the job's outbox entry, unless the record
         already carries another token (a sweeper re-sent it meanwhile and confirms its own send)."""
-        return bool(self._confirm(keys=[self.job_key(job_id), self.outbox_key], args=[job_id, token or ""]))
+        keys = [self.keys.job_key(job_id), self.keys.outbox_key]
+        return bool(self._confirm(keys=keys, args=[job_id, token or ""]))
 
     def reissue(self, job_id: str, before: float) -> str | None:
         """Give a queued job whose outbox entry is not newer than `before` a new delivery token, and
@@ -512,7 +351,7 @@ class JobStore:
         def fn(job: Job) -> tuple[Job, list[tuple[str, dict[str, Any]]]] | None:
             # a sweeper moves the entry only together with the (watched) record, so two sweepers
             # cannot both re-send it; a confirm_sent landing meanwhile costs one superseded message
-            score = self.r.zscore(self.outbox_key, job_id)
+            score = self.r.zscore(self.keys.outbox_key, job_id)
             if job.status != JobStatus.queued or score is None or score > before:
                 return None
             message = "re-enqueued: the first task message was never confirmed sent"
@@ -520,13 +359,13 @@ class JobStore:
 
         try:
             job, changed = self.mutate(
-                job_id, fn, extra=lambda pipe: pipe.zadd(self.outbox_key, {job_id: time.time()})
+                job_id, fn, extra=lambda pipe: pipe.zadd(self.keys.outbox_key, {job_id: time.time()})
             )
         except JobNotFound:
-            self.r.zrem(self.outbox_key, job_id)
+            self.r.zrem(self.keys.outbox_key, job_id)
             return None
         if not changed and job.status != JobStatus.queued:  # a job never becomes queued again
-            self.r.zrem(self.outbox_key, job_id)
+            self.r.zrem(self.keys.outbox_key, job_id)
         return token if changed else None
 
     def mutate(
@@ -539,7 +378,7 @@ class JobStore:
         changes. `watch`: other keys `fn` reads, whose
         change meanwhile retries the whole step too. Returns the resulting job and whether it changed.
         """
-        key = self.job_key(job_id)
+        key = self.keys.job_key(job_id)
         with self.r.pipeline() as pipe:
             while True:
                 try:
@@ -562,7 +401,7 @@ class JobStore:
                             add(pipe)
                     for type_, data in events:
                         pipe.xadd(
-                            events_key(self.prefix, job_id),
+                            self.keys.events(job_id),
                             encode(type_, data),
                             maxlen=MAXLEN,
                             approximate=True,
@@ -575,30 +414,27 @@ class JobStore:
     def _reindex(self, pipe: Any, old: Job, new: Job) -> None:
         self._move(pipe, new.id, new.tenant, old.status, new.status, new.finished_at or now())
         if new.status in TERMINAL and new.started_at and new.finished_at:
-            seconds = (new.finished_at - new.started_at).total_seconds()
-            le = next(b for b in DURATION_BUCKETS if seconds <= b)
-            pipe.hincrby(self._durations, "+Inf" if math.isinf(le) else f"{le:g}", 1)
-            pipe.hincrbyfloat(self._durations, "sum", seconds)
+            metrics.record_duration(pipe, self.keys, (new.finished_at - new.started_at).total_seconds())
 
     def _move(
         self, pipe: Any, job_id: str, tenant: str, old: JobStatus, new: JobStatus, finished_at: datetime
     ) -> None:
         """Index, count, outbox, lease and quota changes of a status change (in `pipe`'s transaction)."""
-        pipe.zrem(self._idx(tenant, old), job_id)
-        pipe.zadd(self._idx(tenant, new), {job_id: 0})
-        pipe.hincrby(self._counts, old.value, -1)
-        pipe.hincrby(self._counts, new.value, 1)
+        pipe.zrem(self.keys.idx(tenant, old), job_id)
+        pipe.zadd(self.keys.idx(tenant, new), {job_id: 0})
+        pipe.hincrby(self.keys.counts, old.value, -1)
+        pipe.hincrby(self.keys.counts, new.value, 1)
         if old == JobStatus.queued:  # claimed, cancelled or failed: never to be re-sent
-            pipe.zrem(self.outbox_key, job_id)
+            pipe.zrem(self.keys.outbox_key, job_id)
         if old in HELD and new not in HELD:  # finished or re-queued: nobody holds it
-            pipe.delete(self.lease_key(job_id))
-            pipe.zrem(self.leases_key, job_id)
+            pipe.delete(self.keys.lease_key(job_id))
+            pipe.zrem(self.keys.leases_key, job_id)
         if new in ACTIVE:
-            pipe.sadd(self._active(tenant), job_id)
+            pipe.sadd(self.keys.active(tenant), job_id)
         else:
-            pipe.srem(self._active(tenant), job_id)
+            pipe.srem(self.keys.active(tenant), job_id)
         if new in TERMINAL:  # retention deletes it once it is older than the cutoff
-            pipe.zadd(self.finished_key, {job_id: finished_at.timestamp()})
+            pipe.zadd(self.keys.finished_key, {job_id: finished_at.timestamp()})
 
     def end_unreadable(
         self, job_id: str, to: JobStatus = JobStatus.failed, tenant: str | None = None
@@ -611,7 +447,7 @@ class JobStore:
 
         None when the record parses (use the ordinary transitions); else (what is known of it,
         whether this call changed it). Raises JobNotFound."""
-        key = self.job_key(job_id)
+        key = self.keys.job_key(job_id)
         with self.r.pipeline() as pipe:
             while True:
                 try:
@@ -642,7 +478,7 @@ class JobStore:
                     pipe.set(key, json.dumps(record))
                     self._move(pipe, job_id, tenant, old, to, finished)
                     pipe.xadd(
-                        events_key(self.prefix, job_id),
+                        self.keys.events(job_id),
                         encode("status", event),
                         maxlen=MAXLEN,
                         approximate=True,
@@ -656,9 +492,9 @@ class JobStore:
         """Fail the tenant's active jobs whose record does not parse (they would hold its quota for
         good); the number failed. Called when the tenant is at its active-job limit."""
         n = 0
-        for member in self.r.smembers(self._active(tenant)):
+        for member in self.r.smembers(self.keys.active(tenant)):
             job_id = member.decode() if isinstance(member, bytes) else member
-            raw = self.r.get(self.job_key(job_id))
+            raw = self.r.get(self.keys.job_key(job_id))
             try:
                 if raw is not None:
                     parse_job(job_id, raw)
@@ -712,54 +548,44 @@ class JobStore:
 
         return self.mutate(job_id, fn)[1]
 
-    def delete_finished(self, job_id: str, before: float = math.inf) -> bool:
-        """Delete a job that finished at or before `before` (Unix time): its record, event stream,
-        index entries and idempotency key (while it points at this job), and take it out of the
-        per-status counts; all in one WATCH/MULTI transaction. True when this call deleted it.
+    # leases, notices and held writes (the lifecycle decides when; these are the Redis side)
+    def lease_owner(self, job_id: str) -> str | None:
+        """Id of the worker whose lease on the job is live, or None."""
+        owner = self.r.get(self.keys.lease_key(job_id))
+        return owner.decode() if isinstance(owner, bytes) else owner
 
-        A job that is not finished, finished later, or is already gone is left alone (False); a
-        `prune:finished` entry whose record is gone is dropped. Concurrent callers delete a job once.
-        The caller deletes the job's artifacts first (`jobs.retention.sweep`).
-        """
-        key, ref = self.job_key(job_id), self._idemref(job_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key, ref)
-                    raw = pipe.get(key)
-                    if raw is None:
-                        pipe.unwatch()
-                        self.r.zrem(self.finished_key, job_id)
-                        return False
-                    try:
-                        job: Job | UnreadableJob = parse_job(job_id, raw)
-                    except UnreadableRecord as e:  # its tenant and status are all this needs
-                        job = e.info
-                    score = pipe.zscore(self.finished_key, job_id)
-                    if job.status not in TERMINAL or job.tenant is None or score is None or score > before:
-                        pipe.unwatch()
-                        return False
-                    idem = pipe.get(ref)
-                    points = False
-                    if idem is not None:
-                        pipe.watch(idem)
-                        value = pipe.get(idem)
-                        if isinstance(value, bytes):
-                            value = value.decode()
-                        points = value is not None and value.split(" ", 1)[0] == job_id
-                    pipe.multi()
-                    pipe.delete(key, events_key(self.prefix, job_id), ref, self.notice_key(job_id))
-                    if points:
-                        pipe.delete(idem)
-                    pipe.zrem(self._idx(job.tenant), job_id)
-                    for status in JobStatus:  # its own status' index, and any stray entry
-                        pipe.zrem(self._idx(job.tenant, status), job_id)
-                    pipe.zrem(self.finished_key, job_id)
-                    pipe.zrem(self.outbox_key, job_id)
-                    pipe.srem(self._active(job.tenant), job_id)
-                    pipe.hincrby(self._counts, job.status.value, -1)  # type: ignore[union-attr]
-                    pipe.incr(self._deleted)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+    def lease_live(self, job_id: str) -> bool:
+        """Whether a worker's lease on the job is live."""
+        return bool(self.r.exists(self.keys.lease_key(job_id)))
+
+    def forget_lease(self, job_id: str) -> None:
+        """Drop the job's entry from the lease deadlines (it is no longer held, or gone)."""
+        self.r.zrem(self.keys.leases_key, job_id)
+
+    def take_lease(self, pipe: Any, job_id: str, worker: str, lease_s: float) -> None:
+        """In `pipe`'s transaction: `worker` holds the job's lease for `lease_s` seconds."""
+        pipe.set(self.keys.lease_key(job_id), worker, px=int(lease_s * 1000))
+        pipe.zadd(self.keys.leases_key, {job_id: time.time() + lease_s})
+
+    def renew_lease(self, job_id: str, token: str, worker: str, lease_s: float) -> bool:
+        """Extend `worker`'s lease by `lease_s` seconds while the job is held under `token`; False
+        (nothing written) otherwise."""
+        keys = [self.keys.job_key(job_id), self.keys.lease_key(job_id), self.keys.leases_key]
+        args = [token, worker, int(lease_s * 1000), time.time() + lease_s, job_id]
+        return bool(self._renew(keys=keys, args=args))
+
+    def add_to_outbox(self, pipe: Any, job_id: str) -> None:
+        """In `pipe`'s transaction: record the (re-queued) job in the outbox as of now."""
+        pipe.zadd(self.keys.outbox_key, {job_id: time.time()})
+
+    def publish_held(self, job_id: str, token: str, type_: str, data: dict[str, Any]) -> str | None:
+        """Append an event while the job is held under `token`; its id, or None (nothing appended)."""
+        keys = [self.keys.job_key(job_id), self.keys.events(job_id)]
+        eid = self._publish(keys=keys, args=[token, MAXLEN, type_, encode(type_, data)["data"]])
+        if eid is None:
+            return None
+        return eid.decode() if isinstance(eid, bytes) else str(eid)
+
+    def mark_notice(self, job_id: str, holder: str, ttl_s: float) -> bool:
+        """Set the job's completion-webhook marker unless it is set (SET NX); whether this call set it."""
+        return bool(self.r.set(self.keys.notice_key(job_id), holder, nx=True, px=int(ttl_s * 1000)))

@@ -81,7 +81,11 @@ def _table(entries: list[tuple[str, str, str]]) -> str:
 def section(patterns: list[str]) -> str:
     """The generated body of one marked section."""
     if not patterns:
-        parts = [f"**{title}**\n\n{_table(list(rows(cls)))}" for title, cls in programs()]
+        parts, seen = [], set()
+        for title, cls in programs():  # a variable two programs share (SharedSettings): listed once
+            entries = [r for r in rows(cls) if r[0] not in seen]
+            seen.update(r[0] for r in entries)
+            parts.append(f"**{title}**\n\n{_table(entries)}")
         return NOTE + "\n" + "\n".join(parts) + "\n"
     every = [r for _, cls in programs() for r in rows(cls)]
     chosen: dict[str, tuple[str, str, str]] = {}

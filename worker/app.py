@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 
 from celery.signals import setup_logging, worker_init, worker_ready
 
-from jobs import lifecycle, logs
+from jobs import lifecycle, logs, metrics
 from jobs.queue import make_celery
 from jobs.settings import get_settings, settings_or_exit
 
@@ -28,7 +27,7 @@ def _preload_engine(**_: object) -> None:
     """Name this worker for its pool children's leases, and import the engine (torch) once in the
     parent so forked children start jobs quickly; no library progress bars in the log (the job's
     progress goes to its events)."""
-    os.environ.setdefault("PRUNE_WORKER_ID", f"{socket.gethostname()}:{os.getpid()}")
+    os.environ.setdefault("PRUNE_WORKER_ID", lifecycle.worker_id())  # host:pid of this process
     try:
         import core.pipeline  # noqa: F401
         from core.quiet import silence_progress_bars
@@ -49,7 +48,7 @@ def _heartbeat(**_: object) -> None:
     def beat() -> None:
         while True:
             try:
-                lifecycle.heartbeat(context().store, worker, settings.lease_expire_s)
+                metrics.heartbeat(context().store, worker, settings.lease_expire_s)
             except Exception as e:  # Redis away: the next beat tries again
                 log.warning("heartbeat not recorded: %s", e)
             stop.wait(settings.lease_renew_s)

@@ -26,9 +26,9 @@ from core.eta import EtaEstimator
 from core.progress import Progress
 from core.result import RunReport
 from core.spec import RunSpec
-from jobs import lifecycle
+from jobs import lifecycle, metrics
 from jobs.events import EventLog
-from jobs.lifecycle import Fenced, HeldElsewhere, Lease, Superseded
+from jobs.lifecycle import Fenced, HeldElsewhere, Lease, Superseded, worker_id
 from jobs.queue import Queue
 from jobs.redisconn import connect
 from jobs.settings import Settings, get_settings
@@ -126,7 +126,7 @@ class _Reporter:
         if p.stage == "pruning" and p.block and p.block != self.last_block:
             self.last_block = p.block
             try:
-                self.ctx.store.observe_block(t - self.prev_t)
+                metrics.observe_block(self.ctx.store, t - self.prev_t)
             except redis.RedisError as e:
                 log.warning("job %s: block time not recorded: %s", self.job_id, e)
         self.prev_t = t
@@ -206,12 +206,6 @@ def _complete(out: Path) -> bool:
         return all((out / name).stat().st_size == meta["size"] for name, meta in files.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def worker_id() -> str:
-    """The id this worker's leases carry: the Celery main process sets PRUNE_WORKER_ID for its pool
-    children, so a job whose pool child died is claimed again by the same worker at once."""
-    return lifecycle.worker_id()
 
 
 def run_job(job_id: str, ctx: Context | None = None, token: str | None = None) -> str:
@@ -304,20 +298,7 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
             "artifacts", {"files": [{"name": i.name, "size": i.size, "sha256": i.sha256} for i in infos]}
         )
         shutil.rmtree(work, ignore_errors=True)  # scratch is gone before the job reads as finished
-        try:
-            lifecycle.finish(
-                ctx.store,
-                job_id,
-                token,
-                JobStatus.succeeded,
-                summary=summarize(report),
-                progress=JobProgress(stage="done", fraction=1.0, eta_s=0.0),
-            )
-        except InvalidTransition as e:
-            if e.job.status == JobStatus.cancelling:
-                raise Cancelled("cancelled by request") from None
-            if e.job.status != JobStatus.succeeded:  # succeeded: our EXEC landed, its reply was lost
-                raise
+        _succeed(ctx, job_id, token, report)
         log.info("job %s: succeeded", job_id)
         return JobStatus.succeeded.value
     except Fenced:
@@ -344,6 +325,24 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
         if finished:
             shutil.rmtree(work, ignore_errors=True)
             notify_completed(ctx, job, hooks)
+
+
+def _succeed(ctx: Context, job_id: str, token: str, report: RunReport) -> None:
+    """Mark the attempt's job succeeded with its summary; raise Cancelled when a cancel came first."""
+    try:
+        lifecycle.finish(
+            ctx.store,
+            job_id,
+            token,
+            JobStatus.succeeded,
+            summary=summarize(report),
+            progress=JobProgress(stage="done", fraction=1.0, eta_s=0.0),
+        )
+    except InvalidTransition as e:
+        if e.job.status == JobStatus.cancelling:
+            raise Cancelled("cancelled by request") from None
+        if e.job.status != JobStatus.succeeded:  # succeeded: our EXEC landed, its reply was lost
+            raise
 
 
 def _end(ctx: Context, job: Job, token: str, to: JobStatus, err: JobError | None = None) -> None:

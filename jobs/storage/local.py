@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -10,6 +9,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode
 
+from core.digest import sha256_file
 from jobs.signing import Signer
 from jobs.storage.base import INDEX_NAME, ArtifactInfo, StorageError, decode_index, encode_index
 
@@ -31,15 +31,6 @@ def split_prefix(prefix: str) -> tuple[str, str]:
     if len(parts) != 2:
         raise ValueError(f"prefix must be '<tenant>/<job_id>', got {prefix!r}")
     return parts[0], parts[1]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LocalArtifactStore:

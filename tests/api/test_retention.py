@@ -35,7 +35,7 @@ def test_a_swept_job_answers_404_and_leaves_the_listing(
     assert client.get(artifact["url"]).text == "# pruned"
     assert client.get(f"/v1/jobs/{old}").json()["status"] == "succeeded"
 
-    svc.store.r.zadd(svc.store.finished_key, {old: time.time() - 31 * DAY}, xx=True)
+    svc.store.r.zadd(svc.store.keys.finished_key, {old: time.time() - 31 * DAY}, xx=True)
     assert sweep(svc.store, svc.artifacts, settings.retention_s) == [old]
 
     for path in ("", "/events", "/artifacts"):
@@ -60,7 +60,7 @@ def test_each_api_process_sweeps_at_startup(settings: Settings, redis_client) ->
     store = JobStore(redis_client, settings.key_prefix)
     job, _ = store.create("default", REQUEST)
     store.transition(job.id, [JobStatus.queued], JobStatus.cancelled)
-    store.r.zadd(store.finished_key, {job.id: time.time() - 2 * DAY}, xx=True)
+    store.r.zadd(store.keys.finished_key, {job.id: time.time() - 2 * DAY}, xx=True)
     recent, _ = store.create("default", REQUEST)
     store.transition(recent.id, [JobStatus.queued], JobStatus.cancelled)
     app = create_app(

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from jobs import lifecycle
+from jobs import lifecycle, metrics
 from jobs.events import EventLog
 from jobs.spec import JobProgress, JobRequest, JobStatus
 from jobs.store import Fenced, InvalidTransition, JobStore
@@ -38,8 +38,8 @@ def claim(store: JobStore, job_id: str, worker: str = "w1", lease_s: float = 30,
 
 def expire(store: JobStore, job_id: str) -> None:
     """What a lost worker leaves once its lease ran out: the lease key gone, its deadline past."""
-    store.r.delete(store.lease_key(job_id))
-    store.r.zadd(store.leases_key, {job_id: time.time() - 1})
+    store.r.delete(store.keys.lease_key(job_id))
+    store.r.zadd(store.keys.leases_key, {job_id: time.time() - 1})
 
 
 def statuses(events: EventLog, job_id: str) -> list[tuple[str, str | None]]:
@@ -52,14 +52,14 @@ def test_claim_takes_a_lease_and_renewal_extends_it(store: JobStore) -> None:
     job_id = new_job(store)
     job = claim(store, job_id)
     assert job.status == S.running and job.attempts == 1
-    assert store.r.get(store.lease_key(job_id)) == b"w1"
-    assert 0 < store.r.pttl(store.lease_key(job_id)) <= 30_000
+    assert store.r.get(store.keys.lease_key(job_id)) == b"w1"
+    assert 0 < store.r.pttl(store.keys.lease_key(job_id)) <= 30_000
     assert lifecycle.renew(store, job_id, job.delivery, "w1", 120)
-    assert store.r.pttl(store.lease_key(job_id)) > 30_000
-    assert lifecycle.counts(store)["leases"] == 1
+    assert store.r.pttl(store.keys.lease_key(job_id)) > 30_000
+    assert metrics.lifecycle_counts(store)["leases"] == 1
     lifecycle.finish(store, job_id, job.delivery, S.succeeded)
-    assert store.r.get(store.lease_key(job_id)) is None  # a finished job holds no lease
-    assert lifecycle.counts(store)["leases"] == 0
+    assert store.r.get(store.keys.lease_key(job_id)) is None  # a finished job holds no lease
+    assert metrics.lifecycle_counts(store)["leases"] == 0
     assert not lifecycle.renew(store, job_id, job.delivery, "w1", 120)
 
 
@@ -75,9 +75,9 @@ def test_expired_lease_is_requeued_with_a_new_token_and_the_zombie_is_fenced(
     job = store.require(job_id)
     assert job.status == S.queued and job.attempts == 1 and job.delivery != old.delivery
     assert queue.sent == [(job_id, job.delivery, None)]
-    assert store.r.zscore(store.outbox_key, job_id) is None  # sent and confirmed
+    assert store.r.zscore(store.keys.outbox_key, job_id) is None  # sent and confirmed
     assert statuses(events, job_id) == [("queued", None), ("running", None), ("queued", "lease_expired")]
-    assert lifecycle.counts(store) | {"workers": 0} == {
+    assert metrics.lifecycle_counts(store) | {"workers": 0} == {
         "workers": 0,
         "leases": 0,
         "leases_expired": 1,
@@ -124,7 +124,7 @@ def test_sweeper_fails_a_job_at_the_attempt_cap_and_cancels_a_cancelling_one(sto
     assert job.error.message == "worker died 1 times while running this job"
     assert store.require(cancelling).status == S.cancelled
     assert sorted(finished) == sorted([capped, cancelling]) and queue.sent == []
-    assert store.r.zcard(store.outbox_key) == 0 and store.r.zcard(store.leases_key) == 0
+    assert store.r.zcard(store.keys.outbox_key) == 0 and store.r.zcard(store.keys.leases_key) == 0
 
 
 def test_sweeper_sends_a_notice_message_for_a_finished_job_with_a_webhook(store: JobStore) -> None:
@@ -160,7 +160,7 @@ def test_redelivery_is_claimed_again_by_the_same_worker_only(store: JobStore) ->
     assert store.require(job_id).attempts == 1
     again = lifecycle.claim(store, job_id, token, worker="w1", cap=3, lease_s=30)  # its pool child died
     assert again.status == S.running and again.attempts == 2
-    store.r.delete(store.lease_key(job_id))  # lease expired: anyone may take it
+    store.r.delete(store.keys.lease_key(job_id))  # lease expired: anyone may take it
     assert lifecycle.claim(store, job_id, token, worker="w2", cap=3, lease_s=30).attempts == 3
 
 
@@ -196,10 +196,10 @@ def test_unrunnable_messages(store: JobStore) -> None:
 
 
 def test_heartbeats_count_live_workers(store: JobStore) -> None:
-    lifecycle.heartbeat(store, "a", 30)
-    lifecycle.heartbeat(store, "b", 30)
-    lifecycle.heartbeat(store, "gone", -1)
-    assert lifecycle.counts(store)["workers"] == 2
+    metrics.heartbeat(store, "a", 30)
+    metrics.heartbeat(store, "b", 30)
+    metrics.heartbeat(store, "gone", -1)
+    assert metrics.lifecycle_counts(store)["workers"] == 2
 
 
 def test_completion_notice_is_taken_once_per_job(store: JobStore) -> None:
@@ -208,4 +208,4 @@ def test_completion_notice_is_taken_once_per_job(store: JobStore) -> None:
     assert lifecycle.take_notice(store, job_id)  # the first sender (main process or pool) wins
     assert not lifecycle.take_notice(store, job_id)  # a redelivered or duplicate message sends nothing
     assert lifecycle.take_notice(store, other)
-    assert 0 < store.r.pttl(store.notice_key(job_id)) <= lifecycle.NOTICE_TTL_S * 1000
+    assert 0 < store.r.pttl(store.keys.notice_key(job_id)) <= lifecycle.NOTICE_TTL_S * 1000

@@ -37,7 +37,7 @@ def new_job(store: JobStore, age_s: float = 0.0) -> str:
     """A created job whose outbox entry is `age_s` seconds old (its task never confirmed sent)."""
     job, _ = store.create("default", JobRequest.model_validate({"model": {"source": "/models/a"}}))
     if age_s:
-        store.r.zadd(store.outbox_key, {job.id: time.time() - age_s}, xx=True)
+        store.r.zadd(store.keys.outbox_key, {job.id: time.time() - age_s}, xx=True)
     return job.id
 
 
@@ -93,9 +93,10 @@ def test_sweep_drops_entries_of_jobs_no_longer_queued(store: JobStore) -> None:
     running, cancelled, deleted, queued = (new_job(store) for _ in range(4))
     store.transition(running, [S.queued], S.running, attempts=1)
     store.transition(cancelled, [S.queued], S.cancelled)
-    store.r.delete(store.job_key(deleted))
+    store.r.delete(store.keys.job_key(deleted))
     # stale entries (e.g. left by a process that died mid-way): the sweeper must not re-send them
-    store.r.zadd(store.outbox_key, dict.fromkeys((running, cancelled, deleted, queued), time.time() - 120))
+    stale = dict.fromkeys((running, cancelled, deleted, queued), time.time() - 120)
+    store.r.zadd(store.keys.outbox_key, stale)
     queue = Recorder()
     assert sweep(store, queue, older_than_s=60) == [queued]
     assert [job_id for job_id, _ in queue.sent] == [queued]
@@ -108,7 +109,7 @@ def test_a_failed_resend_stays_pending_and_is_retried(store: JobStore) -> None:
     assert sweep(store, Recorder(fail=True), older_than_s=60) == []
     [(_, score)] = store.outbox()
     assert score > time.time() - 60  # its age restarted: not retried at once
-    store.r.zadd(store.outbox_key, {job_id: time.time() - 120}, xx=True)  # ... but once old again
+    store.r.zadd(store.keys.outbox_key, {job_id: time.time() - 120}, xx=True)  # ... but once old again
     queue = Recorder()
     assert sweep(store, queue, older_than_s=60) == [job_id]
     assert queue.sent == [(job_id, store.require(job_id).delivery)] and pending(store) == set()

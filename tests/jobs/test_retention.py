@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from jobs import metrics, retention
 from jobs.events import EventLog
 from jobs.retention import MAX_STORAGE_FAILURES, sweep, sweep_all
 from jobs.settings import Settings
@@ -59,7 +60,7 @@ def new_job(
 
 def age(store: JobStore, job_id: str, days: float) -> None:
     """Pretend the finished job finished `days` ago."""
-    assert store.r.zadd(store.finished_key, {job_id: time.time() - days * DAY}, xx=True, ch=True) == 1
+    assert store.r.zadd(store.keys.finished_key, {job_id: time.time() - days * DAY}, xx=True, ch=True) == 1
 
 
 def with_artifacts(store: JobStore, artifacts: LocalArtifactStore, job_id: str, tmp_path: Path) -> Path:
@@ -101,7 +102,7 @@ def test_every_path_into_a_terminal_status_records_the_job_as_finished(store: Jo
     ids = {s: new_job(store, s) for s in S if s != S.cancelling}
     ids[S.cancelling] = new_job(store, S.cancelling)
     for status, job_id in ids.items():
-        score = store.r.zscore(store.finished_key, job_id)
+        score = store.r.zscore(store.keys.finished_key, job_id)
         if status in TERMINAL:
             assert score == store.require(job_id).finished_at.timestamp(), status
         else:
@@ -115,11 +116,11 @@ def test_every_path_into_a_terminal_status_records_the_job_as_finished(store: Jo
         return new, [("status", {"status": "cancelled", "previous": "cancelling"})]
 
     job, changed = store.mutate(cancelling, claim)
-    assert changed and store.r.zscore(store.finished_key, cancelling) == job.finished_at.timestamp()
+    assert changed and store.r.zscore(store.keys.finished_key, cancelling) == job.finished_at.timestamp()
     # ... and the API's 503 path (queued -> failed when the broker is unreachable)
     unsent = new_job(store)
     store.transition(unsent, [S.queued], S.failed, error=JobError(code="queue_unavailable", message="x"))
-    assert store.r.zscore(store.finished_key, unsent) is not None
+    assert store.r.zscore(store.keys.finished_key, unsent) is not None
     assert {job_id for job_id, _ in store.finished()} == {
         ids[S.succeeded],
         ids[S.failed],
@@ -145,12 +146,12 @@ def test_sweep_deletes_old_finished_jobs_and_everything_about_them(
         events.publish(job_id, "log", {"message": "a webhook event after the end"})
     assert keys_of(store, old["succeeded"]) == sorted(
         [
-            store.job_key(old["succeeded"]),
+            store.keys.job_key(old["succeeded"]),
             events.key(old["succeeded"]),
             f"{store.prefix}:idemref:{old['succeeded']}",
         ]
     )
-    before = store.status_counts()
+    before = metrics.status_counts(store)
 
     assert sorted(sweep(store, artifacts, RETENTION)) == sorted(old.values())
 
@@ -167,10 +168,10 @@ def test_sweep_deletes_old_finished_jobs_and_everything_about_them(
     assert [j.id for j in store.list("default", limit=100).items] == [*active[::-1], recent]
     assert store.list("acme").items == [] and store.list("default", status=S.cancelled).items == []
     # counts: the stored jobs per status; the deleted ones are counted apart
-    counts = store.status_counts()
+    counts = metrics.status_counts(store)
     assert counts == recount(store)
     assert counts == {**before, "succeeded": 1, "failed": 0, "cancelled": 0}
-    assert store.deleted_count() == 3
+    assert metrics.deleted_count(store) == 3
     assert sweep(store, artifacts, RETENTION) == []  # nothing left to delete
     # the idempotency key is free again: a retry makes a new job
     job, created = store.create("default", req(), "ci-1")
@@ -180,15 +181,16 @@ def test_sweep_deletes_old_finished_jobs_and_everything_about_them(
 def test_unfinished_or_recent_jobs_are_never_deleted(store: JobStore, artifacts: LocalArtifactStore) -> None:
     running, queued, fresh = new_job(store, S.running), new_job(store), new_job(store, S.failed)
     # a finished-set entry that lies (cannot happen through the store) still never deletes a live job
-    store.r.zadd(store.finished_key, {running: 1.0, queued: 1.0})
+    store.r.zadd(store.keys.finished_key, {running: 1.0, queued: 1.0})
     assert sweep(store, artifacts, RETENTION) == []
-    assert store.delete_finished(running) is False and store.delete_finished(queued) is False
+    delete_finished = retention.delete_finished
+    assert delete_finished(store, running) is False and delete_finished(store, queued) is False
     assert store.require(running).status == S.running and store.require(queued).status == S.queued
     # a job that finished after the cutoff stays, however the caller asks
-    score = store.r.zscore(store.finished_key, fresh)
-    assert store.delete_finished(fresh, before=score - 1) is False and store.get(fresh) is not None
-    assert store.delete_finished(fresh, before=score) is True and store.get(fresh) is None
-    assert store.status_counts() == recount(store) and store.deleted_count() == 1
+    score = store.r.zscore(store.keys.finished_key, fresh)
+    assert retention.delete_finished(store, fresh, before=score - 1) is False and store.get(fresh) is not None
+    assert retention.delete_finished(store, fresh, before=score) is True and store.get(fresh) is None
+    assert metrics.status_counts(store) == recount(store) and metrics.deleted_count(store) == 1
 
 
 def test_a_storage_error_keeps_the_record_for_a_later_sweep(
@@ -213,8 +215,8 @@ def test_a_storage_error_keeps_the_record_for_a_later_sweep(
     assert len(failed) == MAX_STORAGE_FAILURES  # then the sweep stopped: the store is down
     for job_id, d in zip(ids, dirs, strict=True):
         assert store.get(job_id) is not None and d.is_dir()
-        assert store.r.zscore(store.finished_key, job_id) is not None
-    assert store.status_counts()["succeeded"] == len(ids) and store.deleted_count() == 0
+        assert store.r.zscore(store.keys.finished_key, job_id) is not None
+    assert metrics.status_counts(store)["succeeded"] == len(ids) and metrics.deleted_count(store) == 0
 
     scratch.unlink()  # the store is back
     assert sorted(sweep(store, artifacts, RETENTION)) == sorted(ids)
@@ -249,12 +251,14 @@ def test_sweepers_racing_delete_each_job_once(
     assert errors == [] and [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     deleted = [job_id for r in results for job_id in r]
     assert sorted(deleted) == sorted(ids)  # every job deleted, each by exactly one sweeper
-    assert store.deleted_count() == 40 and not any(d.exists() for d in dirs)
+    assert metrics.deleted_count(store) == 40 and not any(d.exists() for d in dirs)
     assert (
-        store.status_counts() == recount(store) == {**dict.fromkeys((s.value for s in S), 0), "succeeded": 1}
+        metrics.status_counts(store)
+        == recount(store)
+        == {**dict.fromkeys((s.value for s in S), 0), "succeeded": 1}
     )
     assert [j.id for j in store.list("default").items] == [kept]
-    assert store.finished() == [(kept, store.r.zscore(store.finished_key, kept))]
+    assert store.finished() == [(kept, store.r.zscore(store.keys.finished_key, kept))]
 
 
 def test_limit_is_honoured_oldest_first(store: JobStore, artifacts: LocalArtifactStore) -> None:
@@ -262,11 +266,11 @@ def test_limit_is_honoured_oldest_first(store: JobStore, artifacts: LocalArtifac
     for days, job_id in zip((35, 33, 40, 31, 32), ids, strict=True):
         age(store, job_id, days)
     assert sweep(store, artifacts, RETENTION, limit=2) == [ids[2], ids[0]]
-    assert sorted(store.r.zrange(store.finished_key, 0, -1)) == sorted(
+    assert sorted(store.r.zrange(store.keys.finished_key, 0, -1)) == sorted(
         i.encode() for i in ids if i not in (ids[2], ids[0])
     )
     assert sweep_all(store, artifacts, RETENTION, batch=2) == 3
-    assert store.finished() == [] and store.status_counts()["failed"] == 0
+    assert store.finished() == [] and metrics.status_counts(store)["failed"] == 0
 
 
 def test_cutoff_zero_deletes_every_finished_job(store: JobStore, artifacts: LocalArtifactStore) -> None:

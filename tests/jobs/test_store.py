@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from jobs import metrics
 from jobs.events import EventLog, check_id
 from jobs.spec import Job, JobError, JobProgress, JobRequest, JobStatus
 from jobs.store import IdempotencyConflict, InvalidTransition, JobNotFound, JobStore
@@ -25,7 +26,7 @@ def test_create_get_and_status_event(store: JobStore, events: EventLog) -> None:
     assert store.get("0" * 20) is None
     [ev] = events.page(job.id)
     assert ev.type == "status" and ev.data["status"] == "queued"
-    assert store.status_counts()["queued"] == 1
+    assert metrics.status_counts(store)["queued"] == 1
 
 
 def test_idempotency_same_body_replays_other_body_conflicts(store: JobStore) -> None:
@@ -60,7 +61,8 @@ def test_list_pagination_and_status_filter(store: JobStore) -> None:
     assert seen == ids[::-1]  # newest first, every job once, other tenants excluded
     assert [j.id for j in store.list("default", status=S.cancelled).items] == [ids[2]]
     assert len(store.list("default", status=S.queued, limit=100).items) == 6
-    assert store.status_counts() == {**dict.fromkeys((s.value for s in S), 0), "queued": 7, "cancelled": 1}
+    expected = {**dict.fromkeys((s.value for s in S), 0), "queued": 7, "cancelled": 1}
+    assert metrics.status_counts(store) == expected
 
 
 def test_transitions_and_terminal_fields(store: JobStore, events: EventLog) -> None:
@@ -73,7 +75,7 @@ def test_transitions_and_terminal_fields(store: JobStore, events: EventLog) -> N
     assert failed.finished_at is not None and failed.error == err
     assert [e.data["status"] for e in events.page(job.id)] == ["queued", "running", "failed"]
     assert events.page(job.id)[-1].data["error"]["code"] == "model_load_error"
-    buckets, total = store.duration_histogram()
+    buckets, total = metrics.duration_histogram(store)
     assert buckets[-1] == ("+Inf", 1) and total >= 0
     with pytest.raises(JobNotFound):
         store.transition("f" * 20, [S.queued], S.running)
@@ -108,7 +110,7 @@ def test_cancel_and_start_race_has_one_winner(store: JobStore) -> None:
         assert sorted(results.values()) == [False, True]
         final = store.require(job.id).status
         assert final == (S.running if results["start"] else S.cancelled)
-    counts = store.status_counts()
+    counts = metrics.status_counts(store)
     assert counts["running"] + counts["cancelled"] == 20 and counts["queued"] == 0
 
 

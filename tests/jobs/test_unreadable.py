@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from jobs import lifecycle, retention
+from jobs import lifecycle, metrics, retention
 from jobs.signing import Signer
 from jobs.spec import JobRequest, JobStatus
 from jobs.storage.local import LocalArtifactStore
@@ -21,10 +21,10 @@ REQUEST = JobRequest.model_validate({"model": {"source": "/models/a"}})
 def poison(store: JobStore, job_id: str, raw: bytes | None = None) -> None:
     """A record the spec refuses: the `null` gate an infinite limit used to leave, or `raw` bytes."""
     if raw is None:
-        record = json.loads(store.r.get(store.job_key(job_id)) or b"{}")
+        record = json.loads(store.r.get(store.keys.job_key(job_id)) or b"{}")
         record["request"]["gate"] = {"max_pruned_ppl": None}
         raw = json.dumps(record).encode()
-    store.r.set(store.job_key(job_id), raw)
+    store.r.set(store.keys.job_key(job_id), raw)
 
 
 def statuses(store: JobStore, job_id: str) -> list[str]:
@@ -36,13 +36,13 @@ def test_the_outbox_sweep_fails_an_unreadable_queued_job_once(store: JobStore) -
     bad, _ = store.create("default", REQUEST)
     good, _ = store.create("default", REQUEST)
     poison(store, bad.id)
-    store.r.zadd(store.outbox_key, {bad.id: time.time() - 60, good.id: time.time() - 60})
+    store.r.zadd(store.keys.outbox_key, {bad.id: time.time() - 60, good.id: time.time() - 60})
     queue = Recorder()
     assert lifecycle.resend_unsent(store, queue, 10) == [good.id]  # the good one is still sent
     assert [job_id for job_id, _ in queue.sent] == [good.id]
     assert store.outbox() == []  # the good one sent and confirmed, the bad one failed
     assert statuses(store, bad.id) == ["queued", "failed"]
-    assert store.active_count("default") == 1 and store.status_counts()["failed"] == 1
+    assert store.active_count("default") == 1 and metrics.status_counts(store)["failed"] == 1
     lifecycle.resend_unsent(store, queue, 0)  # a second pass changes nothing for it
     assert statuses(store, bad.id) == ["queued", "failed"]
 
@@ -54,7 +54,7 @@ def test_the_lease_sweep_fails_an_unreadable_running_job_once(store: JobStore) -
     time.sleep(0.1)
     assert lifecycle.sweep_leases(store, Recorder(), cap=3) == []
     assert statuses(store, job.id) == ["queued", "running", "failed"]
-    assert store.leases() == [] and not store.r.exists(store.lease_key(job.id))
+    assert store.leases() == [] and not store.r.exists(store.keys.lease_key(job.id))
     assert store.active_count("default") == 0
 
 
@@ -71,7 +71,7 @@ def test_a_record_that_is_not_json_is_listed_cancelled_and_deleted(store: JobSto
     assert "Invalid JSON" in info.error.message  # the original reason, kept in the rewritten record
     artifacts = LocalArtifactStore(tmp_path, Signer(b"k"), "http://x")
     assert retention.sweep(store, artifacts, older_than_s=-1) == [job.id]  # retention deletes it
-    assert store.r.get(store.job_key(job.id)) is None and store.status_counts()["cancelled"] == 0
+    assert store.r.get(store.keys.job_key(job.id)) is None and metrics.status_counts(store)["cancelled"] == 0
 
 
 def test_a_tenant_at_its_limit_is_not_locked_out_by_unreadable_jobs(store: JobStore) -> None:

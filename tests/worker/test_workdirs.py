@@ -60,8 +60,8 @@ def test_sweep_removes_finished_unknown_and_foreign_dirs_only(
         "held elsewhere": job_in(store, S.running, owner="other-host:5"),
     }
     requeued = job_in(store, S.running, owner=me)  # its lease expired; the sweeper re-queued it
-    store.r.delete(store.lease_key(requeued))
-    store.r.zadd(store.leases_key, {requeued: 0})  # its deadline passed
+    store.r.delete(store.keys.lease_key(requeued))
+    store.r.zadd(store.keys.leases_key, {requeued: 0})  # its deadline passed
     lifecycle.sweep_leases(store, _NoSend(), cap=3)
     assert store.require(requeued).status == S.queued
     kept = {
@@ -71,7 +71,7 @@ def test_sweep_removes_finished_unknown_and_foreign_dirs_only(
         "running in a sibling worker of this host": job_in(store, S.running, owner=f"{HERE}:101"),
         "held, lease gone": job_in(store, S.running, owner="other-host:5"),
     }
-    store.r.delete(store.lease_key(kept["held, lease gone"]))
+    store.r.delete(store.keys.lease_key(kept["held, lease gone"]))
     for job_id in [*gone.values(), *kept.values()]:
         scratch(work, job_id)
     (work / "not-a-job").mkdir()
@@ -142,7 +142,7 @@ def test_worker_sweeps_at_start_and_periodically_and_survives_sweep_errors(
     before = {s: job_in(store, s) for s in (S.succeeded, S.failed)} | {"unknown": "f" * 20}
     queued, here = job_in(store, S.queued), job_in(store, S.running, owner=f"{HERE}:1")
     broken = "a" * 20
-    store.r.hset(store.job_key(broken), "not", "a job record")  # the sweep's check raises (WRONGTYPE)
+    store.r.hset(store.keys.job_key(broken), "not", "a job record")  # the sweep's check raises (WRONGTYPE)
     for job_id in [*before.values(), queued, here, broken]:
         scratch(work, job_id)
     stack = Stack(
