@@ -28,6 +28,7 @@ from core import (
     families,
     hostinfo,
     preflight,
+    recovery_stage,
     resume,
     streaming,
     sweep,
@@ -62,6 +63,7 @@ STAGE_WEIGHTS: dict[str, float] = {
     "dense_eval": 0.15,
     "pruning": 0.45,
     "pruned_eval": 0.15,
+    "recovering": 0.60,
     "tasks": 0.10,
     "exporting": 0.10,
 }
@@ -214,11 +216,11 @@ def run(
 
         resolve_source(spec.model)  # a missing source is reported as such, not as a streaming error
         if use_streaming(spec.model):
-            if spec.sweep is not None or spec.evaluation.tasks:
+            if spec.sweep is not None or spec.evaluation.tasks or spec.recovery.enabled:
                 raise InvalidInput(
                     "this checkpoint would be pruned in streaming mode (too large for the RAM), which "
-                    "evaluates nothing and prunes once: sweeps and zero-shot tasks need the model in "
-                    "memory (model.stream 'never')"
+                    "evaluates nothing and prunes once: sweeps, recovery and zero-shot tasks need the model "
+                    "in memory (model.stream 'never')"
                 )
             return _run_streaming(
                 spec, out, on_progress, should_cancel, data_dir, t_start, reported_spec, resume_dir
@@ -254,6 +256,10 @@ class _InMemoryRun:
             enabled.append((f"pruning{i}", STAGE_WEIGHTS["pruning"]))
             if ev.enabled:
                 enabled.append((f"pruned_eval{i}", STAGE_WEIGHTS["pruned_eval"]))
+            if spec.recovery.enabled:  # core.recovery_stage
+                enabled.append((f"recovering{i}", STAGE_WEIGHTS["recovering"]))
+                if ev.enabled:
+                    enabled.append((f"recovered_eval{i}", STAGE_WEIGHTS["pruned_eval"]))
             if ev.tasks:
                 enabled.append((f"pruned_tasks{i}", STAGE_WEIGHTS["tasks"]))
             enabled.append((f"exporting{i}", STAGE_WEIGHTS["exporting"]))
@@ -410,6 +416,7 @@ class _InMemoryRun:
             t = time.perf_counter()
             pruned = self._ppl(f"pruned_eval{i}", f"{tag}pruned", variant=label)
             own["pruned_eval_s"] = time.perf_counter() - t
+        recovered = recovery_stage.run(self, i, resume_dir, pruned, own)  # None unless spec.recovery.enabled
         t = time.perf_counter()
         texts = generations.pair(self.dense_text, generations.generate(self.model, self.tok, ev.generations))
         own["generate_s"] = time.perf_counter() - t
@@ -431,6 +438,7 @@ class _InMemoryRun:
                 formula=evaluate.FORMULA,
                 source=self.eval_source,
                 tasks=self._task_scores(scores),
+                recovered_ppl=recovered.recovered_ppl if recovered else None,
             )
         model, cfg, spec = self.model, self.model.config, self.spec
         shown = (
@@ -467,6 +475,7 @@ class _InMemoryRun:
             experts=info.experts,
             warnings=list(info.warnings),
             variant=label,
+            recovery=recovered,
         )
 
     def _export(self, i: int, root: Path, report: RunReport, shown: Path | str) -> float:
