@@ -407,7 +407,7 @@ def run_spec(job: Job) -> RunSpec:
     update: dict[str, Any] = {}
     if src.get("model"):
         update["model"] = spec.model.model_copy(update={"source": src["model"]})
-    for name in ("calibration", "evaluation"):
+    for name in ("calibration", "evaluation", "recovery"):
         loc = src.get(name)
         if loc and loc != getattr(spec, name).source:
             update[name] = getattr(spec, name).model_copy(update={"source": loc})

@@ -183,7 +183,7 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_mid_recovery_resumes_to_same_weights(
     mode: str, tiny_model_dir, data_dir: Path, tmp_path: Path
 ) -> None:
-    lora = {"rank": 4} if mode == "lora" else {}
+    lora = {"mode": "lora", "rank": 4} if mode == "lora" else {}
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(
         _spec(tiny_model_dir("qwen3_moe"), steps=12, checkpoint_every=2, **lora).model_dump_json()
