@@ -96,10 +96,13 @@ class JobSummary(_Record):
     """Headline metrics of a finished job (from the engine's report.json)."""
 
     dense_ppl: float | None = None
-    pruned_ppl: float | None = None
+    pruned_ppl: float | None = Field(default=None, description="One-shot pruned perplexity.")
+    recovered_ppl: float | None = Field(
+        default=None, description="Perplexity after the recovery stage; `ppl_ratio` uses it."
+    )
     sparsity: float | None = Field(default=None, description="Overall sparsity of the pruned layers.")
     durations: dict[str, float] = Field(default_factory=dict, description="Seconds per engine stage.")
-    ppl_ratio: float | None = Field(default=None, description="pruned/dense perplexity.")
+    ppl_ratio: float | None = Field(default=None, description="final (recovered)/dense perplexity.")
     verdict: str | None = Field(default=None, description="good, fair, poor, damaged or unknown.")
     gate: dict[str, Any] | None = Field(
         default=None,

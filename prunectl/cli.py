@@ -219,7 +219,7 @@ def describe(job: dict[str, Any]) -> str:
         lines.append(f"  error: {job['error'].get('code')}: {job['error'].get('message')}")
     summary = job.get("summary") or {}
     if summary:
-        keys = ("sparsity", "dense_ppl", "pruned_ppl")
+        keys = ("sparsity", "dense_ppl", "pruned_ppl", "recovered_ppl")
         shown = [f"{k}={summary[k]}" for k in keys if summary.get(k) is not None]
         lines.append("  summary: " + ", ".join(shown))
     return "\n".join(lines)

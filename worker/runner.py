@@ -92,6 +92,7 @@ def summarize(report: RunReport) -> JobSummary:
     return JobSummary(
         dense_ppl=ev.dense_ppl if ev else None,
         pruned_ppl=ev.pruned_ppl if ev else None,
+        recovered_ppl=ev.recovered_ppl if ev else None,
         sparsity=report.sparsity.overall,
         durations={k: float(t) for k, t in report.timings.items()},
         ppl_ratio=v.ratio if v else None,
