@@ -2,6 +2,7 @@
 
 Usage: python bench/recovery.py [--method wanda] [--mode masked] [--lr 1e-4] [--steps 64]
        [--points 8 16 32 64] [--heldout] [--out docs/bench/recovery_wanda.json]
+       python bench/recovery.py --plot docs/bench/recovery_curve.png --curves a.json b.json
 
 One process: load the GGUF model (fp32), 32 x 512 calibration windows of WikiText-2 valid (seed 0,
 as bench/quality.py), prune, measure the pruned perplexity, then run :func:`core.recovery.recover`
@@ -27,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir
 
+DENSE_PPL = 24.94
+"""Dense perplexity of the same evaluation (docs/results.md), drawn for reference."""
+
 
 def split_valid(tmp: Path) -> tuple[Path, str]:
     """``valid_head.txt`` (first 90% of valid.txt, cut at a line) and the held-out tail's text."""
@@ -51,7 +55,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--heldout", action="store_true", help="evaluate on valid.txt's held-out tail")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--plot", type=Path, help="only draw ppl against recovery tokens from --curves")
+    ap.add_argument("--curves", type=Path, nargs="*", default=[])
     args = ap.parse_args()
+    if args.plot:
+        plot_curves([json.loads(f.read_text()) for f in args.curves], args.plot)
+        return
 
     import torch
 
@@ -150,6 +159,32 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """Perplexity against recovery tokens, one line per run, the dense perplexity dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for run in runs:
+        pts = [(c["tokens"], c["ppl"]) for c in run["curve"]]
+        ax.plot(
+            [t for t, _ in pts],
+            [p for _, p in pts],
+            "o-",
+            label=f"{run['method']} + {run['recovery']['mode']}",
+        )
+    ax.axhline(DENSE_PPL, color="#555", linestyle="--", label=f"dense {DENSE_PPL}")
+    ax.set_yscale("log")
+    ax.set_xlabel("recovery tokens (WikiText-2 valid, 512-token windows)")
+    ax.set_ylabel("perplexity (WikiText-2 test, 32 x 512)")
+    ax.set_title("SmolLM2-135M 2:4: perplexity against recovery tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
