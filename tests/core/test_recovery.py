@@ -208,3 +208,31 @@ def test_sigkill_mid_recovery_resumes_to_same_weights(
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "resume").exists()  # cleared on success
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"enabled": True, "lr": float("nan")}, "lr"),
+        ({"enabled": True, "lr": float("inf")}, "lr"),
+        ({"steps": 3}, "recovery.enabled = true"),
+        ({"enabled": True, "rank": 4}, "only apply to mode 'lora'"),
+        ({"enabled": True, "source": "x" * 1025}, "source"),
+        ({"enabled": True, "batch": 0}, "batch"),
+        ({"enabled": True, "mode": "qlora"}, "mode"),
+    ],
+)
+def test_spec_refusals(body: dict, says: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=says):
+        RecoverySpec.model_validate(body)
+
+
+def test_spec_budget_and_streaming() -> None:
+    assert RecoverySpec(enabled=True).max_steps(512) == 100
+    assert RecoverySpec(enabled=True, tokens=10_000, batch=2).max_steps(512) == 10  # ceil(10000 / 1024)
+    assert RecoverySpec(enabled=True, tokens=10_000, steps=3, batch=2).max_steps(512) == 3
+    assert RunSpec.model_validate({"model": {"source": "m"}}).recovery.enabled is False
+    with pytest.raises(ValueError, match="in-memory"):
+        RunSpec.model_validate({"model": {"source": "m", "stream": "always"}, "recovery": {"enabled": True}})
