@@ -174,6 +174,8 @@ def _check_sources(svc: Services, body: JobRequest) -> dict[str, str]:
     checks.append(("calibration", policy.check_dataset, body.calibration.source))
     if body.evaluation.enabled:
         checks.append(("evaluation", policy.check_dataset, body.evaluation.source))
+    if body.recovery.enabled and body.recovery.source is not None:
+        checks.append(("recovery", policy.check_dataset, body.recovery.source))
     out: dict[str, str] = {}
     for name, check, source in checks:
         try:

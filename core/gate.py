@@ -18,7 +18,7 @@ def check(gate: GateSpec, evaluation: Evaluation | None, sparsity: float | None)
     ev = evaluation
     rows = (
         ("max_ppl_ratio", gate.max_ppl_ratio, ppl_ratio(ev), lambda v, lim: v <= lim),
-        ("max_pruned_ppl", gate.max_pruned_ppl, ev.pruned_ppl if ev else None, lambda v, lim: v <= lim),
+        ("max_pruned_ppl", gate.max_pruned_ppl, ev.final_ppl if ev else None, lambda v, lim: v <= lim),
         ("min_sparsity", gate.min_sparsity, sparsity, lambda v, lim: v >= lim),
     )
     checks = [

@@ -31,6 +31,7 @@ from core import (
     hostinfo,
     loading,
     preflight,
+    recovery_stage,
     resume,
     streaming,
     sweep,
@@ -66,6 +67,7 @@ STAGE_WEIGHTS: dict[str, float] = {
     "dense_eval": 0.15,
     "pruning": 0.45,
     "pruned_eval": 0.15,
+    "recovering": 0.60,
     "tasks": 0.10,
     "exporting": 0.10,
 }
@@ -215,10 +217,10 @@ def run(
     checked = loading.check_source(spec.model)  # resolved and checked once, handed down
     preflight.check(spec, checked)  # what the config alone refuses, before any weight is read
     disk = use_streaming(spec.model)
-    if disk and spec.evaluation.tasks:
+    if disk and (spec.evaluation.tasks or spec.recovery.enabled):
         raise InvalidInput(
             "this checkpoint would be pruned with its weights on disk (too large for the RAM): zero-shot "
-            "tasks need the model in memory (model.stream 'never')"
+            "tasks and recovery need the model in memory (model.stream 'never')"
         )
     return _Run(spec, on_progress, should_cancel, data_dir, reported_spec or spec, checked, disk).run(
         out, t_start, Path(resume_dir) if resume_dir is not None else None
@@ -266,6 +268,10 @@ class _Run:
             enabled.append((f"pruning{i}", STAGE_WEIGHTS["pruning"]))
             if ev.enabled:
                 enabled.append((f"pruned_eval{i}", STAGE_WEIGHTS["pruned_eval"]))
+            if spec.recovery.enabled:  # core.recovery_stage
+                enabled.append((f"recovering{i}", STAGE_WEIGHTS["recovering"]))
+                if ev.enabled:
+                    enabled.append((f"recovered_eval{i}", STAGE_WEIGHTS["pruned_eval"]))
             if ev.tasks:
                 enabled.append((f"pruned_tasks{i}", STAGE_WEIGHTS["tasks"]))
             enabled.append((f"exporting{i}", STAGE_WEIGHTS["exporting"]))
@@ -478,6 +484,7 @@ class _Run:
             t = time.perf_counter()
             pruned = self._ppl(f"pruned_eval{i}", f"{tag}pruned", variant=label)
             own["pruned_eval_s"] = time.perf_counter() - t
+        recovered = recovery_stage.run(self, i, resume_dir, pruned, own)  # None unless spec.recovery.enabled
         t = time.perf_counter()
         after = generations.generate(self.model, self.tok, ev.generations) if self.disk is None else []
         texts = generations.pair(self.dense_text, after)
@@ -500,6 +507,7 @@ class _Run:
                 formula=evaluate.FORMULA,
                 source=self.eval_source,
                 tasks=self._task_scores(scores),
+                recovered_ppl=recovered.recovered_ppl if recovered else None,
             )
         model, cfg, spec = self.model, self.model.config, self.spec
         shown = (
@@ -537,6 +545,7 @@ class _Run:
             experts=info.experts,
             warnings=list(info.warnings),
             variant=label,
+            recovery=recovered,
         )
 
     def _streaming(self, info: PruneResult) -> dict[str, Any]:

@@ -20,6 +20,8 @@ __all__ = [
     "Generation",
     "ModelInfo",
     "PruneResult",
+    "RecoveryCheck",
+    "RecoveryInfo",
     "RunReport",
     "SparsityInfo",
     "SweepResult",
@@ -143,13 +145,58 @@ class Evaluation(_Closed):
     formula: str
     source: str | None
     tasks: list[TaskScore] = Field(default_factory=list)
+    recovered_ppl: float | None = None
+    """Perplexity after the recovery stage (``pruned_ppl`` is then the one-shot pruned model's)."""
+
+    @property
+    def final_ppl(self) -> float | None:
+        """The delivered model's perplexity: recovered when the run recovered, else pruned."""
+        return self.recovered_ppl if self.recovered_ppl is not None else self.pruned_ppl
 
     @property
     def ratio(self) -> float | None:
-        """pruned/dense perplexity, or None when either was not measured."""
-        if not self.dense_ppl or self.pruned_ppl is None:
+        """final/dense perplexity (:attr:`final_ppl`), or None when either was not measured."""
+        final = self.final_ppl
+        if not self.dense_ppl or final is None:
             return None
-        return float(self.pruned_ppl) / float(self.dense_ppl)
+        return float(final) / float(self.dense_ppl)
+
+
+class RecoveryCheck(_Closed):
+    """Sparsity after the recovery merge, checked against the masks the pruning left."""
+
+    zeros_kept: bool
+    """Every weight pruned before recovery is exactly zero after the merge."""
+    pruned_entries: int
+    """Weights pruned before recovery (all still zero when ``zeros_kept``)."""
+    rows_ok: bool
+    """Every row of every pruned matrix has at least as many zeros as before (per-row budgets)."""
+    nm_ok: bool | None
+    """Every N:M group valid after the merge (None for unstructured)."""
+
+
+class RecoveryInfo(_Closed):
+    """What the recovery stage did (:mod:`core.recovery`)."""
+
+    mode: str
+    steps: int
+    tokens: int
+    seqlen: int
+    batch: int
+    lr: float
+    seed: int
+    source: str
+    train_windows: int
+    trainable_params: int
+    gradient_checkpointing: bool
+    autocast: str | None
+    seconds: float
+    resumed_from_step: int | None = None
+    losses: list[tuple[int, float]] = Field(default_factory=list)
+    """``(step, training loss)``, at most 1000 points (evenly thinned on long runs)."""
+    check: RecoveryCheck
+    pruned_ppl: float | None = None
+    recovered_ppl: float | None = None
 
 
 class Verdict(_Closed):
@@ -239,6 +286,8 @@ class RunReport(_Closed):
     sweep: SweepResult | None = None
     variant: str | None = None
     """The sweep variant this report describes (None outside sweeps)."""
+    recovery: RecoveryInfo | None = None
+    """The recovery stage (None when the run did not recover)."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document written as ``report.json``."""

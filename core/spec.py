@@ -440,6 +440,92 @@ class SweepSpec(_Strict):
         return self
 
 
+RECOVERY_STEPS = 100
+"""Optimizer steps of a recovery with neither ``steps`` nor ``tokens`` set."""
+
+
+class RecoverySpec(_Strict):
+    """A short, mask-preserving fine-tune after pruning (``core.recovery``; docs/methods.md).
+
+    The pruned weights stay exactly zero: merged weights are ``(W + dW) * mask``. Off by default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    enabled: bool = Field(default=False, description="Run the recovery stage after pruning.")
+    mode: Literal["masked", "lora"] = Field(
+        default="masked",
+        description="'masked': full fine-tune of the pruned matrices with their zeros held at zero; "
+        "'lora': low-rank adapters (plain torch) merged as (W + BA) * mask.",
+    )
+    source: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="Training text (same forms as calibration.source). Default: the calibration source "
+        "(wikitext2: valid.txt). Must differ from the evaluation text.",
+    )
+    text_field: str | None = Field(
+        default=None, max_length=128, description="JSONL field; default calibration's."
+    )
+    steps: int | None = Field(default=None, ge=1, le=10**6, description="Optimizer steps (budget).")
+    tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**11,
+        description="Training tokens (budget): steps = ceil(tokens / (batch * seqlen)); with `steps` too, "
+        f"the smaller. Neither: {RECOVERY_STEPS} steps.",
+    )
+    lr: float = Field(
+        default=1e-4, gt=0, le=1.0, description="Peak learning rate (AdamW; warmup then cosine)."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=1.0)
+    warmup_steps: int = Field(default=10, ge=0, le=10**5, description="Linear warmup steps.")
+    grad_clip: float = Field(default=1.0, ge=0, le=1e4, description="Gradient norm clip (0: off).")
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank (mode 'lora').")
+    alpha: float = Field(default=32.0, gt=0, le=1e4, description="LoRA scale alpha / rank (mode 'lora').")
+    seqlen: int | None = Field(
+        default=None,
+        ge=8,
+        le=131072,
+        description="Tokens per training window; default the calibration seqlen.",
+    )
+    batch: int = Field(default=8, ge=1, le=1024, description="Windows per optimizer step.")
+    seed: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="Order of the training windows; adapter init."
+    )
+    checkpoint_every: int = Field(
+        default=10,
+        ge=1,
+        le=10**6,
+        description="Steps between resume checkpoints (a job with a resume directory).",
+    )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Recompute block activations in the backward pass; 'auto': when the estimated "
+        "activations would exceed a quarter of the free memory.",
+    )
+
+    @model_validator(mode="after")
+    def _check_options(self) -> RecoverySpec:
+        if not self.enabled:
+            changed = self.model_dump(exclude={"enabled"}) != RecoverySpec.model_construct().model_dump(
+                exclude={"enabled"}
+            )
+            if changed:
+                raise ValueError("recovery options apply with recovery.enabled = true")
+        if self.mode != "lora" and (self.rank != 16 or self.alpha != 32.0):
+            raise ValueError("recovery.rank / recovery.alpha only apply to mode 'lora'")
+        return self
+
+    def max_steps(self, seqlen: int) -> int:
+        """Optimizer steps of the budget for windows of ``seqlen`` tokens."""
+        limits = [self.steps] if self.steps is not None else []
+        if self.tokens is not None:
+            limits.append(max(1, -(-self.tokens // (self.batch * seqlen))))
+        return min(limits) if limits else RECOVERY_STEPS
+
+
 def variant_label(prune: PruneSpec) -> str:
     """A short, path-safe name of one variant: ``wanda-0.5``, ``sparsegpt-2of4``."""
     if prune.nm is not None:
@@ -497,6 +583,10 @@ class RunSpec(_Strict):
         description="Several variants in one job (the model loaded, calibrated and evaluated dense once); "
         "each variant's artifacts and report go under variants/<label>/.",
     )
+    recovery: RecoverySpec = Field(
+        default_factory=RecoverySpec,
+        description="Mask-preserving fine-tune after pruning, before evaluation and export (off by default).",
+    )
 
     def variants(self) -> list[tuple[str, PruneSpec]]:
         """``[(label, PruneSpec)]``: the sweep's variants, or the one ``prune`` section."""
@@ -514,6 +604,8 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _sweep_valid(self) -> RunSpec:
+        if self.recovery.enabled and self.model.stream == "always":
+            raise ValueError("recovery trains the in-memory model: use model.stream 'never' or 'auto'")
         if self.evaluation.tasks and not self.evaluation.enabled:
             raise ValueError("evaluation.tasks need evaluation.enabled = true")
         return self

@@ -41,7 +41,7 @@ def variant_entry(label: str, prune: PruneSpec, report: RunReport, prune_s: floa
         target=prune.target_sparsity,
         sparsity=report.sparsity.overall,
         nm_ok=report.sparsity.nm_ok,
-        pruned_ppl=ev.pruned_ppl if ev else None,
+        pruned_ppl=ev.final_ppl if ev else None,
         ppl_ratio=ev.ratio if ev else None,
         verdict=report.verdict.label if report.verdict else "unknown",
         gate=report.gate,

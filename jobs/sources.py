@@ -101,7 +101,7 @@ class SourcePolicy:
         )
 
     def check_spec(self, spec: RunSpec) -> dict[str, ResolvedSource]:
-        """Check every source of a run spec; returns {'model', 'calibration', 'evaluation'?}."""
+        """Check every source of a run spec; returns {'model', 'calibration', 'evaluation'?, 'recovery'?}."""
         out = {"model": self.check(spec.model.source)}
         gguf = spec.model.gguf_file
         if gguf is not None and (not gguf or "/" in gguf or "\\" in gguf or gguf in (".", "..")):
@@ -109,6 +109,8 @@ class SourcePolicy:
         out["calibration"] = self.check_dataset(spec.calibration.source)
         if spec.evaluation.enabled:
             out["evaluation"] = self.check_dataset(spec.evaluation.source)
+        if spec.recovery.enabled and spec.recovery.source is not None:
+            out["recovery"] = self.check_dataset(spec.recovery.source)
         return out
 
     # -- helpers -------------------------------------------------------------------------------

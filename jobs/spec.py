@@ -99,7 +99,10 @@ class JobSummary(_Record):
     """Headline metrics of a finished job (from the engine's report.json)."""
 
     dense_ppl: float | None = None
-    pruned_ppl: float | None = None
+    pruned_ppl: float | None = Field(default=None, description="One-shot pruned perplexity.")
+    recovered_ppl: float | None = Field(
+        default=None, description="Perplexity after the recovery stage; `ppl_ratio` uses it."
+    )
     measured_sparsity: float | None = Field(
         default=None,
         description="Measured overall sparsity of the pruned layers (report.json `sparsity.overall`); "
@@ -111,7 +114,7 @@ class JobSummary(_Record):
         description="Deprecated name of `measured_sparsity` (same value).",
     )
     durations: dict[str, float] = Field(default_factory=dict, description="Seconds per engine stage.")
-    ppl_ratio: float | None = Field(default=None, description="pruned/dense perplexity.")
+    ppl_ratio: float | None = Field(default=None, description="final (recovered)/dense perplexity.")
     verdict: str | None = Field(default=None, description="good, fair, poor, damaged or unknown.")
     gate: dict[str, Any] | None = Field(
         default=None,

@@ -152,7 +152,7 @@ def describe(job: dict[str, Any]) -> str:
     summary = job.get("summary") or {}
     if summary:
         summary = {"measured_sparsity": summary.get("sparsity"), **summary}  # an API before the rename
-        keys = ("measured_sparsity", "dense_ppl", "pruned_ppl")
+        keys = ("measured_sparsity", "dense_ppl", "pruned_ppl", "recovered_ppl")
         shown = [f"{k}={summary[k]}" for k in keys if summary.get(k) is not None]
         lines.append("  summary: " + ", ".join(shown))
     return "\n".join(lines)

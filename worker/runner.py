@@ -92,6 +92,7 @@ def summarize(report: RunReport) -> JobSummary:
     return JobSummary(
         dense_ppl=ev.dense_ppl if ev else None,
         pruned_ppl=ev.pruned_ppl if ev else None,
+        recovered_ppl=ev.recovered_ppl if ev else None,
         sparsity=report.sparsity.overall,
         durations={k: float(t) for k, t in report.timings.items()},
         ppl_ratio=v.ratio if v else None,
@@ -426,7 +427,7 @@ def run_spec(job: Job) -> RunSpec:
     update: dict[str, Any] = {}
     if src.get("model"):
         update["model"] = spec.model.model_copy(update={"source": src["model"]})
-    for name in ("calibration", "evaluation"):
+    for name in ("calibration", "evaluation", "recovery"):
         loc = src.get(name)
         if loc and loc != getattr(spec, name).source:
             update[name] = getattr(spec, name).model_copy(update={"source": loc})

@@ -369,6 +369,7 @@ function formBody() {
     const path = input.dataset.loc.split(".");
     let value = raw;
     if (input.dataset.type === "number") value = Number.isNaN(Number(raw)) ? raw : Number(raw);
+    if (input.dataset.type === "bool") value = raw === "true";
     let obj = body;
     for (const k of path.slice(0, -1)) obj = obj[k] = obj[k] || {};
     obj[path[path.length - 1]] = value;

@@ -39,6 +39,37 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [*lines, *("| " + " | ".join(esc(c) for c in r) + " |" for r in rows), ""]
 
 
+def recovery_lines(report: RunReport) -> list[str]:
+    """The recovery section: perplexity dense / pruned / recovered, budget spent, sparsity check."""
+    rec = report.recovery
+    if rec is None:
+        return []
+    ev = report.evaluation
+    fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+    c = rec.check
+    nm = "" if c.nm_ok is None else f"; every N:M group valid: **{'yes' if c.nm_ok else 'NO'}**"
+    resumed = f" (resumed from step {rec.resumed_from_step})" if rec.resumed_from_step else ""
+    lines = [
+        "## Recovery",
+        "",
+        f"Mode **{rec.mode}**: {rec.steps} steps x {rec.batch} windows x {rec.seqlen} "
+        f"tokens = {rec.tokens} tokens of {rec.source} in {rec.seconds:.1f} s{resumed}; lr {rec.lr:g}, "
+        f"seed {rec.seed}, {rec.trainable_params} trained parameters.",
+        "",
+    ]
+    lines += _md_table(
+        ["dense ppl", "pruned ppl (one-shot)", "recovered ppl"],
+        [[fmt(ev.dense_ppl if ev else None), fmt(rec.pruned_ppl), fmt(rec.recovered_ppl)]],
+    )
+    lines += [
+        f"Sparsity after the merge: all {c.pruned_entries} pruned weights still exactly zero: "
+        f"**{'yes' if c.zeros_kept else 'NO'}**; per-row zero counts kept: "
+        f"**{'yes' if c.rows_ok else 'NO'}**{nm}.",
+        "",
+    ]
+    return lines
+
+
 def markdown_sections(report: RunReport) -> list[str]:
     """Markdown lines for the verdict, sweep, gate, zero-shot tasks, generations, time and plots."""
     lines: list[str] = []
@@ -46,13 +77,21 @@ def markdown_sections(report: RunReport) -> list[str]:
     if v:
         lines += ["## Verdict", "", f"**{v.label}** — {v.text}", ""]
     if report.evaluation is not None and report.evaluation.dense_cached:
-        lines += ["The dense perplexity was reused from the cached dense baseline (same weights and "
-                  "evaluation tokens); it was not measured again by this run.", ""]  # fmt: skip
+        lines += [
+            "The dense perplexity was reused from the cached dense baseline (same weights and "
+            "evaluation tokens); it was not measured again by this run.",
+            "",
+        ]
     sw = report.sweep
     if sw:
         how = "the sparsest variant that passes the gate" if sw.chosen_by_gate else "the sparsest variant"
-        lines += ["## Sweep", "", f"Headline variant: **{sw.headline}** ({how}); each variant's "
-                  "artifacts and report are under its directory.", ""]  # fmt: skip
+        lines += [
+            "## Sweep",
+            "",
+            f"Headline variant: **{sw.headline}** ({how}); each variant's "
+            "artifacts and report are under its directory.",
+            "",
+        ]
         header, rows = sweep_rows(sw.variants)
         lines += _md_table(header, rows)
     g = report.gate
@@ -61,6 +100,7 @@ def markdown_sections(report: RunReport) -> list[str]:
         if sw is not None:
             lines += [f"Chosen variant: **{g.variant}**" if g.variant else "No variant passes the gate.", ""]
         lines += _md_table(["check", "limit", "measured", "passed"], gate_rows(g))
+    lines += recovery_lines(report)
     tasks = report.evaluation.tasks if report.evaluation else []
     if tasks:
         lines += ["## Zero-shot tasks (lm-evaluation-harness)", ""]

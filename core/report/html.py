@@ -53,7 +53,24 @@ def render_html(root: Path, report: RunReport) -> str:
         parts.append("<h2>Perplexity</h2>")
         dense = num(ev.dense_ppl) + (" (cached baseline)" if ev.dense_cached else "")
         rows = [("dense", dense), ("pruned", num(ev.pruned_ppl))]
+        if ev.recovered_ppl is not None:
+            rows.append(("recovered", num(ev.recovered_ppl)))
         parts.append(_table([*rows, ("ratio", num(v.ratio if v else None))]))
+    rec = report.recovery
+    if rec:
+        c = rec.check
+        parts.append("<h2>Recovery</h2>")
+        parts.append(
+            _table(
+                [
+                    ("mode", f"{rec.mode}, lr {rec.lr:g}, seed {rec.seed}"),
+                    ("budget spent", f"{rec.steps} steps, {rec.tokens} tokens, {rec.seconds:.1f} s"),
+                    ("pruned weights still zero", f"{'yes' if c.zeros_kept else 'NO'} ({c.pruned_entries})"),
+                    ("per-row zero counts kept", "yes" if c.rows_ok else "NO"),
+                    ("N:M groups valid", "—" if c.nm_ok is None else ("yes" if c.nm_ok else "NO")),
+                ]
+            )
+        )
     sw = report.sweep
     if sw:
         how = "gate's pick" if sw.chosen_by_gate else "sparsest variant"

@@ -1,5 +1,5 @@
 """Report plots drawn with matplotlib (Agg backend, PNG files under ``plots/``): per-layer sparsity,
-per-block reconstruction error and, for sweeps, perplexity against sparsity."""
+per-block reconstruction error, for sweeps perplexity against sparsity, and the recovery loss curve."""
 
 from __future__ import annotations
 
@@ -34,7 +34,12 @@ def _save(root: Path, fig: Any, name: str) -> str:
 def write_plots(root: Path, report: RunReport) -> list[str]:
     """Write the plots this report has data for; their paths relative to ``root``."""
     (root / PLOTS_DIR).mkdir(exist_ok=True)
-    plots = [_layer_sparsity(root, report), _block_recon(root, report), _sweep_curve(root, report)]
+    plots = [
+        _layer_sparsity(root, report),
+        _block_recon(root, report),
+        _sweep_curve(root, report),
+        _recovery_loss(root, report),
+    ]
     return [p for p in plots if p is not None]
 
 
@@ -112,3 +117,23 @@ def _sweep_curve(root: Path, report: RunReport) -> str | None:
     ax.set_title("Perplexity against sparsity")
     ax.legend(fontsize=7)
     return _save(root, fig, "sweep_ppl")
+
+
+def _recovery_loss(root: Path, report: RunReport) -> str | None:
+    rec = report.recovery
+    if rec is None or not rec.losses:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    tokens = [step * rec.batch * rec.seqlen for step, _ in rec.losses]
+    ax.plot(tokens, [loss for _, loss in rec.losses], "-", color="#3b6ea5", lw=1, label="training loss")
+    ax.set_xlabel("recovery tokens")
+    ax.set_ylabel("mean next-token loss (nats)")
+    parts = [
+        f"{name} {v:.4g}"
+        for name, v in (("pruned ppl", rec.pruned_ppl), ("recovered", rec.recovered_ppl))
+        if v is not None
+    ]
+    ax.set_title(f"Recovery ({rec.mode}): " + ", ".join(parts) if parts else f"Recovery ({rec.mode})")
+    ax.legend(fontsize=7)
+    return _save(root, fig, "recovery_loss")

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-DISJOINT = ("load_s", "calibrate_s", "dense_eval_s", "generate_s", "prune_s", "pruned_eval_s", "export_s")
+DISJOINT = (
+    "load_s",
+    "calibrate_s",
+    "dense_eval_s",
+    "generate_s",
+    "prune_s",
+    "pruned_eval_s",
+    "recovery_s",
+    "recovered_eval_s",
+    "export_s",
+)
 """Timings that do not overlap (``eval_s`` is their dense+pruned sum, ``mask_s`` is inside ``prune_s``)."""
 
 

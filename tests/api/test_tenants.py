@@ -89,3 +89,13 @@ def test_refused_sources_and_webhooks_are_422(keyed: TestClient, tmp_path: Path)
     assert r.status_code == 422 and "webhook" in r.json()["detail"]  # no secret configured here
     bad_event = {**BODY, "webhook": {"url": "https://example.com/h", "events": ["finished"]}}
     assert keyed.post("/v1/jobs", json=bad_event, headers=auth("alpha")).status_code == 422
+
+
+def test_recovery_source_checked_like_calibration(keyed: TestClient) -> None:
+    """recovery.source goes through the same source policy (no reading /etc/passwd by training on it)."""
+    body = {**BODY, "recovery": {"enabled": True, "source": "/etc/passwd", "steps": 2}}
+    r = keyed.post("/v1/jobs", json=body, headers=auth("alpha"))
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["errors"][0]["loc"] == ["body", "recovery", "source"]
+    ok = {**BODY, "recovery": {"enabled": True, "source": "wikitext2", "steps": 2}}
+    assert keyed.post("/v1/jobs", json=ok, headers=auth("alpha")).status_code in (201, 202)
