@@ -492,9 +492,11 @@ def collect_stats(
     return {n: a.result() for n, a in accs.items()}
 
 
-def check_hessian_memory(targets: dict[str, families.Target], method: Method, where: str) -> None:
-    """Refuse SparseGPT when one block's Hessians would exceed :data:`HESSIAN_LIMIT_BYTES`."""
-    if "hessian" not in method.needs:
+def check_hessian_memory(
+    targets: dict[str, families.Target], method: Method, where: str, spec: PruneSpec | None = None
+) -> None:
+    """Refuse SparseGPT/ALPS/reconstruction when one block's Hessians exceed :data:`HESSIAN_LIMIT_BYTES`."""
+    if "hessian" not in method.needs and (spec is None or spec.reconstruct == "none"):
         return
     need = sum(4 * t.in_features**2 for t in targets.values())
     if need > HESSIAN_LIMIT_BYTES:
@@ -654,7 +656,8 @@ def run_blocks(
     nblocks = len(blocks)
     check_nm_shapes(model, family, spec)
     for i, block in enumerate(blocks[:1]):
-        check_hessian_memory(prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}")
+        targets0 = prune_targets(block, f"{family.blocks}.{i}", spec)[0]
+        check_hessian_memory(targets0, method, f"block {i}", spec)
     cal = calibration.to(torch.long)
     dev = torch.device(device) if device is not None else _device(model)
     batch_size = spec.batch_for(cal.shape[-1], dev.type)
@@ -711,7 +714,7 @@ def run_blocks(
                 source.load(i, block)
                 if i > 0:
                     check_hessian_memory(
-                        prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}"
+                        prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}", spec
                     )
                 batches = _Batches(store, cap.args[i]) if cap is not None and store is not None else []
                 res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets, cal.numel())
