@@ -54,12 +54,15 @@ class SolveInfo:
     cg_iters: int = 0
     support_changes: int = 0
     seconds: float = 0.0
+    rows_kept_start: int = 0
+    """ALPS's guard: rows where the starting support, refined, beat ADMM's."""
 
     def as_record(self) -> dict[str, float | int]:
         return {
             "admm_iters": self.admm_iters,
             "cg_iters": self.cg_iters,
             "support_changes": self.support_changes,
+            "rows_kept_start": self.rows_kept_start,
             "seconds": round(self.seconds, 4),
         }
 
@@ -226,6 +229,7 @@ def alps_solve(
     every: int = 3,
     cg_iters: int = 10,
     tol: float = 1e-4,
+    guard: bool = True,
 ) -> tuple[Tensor, Tensor, SolveInfo]:
     """Joint mask and weights (ALPS class), normalised coordinates. Returns ``(v, mask, info)``.
 
@@ -234,10 +238,13 @@ def alps_solve(
     each pattern group (the support update); ``U += V - D``. ``rho`` grows geometrically from
     ``rho0`` to ``rho_max`` (one Cholesky factorisation per value), which forces ``V`` onto the
     support as the iterations go. Then :func:`pcg_refine` on ``D``'s support, from ``D``.
+    ``guard``: the refinement also runs on the starting (Wanda) support, in the same products, and
+    each row keeps the better of the two, so no row ends worse than Wanda's mask reconstructed with
+    the same CG budget (ADMM on this non-convex set is a heuristic).
     """
     t0 = time.perf_counter()
     wg = w @ gram
-    mask = project(w.abs())
+    mask = start = project(w.abs())
     d = w.masked_fill(mask, 0)
     u = torch.zeros_like(w)
     penalty = _Penalty(gram, iters, rho0, rho_max, every)
@@ -251,6 +258,21 @@ def alps_solve(
         mask = new_mask
         d = vu.masked_fill(mask, 0)
         u = vu - d
-    out, cg = pcg_refine(w, gram, ~mask, d, cg_iters, tol)
+    if guard:
+        both, cg = pcg_refine(
+            torch.cat([w, w]),
+            gram,
+            ~torch.cat([mask, start]),
+            torch.cat([d, w.masked_fill(start, 0)]),
+            cg_iters,
+            tol,
+        )
+        out, alt = both.chunk(2)
+        worse = objective(w, out, gram) > objective(w, alt, gram)
+        out = torch.where(worse.unsqueeze(1), alt, out)
+        mask = torch.where(worse.unsqueeze(1), start, mask)
+    else:
+        out, cg = pcg_refine(w, gram, ~mask, d, cg_iters, tol)
     info = SolveInfo(admm_iters=iters, cg_iters=cg, support_changes=changes, seconds=time.perf_counter() - t0)
+    info.rows_kept_start = int(worse.sum()) if guard else 0
     return out, mask, info
