@@ -4,7 +4,7 @@ Usage: python bench/quality.py [--out docs/bench/quality.json] [--partial rows.j
        python bench/quality.py --suite reconstruct --model gemma3 --plot docs/bench/recon_gemma3.png ...
 
 ``--suite methods`` (default): issue 10's table on SmolLM2-135M. ``--suite reconstruct``: SparseGPT,
-Wanda + reconstruction, SparseGPT + reconstruction and ALPS at 50/60/70% and 2:4, on ``--model``
+Wanda + reconstruction (``reconstruct: pcg``) and ALPS at 50/60/70% and 2:4, on ``--model``
 (smollm2 or gemma3, the PyPI GGUF files), with ``x sparsegpt`` and ``time x sparsegpt`` columns.
 
 One process: the model, the 32 x 512 calibration windows and the evaluation token stream are
@@ -51,7 +51,6 @@ COMBOS: tuple[tuple[str, dict], ...] = (
 RECON_COMBOS: tuple[tuple[str, dict], ...] = (
     ("sparsegpt", {"method": "sparsegpt"}),
     ("wanda+recon", {"method": "wanda", "reconstruct": "pcg"}),
-    ("sparsegpt+recon", {"method": "sparsegpt", "reconstruct": "pcg"}),
     ("alps", {"method": "alps"}),
 )
 SUITES = {"methods": COMBOS, "reconstruct": RECON_COMBOS}
