@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--render", type=Path, help="only re-render --results-md from this JSON file")
     ap.add_argument("--suite", choices=sorted(SUITES), default="methods")
     ap.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    ap.add_argument("--levels", nargs="*", help="run these levels only, in this order (e.g. 50%% 70%% 2:4)")
     ap.add_argument("--plot", type=Path, help="write perplexity against sparsity per method here (PNG)")
     args = ap.parse_args()
     if args.render:
@@ -147,7 +148,10 @@ def main() -> None:
             row = json.loads(line)
             done[row["label"]] = row
     results = []
-    for cfg in configs(args.suite):
+    todo = configs(args.suite)
+    if args.levels:
+        todo = [c for lv in args.levels for c in todo if c["level"] == lv]
+    for cfg in todo:
         if args.only and cfg["label"] not in args.only:
             continue
         if cfg["label"] in done:
