@@ -173,3 +173,19 @@ def test_spec_refuses_unused_options() -> None:
         PruneSpec(method="wanda", alps_iters=5)
     PruneSpec(method="alps", reconstruct_iters=5, alps_iters=4)
     PruneSpec(method="wanda", reconstruct="admm", reconstruct_iters=5)
+
+
+def test_report_layer_table_shows_solver_columns() -> None:
+    from core.export import _layer_lines
+    from core.report.plots import block_recon
+
+    model = build("llama", seed=3)
+    cal = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(8))
+    info = engine.prune(model, cal, PruneSpec(method="wanda", reconstruct="pcg"))
+    lines = _layer_lines(info.layer_records)
+    assert "before recon." in lines[4] and "solver iters" in lines[4]
+    name, rec = next(iter(info.layer_records.items()))
+    row = next(line for line in lines if f"`{name}`" in line)
+    assert f"{rec['reconstruct']['err_before']:.4f}" in row and f"0 + {rec['reconstruct']['cg_iters']}" in row
+    before, after = block_recon(info.layer_records, before=True), block_recon(info.layer_records)
+    assert len(before) == len(after) and all(b[1] >= a[1] - 1e-6 for b, a in zip(before, after, strict=True))
