@@ -82,9 +82,11 @@ def prune_targets(
     return targets, [n for n in allt if n not in targets]
 
 
-def check_hessian_memory(targets: dict[str, families.Target], method: Method, where: str) -> None:
-    """Refuse SparseGPT when one block's Hessians would exceed :func:`hessian_limit_bytes`."""
-    if "hessian" not in method.needs:
+def check_hessian_memory(
+    targets: dict[str, families.Target], method: Method, where: str, spec: PruneSpec | None = None
+) -> None:
+    """Refuse SparseGPT/ALPS/reconstruction when one block's Hessians exceed :func:`hessian_limit_bytes`."""
+    if "hessian" not in method.needs and (spec is None or spec.reconstruct == "none"):
         return
     need = sum(4 * t.in_features**2 for t in targets.values())
     limit = hessian_limit_bytes()

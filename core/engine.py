@@ -156,7 +156,9 @@ def run_blocks(
     nblocks = len(blocks)
     check_nm_shapes(model, family, spec)
     for i, block in enumerate(blocks[:1]):
-        check_hessian_memory(prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}")
+        check_hessian_memory(
+            prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}", spec
+        )
     cal = calibration.to(torch.long)
     dev = compute_device(model, device)
     source = source or source_for(model, blocks, dev)
@@ -221,7 +223,7 @@ def run_blocks(
                 source.load(i, block)
                 if i > 0:
                     check_hessian_memory(
-                        prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}"
+                        prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}", spec
                     )
                 batches = Batches(store, cap.args[i]) if cap is not None and store is not None else []
                 res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets, cal.numel())

@@ -150,7 +150,8 @@ def _expert_lines(experts: list[ExpertTokens], cal: CalibrationInfo) -> list[str
 
 def _layer_lines(layers: dict[str, dict[str, Any]]) -> list[str]:
     """Which method, allocation and refinement produced each layer, its sparsity and its relative
-    reconstruction error ``||WX - W'X|| / ||WX||`` on the calibration inputs (folded: one row a layer)."""
+    reconstruction error ``||WX - W'X|| / ||WX||`` on the calibration inputs (folded: one row a layer);
+    with reconstruction (or ALPS): the error before it, the solver's ADMM + CG iterations and seconds."""
     if not layers:
         return []
     lines = [
@@ -159,14 +160,19 @@ def _layer_lines(layers: dict[str, dict[str, Any]]) -> list[str]:
         f"<details><summary>{len(layers)} pruned matrices: method, allocation, refinement, sparsity, "
         "reconstruction error</summary>",
         "",
-        "| layer | method | allocation | refine | sparsity | recon. error | DSnoT swaps |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | method | allocation | refine | sparsity | recon. error | before recon. | solver iters "
+        "| solver s | DSnoT swaps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in layers.items():
         swaps = (r.get("dsnot") or {}).get("swaps")
+        solve = r.get("reconstruct") or r.get("alps") or {}
+        iters = f"{solve['admm_iters']} + {solve['cg_iters']}" if solve else None
         lines.append(
             f"| `{name}` | {r.get('method', '-')} | {r.get('allocation') or '-'} | {r.get('refine') or '-'} "
-            f"| {_fmt(r.get('sparsity'), 4)} | {_fmt(r.get('recon_error'), 4)} | {_fmt(swaps)} |"
+            f"| {_fmt(r.get('sparsity'), 4)} | {_fmt(r.get('recon_error'), 4)} "
+            f"| {_fmt(solve.get('err_before'), 4)} | {iters or '-'} | {_fmt(solve.get('seconds'))} "
+            f"| {_fmt(swaps)} |"
         )
     return [*lines, "", "</details>", ""]
 

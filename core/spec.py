@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt", "ria")
+METHODS: tuple[str, ...] = ("wanda", "magnitude", "sparsegpt", "ria", "alps")
 """Method names; `core.methods.REGISTRY` must hold exactly these (a test checks)."""
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
@@ -42,6 +42,8 @@ OWL_M, OWL_LAMBDA = 5.0, 0.08
 DSNOT_ITERS, DSNOT_THRESHOLD, DSNOT_VAR_POWER = 50, 0.1, 1.0
 RIA_ALPHA = 0.5
 RECON_TOKENS = 256
+RECONSTRUCT_ITERS, RECONSTRUCT_TOL = 10, 1e-4
+ALPS_ITERS, ALPS_RHO, ALPS_RHO_MAX = 16, 0.1, 10.0
 MAX_VARIANTS = 16
 """Most variants one sweep may ask for."""
 MAX_TASKS = 8
@@ -51,7 +53,7 @@ MAX_IGNORE_CHARS = 256
 """Longest `prune.ignore` pattern (a qualified layer name with wildcards)."""
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """A zero-shot task name: also the folder name under ``$PRUNE_DATA_DIR/lm_eval_tasks/``."""
-MethodName = Literal["wanda", "magnitude", "sparsegpt", "ria"]
+MethodName = Literal["wanda", "magnitude", "sparsegpt", "ria", "alps"]
 
 
 class _Strict(BaseModel):
@@ -167,6 +169,33 @@ class PruneSpec(_Strict):
         description="RIA, N:M only: choose N:M groups over a channel permutation (exported weights stay "
         "in the original column order; the report lists each layer's permutation).",
     )
+    reconstruct: Literal["none", "pcg", "admm"] = Field(
+        default="none",
+        description="Weight reconstruction after the mask (any method, refinement or allocation): solve "
+        "the kept weights for min ||WX - W'X||^2 on the layer's calibration Gram, mask unchanged; 'pcg' = "
+        "conjugate gradient on the kept support, 'admm' = fixed-mask ADMM then CG (docs/methods.md).",
+    )
+    reconstruct_iters: int = Field(
+        default=RECONSTRUCT_ITERS,
+        ge=1,
+        le=1000,
+        description="Reconstruction (and ALPS's refinement): most conjugate-gradient iterations per layer.",
+    )
+    reconstruct_tol: float = Field(
+        default=RECONSTRUCT_TOL,
+        gt=0,
+        lt=1,
+        description="Reconstruction: a row's CG stops at residual <= tol x its right-hand side.",
+    )
+    alps_iters: int = Field(
+        default=ALPS_ITERS, ge=1, le=1000, description="ALPS: ADMM iterations with support updates per layer."
+    )
+    alps_rho: float = Field(
+        default=ALPS_RHO, gt=0, le=1e6, description="ALPS: initial ADMM penalty (normalised Gram)."
+    )
+    alps_rho_max: float = Field(
+        default=ALPS_RHO_MAX, gt=0, le=1e6, description="ALPS: final ADMM penalty (geometric schedule)."
+    )
     recon_tokens: int = Field(
         default=RECON_TOKENS,
         ge=1,
@@ -248,10 +277,27 @@ class PruneSpec(_Strict):
             raise ValueError("dsnot_iters / dsnot_threshold / dsnot_var_power only apply with refine 'dsnot'")
         if self.method != "ria" and (self.ria_alpha != RIA_ALPHA or self.ria_permute):
             raise ValueError("ria_alpha / ria_permute only apply to method 'ria'")
+        self._check_reconstruct()
         if self.ria_permute and nm is None:
             raise ValueError(
                 "ria_permute is the channel permutation for N:M patterns; it needs pattern 'N:M'"
             )
+
+    def _check_reconstruct(self) -> None:
+        """Refuse reconstruction/ALPS options that would be ignored."""
+        if self.reconstruct == "none" and self.method != "alps":
+            if (self.reconstruct_iters, self.reconstruct_tol) != (RECONSTRUCT_ITERS, RECONSTRUCT_TOL):
+                raise ValueError(
+                    "reconstruct_iters / reconstruct_tol only apply with reconstruct or method 'alps'"
+                )
+        if self.method != "alps" and (self.alps_iters, self.alps_rho, self.alps_rho_max) != (
+            ALPS_ITERS,
+            ALPS_RHO,
+            ALPS_RHO_MAX,
+        ):
+            raise ValueError("alps_iters / alps_rho / alps_rho_max only apply to method 'alps'")
+        if self.alps_rho_max < self.alps_rho:
+            raise ValueError(f"alps_rho_max ({self.alps_rho_max:g}) must be >= alps_rho ({self.alps_rho:g})")
 
     @property
     def nm(self) -> tuple[int, int] | None:

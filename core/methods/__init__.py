@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from core.errors import InvalidInput
+from core.methods.alps import ALPS
 from core.methods.base import Method
 from core.methods.magnitude import Magnitude
 from core.methods.ria import RIA
@@ -11,7 +12,7 @@ from core.methods.wanda import Wanda
 
 __all__ = ["REGISTRY", "Method", "get_method"]
 
-REGISTRY: dict[str, Method] = {m.name: m for m in (Wanda(), Magnitude(), SparseGPT(), RIA())}
+REGISTRY: dict[str, Method] = {m.name: m for m in (Wanda(), Magnitude(), SparseGPT(), RIA(), ALPS())}
 
 
 def get_method(name: str) -> Method:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -37,6 +37,14 @@ class Method(ABC):
         """``(mask, perm)``: ``perm`` is the input-column permutation over which an N:M mask is
         grouped (``mask[:, perm]`` is N:M over consecutive columns), None for consecutive groups."""
         return self.prune(weight, stats, spec, budget), None
+
+    def prune_with_info(
+        self, weight: Tensor, stats: LayerStats, spec: PruneSpec, budget: int | None = None
+    ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+        """``(mask, perm, record)``: :meth:`prune_grouped` plus what the method reports for the
+        layer's record (solver iterations and time for ALPS; empty by default)."""
+        mask, perm = self.prune_grouped(weight, stats, spec, budget)
+        return mask, perm, {}
 
     def __repr__(self) -> str:
         return f"<Method {self.name} needs={sorted(self.needs)}>"

@@ -63,11 +63,13 @@ def _layer_sparsity(root: Path, report: RunReport) -> str | None:
     return _save(root, fig, "layer_sparsity")
 
 
-def block_recon(layers: dict[str, dict[str, Any]]) -> list[tuple[int, float, float]]:
-    """``(block, mean, max)`` relative reconstruction error over each block's layers that have one."""
+def block_recon(layers: dict[str, dict[str, Any]], before: bool = False) -> list[tuple[int, float, float]]:
+    """``(block, mean, max)`` relative reconstruction error over each block's layers that have one;
+    ``before``: the error before the reconstruction stage (layers that had one)."""
     per: dict[int, list[float]] = {}
     for name, rec in layers.items():
-        m, err = _BLOCK.search(name), rec.get("recon_error")
+        err = (rec.get("reconstruct") or {}).get("err_before") if before else rec.get("recon_error")
+        m = _BLOCK.search(name)
         if m is not None and err is not None:
             per.setdefault(int(m.group(1)), []).append(float(err))
     return [(b, sum(v) / len(v), max(v)) for b, v in sorted(per.items())]
@@ -82,6 +84,10 @@ def _block_recon(root: Path, report: RunReport) -> str | None:
     blocks = [b for b, _, _ in rows]
     ax.bar(blocks, [mx for _, _, mx in rows], color="#e3b5a4", label="worst layer")
     ax.plot(blocks, [mean for _, mean, _ in rows], "o-", color="#8e2c1a", label="mean over layers")
+    pre = block_recon(report.layers, before=True)
+    if pre:
+        ax.plot([b for b, _, _ in pre], [mean for _, mean, _ in pre], "s--", color="#7f8c8d",
+                label="mean before reconstruction")  # fmt: skip
     ax.set_xlabel("decoder block")
     ax.set_ylabel("||WX - W'X|| / ||WX||")
     ax.set_title("Per-block reconstruction error (calibration inputs)")
