@@ -135,7 +135,7 @@ def test_unset_variables_take_the_defaults() -> None:
         6 * HOUR,
         3,
         HOUR,
-        250 * 1024,  # jobs.bounds.max_body(): the largest bounded request plus whitespace
+        258 * 1024,  # jobs.bounds.max_body(): the largest bounded request plus whitespace
     )
     assert s.visibility_timeout == 7 * HOUR and s.retention_s == 30 * 24 * HOUR
     assert (s.storage, s.s3_region, s.s3_prefix, s.max_source_gb) == ("local", "us-east-1", "", 500.0)
