@@ -38,7 +38,7 @@ __all__ = [
 
 
 def hessian_limit_bytes() -> int:
-    """Largest total of SparseGPT Hessians (fp32 ``in × in`` per pruned matrix) held for one block
+    """Largest total of Hessians (fp32 ``in × in`` per pruned matrix: SparseGPT, ALPS, reconstruction) held for one block
     (``PRUNE_HESSIAN_LIMIT_BYTES``, read when used)."""
     return EngineSettings.from_env().hessian_limit_bytes
 

@@ -238,8 +238,8 @@ class EngineSettings(SharedSettings):
     hessian_limit_bytes: int = env_field(
         "PRUNE_HESSIAN_LIMIT_BYTES",
         16 * 2**30,
-        "Largest total of SparseGPT Hessians (fp32 `in × in` per pruned matrix) held for one block; "
-        "above it a SparseGPT run is refused before any work.",
+        "Largest total of Hessians (fp32 `in × in` per pruned matrix: SparseGPT, ALPS, `reconstruct`) held "
+        "for one block; above it such a run is refused before any work.",
         shown="`17179869184` (16 GiB)",
         ge=1,
     )
