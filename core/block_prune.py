@@ -38,8 +38,8 @@ __all__ = [
 
 
 def hessian_limit_bytes() -> int:
-    """Largest total of Hessians (fp32 ``in × in`` per pruned matrix: SparseGPT, ALPS, reconstruction) held for one block
-    (``PRUNE_HESSIAN_LIMIT_BYTES``, read when used)."""
+    """Largest total of Hessians (fp32 ``in × in`` per pruned matrix: SparseGPT, ALPS,
+    reconstruction) held for one block (``PRUNE_HESSIAN_LIMIT_BYTES``, read when used)."""
     return EngineSettings.from_env().hessian_limit_bytes
 
 
