@@ -189,3 +189,15 @@ def test_report_layer_table_shows_solver_columns() -> None:
     assert f"{rec['reconstruct']['err_before']:.4f}" in row and f"0 + {rec['reconstruct']['cg_iters']}" in row
     before, after = block_recon(info.layer_records, before=True), block_recon(info.layer_records)
     assert len(before) == len(after) and all(b[1] >= a[1] - 1e-6 for b, a in zip(before, after, strict=True))
+
+
+def test_reconstruct_obeys_the_hessian_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.errors import InvalidInput
+
+    model = build("llama", seed=0)
+    cal = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(engine, "HESSIAN_LIMIT_BYTES", 1024)
+    engine.prune(copy.deepcopy(model), cal, PruneSpec(method="wanda"))  # no Hessian: not limited
+    for spec in (PruneSpec(method="wanda", reconstruct="pcg"), PruneSpec(method="alps")):
+        with pytest.raises(InvalidInput, match="PRUNE_HESSIAN_LIMIT_BYTES"):
+            engine.prune(copy.deepcopy(model), cal, spec)
