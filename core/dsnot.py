@@ -49,6 +49,38 @@ def _take(t: Tensor, idx: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def _signed_queues(mask: Tensor, contrib: Tensor, wanda: Tensor, inf: Tensor) -> tuple[Tensor, ...]:
+    """``(neg_sorted, neg_order, pos_sorted, pos_order)``: the kept entries of negative (positive)
+    contribution by Wanda score ascending, the others pushed to the end (``inf``)."""
+    kept = ~mask
+    neg_key = torch.where(kept & (contrib < 0), wanda, inf)
+    pos_key = torch.where(kept & (contrib > 0), wanda, inf)
+    neg_order = torch.sort(neg_key, dim=1, stable=True).indices
+    pos_order = torch.sort(pos_key, dim=1, stable=True).indices
+    neg_sorted = neg_key.gather(1, neg_order)
+    pos_sorted = pos_key.gather(1, pos_order)
+    return neg_sorted, neg_order, pos_sorted, pos_order
+
+
+def _prune_signed(queues: tuple[Tensor, ...], positive: Tensor, ppos: Tensor) -> tuple[Tensor, Tensor]:
+    """Unstructured prune candidate per row at queue position ``ppos`` (the negative queue where the
+    error is positive): ``(column, whether it is a real candidate)``."""
+    neg_sorted, neg_order, pos_sorted, pos_order = queues
+    pval = torch.where(positive, _take(neg_sorted, ppos), _take(pos_sorted, ppos))
+    prune_idx = torch.where(positive, _take(neg_order, ppos), _take(pos_order, ppos))
+    return prune_idx, torch.isfinite(pval)
+
+
+def _prune_in_group(prune_key: Tensor, grow_idx: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """N:M prune candidate per row: the lowest-key kept entry of the grown entry's group of ``m``:
+    ``(column, whether it is a real candidate)``."""
+    start = grow_idx - grow_idx % m
+    cols = start.unsqueeze(1) + torch.arange(m, device=grow_idx.device).unsqueeze(0)
+    block = prune_key.gather(1, cols)
+    best = block.argmin(dim=1)
+    return start + best, torch.isfinite(_take(block, best))
+
+
 def dsnot_refine(
     values: Tensor,
     mask: Tensor,
@@ -81,13 +113,7 @@ def dsnot_refine(
     inf = torch.tensor(float("inf"), device=dev)
     rows = torch.arange(out_f, device=dev)
     if nm is None:
-        kept = ~mask
-        neg_key = torch.where(kept & (contrib < 0), wanda, inf)
-        pos_key = torch.where(kept & (contrib > 0), wanda, inf)
-        neg_order = torch.sort(neg_key, dim=1, stable=True).indices
-        pos_order = torch.sort(pos_key, dim=1, stable=True).indices
-        neg_sorted = neg_key.gather(1, neg_order)
-        pos_sorted = pos_key.gather(1, pos_order)
+        neg_sorted, neg_order, pos_sorted, pos_order = _signed_queues(mask, contrib, wanda, inf)
         pn = torch.zeros(out_f, dtype=torch.long, device=dev)
         pp = torch.zeros(out_f, dtype=torch.long, device=dev)
     else:
@@ -109,18 +135,13 @@ def dsnot_refine(
         ok = torch.where(positive, gval > 0, gval < 0) & _take(mask, grow_idx)
         if nm is None:
             ppos = torch.where(positive, pn, pp).clamp_max(in_f - 1)
-            pval = torch.where(positive, _take(neg_sorted, ppos), _take(pos_sorted, ppos))
-            prune_idx = torch.where(positive, _take(neg_order, ppos), _take(pos_order, ppos))
-            ok &= torch.isfinite(pval)
-            after = err + _take(contrib, prune_idx) - _take(contrib, grow_idx)
+            queues = (neg_sorted, neg_order, pos_sorted, pos_order)
+            prune_idx, finite = _prune_signed(queues, positive, ppos)
         else:
-            start = grow_idx - grow_idx % m
-            cols = start.unsqueeze(1) + torch.arange(m, device=dev).unsqueeze(0)
-            block = prune_key.gather(1, cols)
-            best = block.argmin(dim=1)
-            prune_idx = start + best
-            ok &= torch.isfinite(_take(block, best))
-            after = err + _take(contrib, prune_idx) - _take(contrib, grow_idx)
+            prune_idx, finite = _prune_in_group(prune_key, grow_idx, m)
+        ok &= finite
+        after = err + _take(contrib, prune_idx) - _take(contrib, grow_idx)
+        if nm is not None:
             ok &= torch.sign(after) == sign0
         active &= ok
         upd = active

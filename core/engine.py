@@ -23,7 +23,9 @@ The names of those modules are re-exported here (``engine.capture``, ``engine.Hi
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -57,6 +59,9 @@ from core.progress import CancelFn, ProgressFn, check_cancel, report_block
 from core.result import ExpertTokens, PruneResult
 from core.spec import PruneSpec
 from core.weights import InMemory, WeightSource, compute_device, source_for
+
+if TYPE_CHECKING:
+    from core.methods.base import Method
 
 __all__ = [
     "Args",
@@ -114,6 +119,142 @@ def _expert_report(tokens: dict[str, int], fallback: list[str]) -> list[ExpertTo
     ]
 
 
+def _checked_inputs(
+    model: nn.Module, calibration: torch.Tensor, spec: PruneSpec
+) -> tuple[Method, families.Family, nn.ModuleList]:
+    """``(method, family, blocks)`` after checking the calibration shape, the N:M shapes and the
+    first block's solver memory."""
+    if calibration.dim() != 2 or calibration.shape[0] < 1:
+        raise InvalidInput(
+            f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
+        )
+    method = method_named(spec.method)
+    family = families.family_for(model)
+    blocks = families.get_blocks(model, family)
+    check_nm_shapes(model, family, spec)
+    for i, block in enumerate(blocks[:1]):
+        _check_block_memory(block, family.blocks, i, method, spec)
+    return method, family, blocks
+
+
+def _check_block_memory(block: nn.Module, prefix: str, i: int, method: Method, spec: PruneSpec) -> None:
+    """Refuse block ``i`` before pruning when its solver's matrices would not fit in memory."""
+    check_hessian_memory(prune_targets(block, f"{prefix}.{i}", spec)[0], method, f"block {i}", spec)
+
+
+def _resume_partial(
+    result: PruneResult, ckpt: resume.BlockCheckpoints | None, start: int
+) -> tuple[dict[str, int], list[str]]:
+    """Copy the partial result of the ``start`` finished blocks into ``result``; returns the expert
+    token counts and fallback experts recorded so far (empty for a fresh run)."""
+    if ckpt is not None and start:
+        result.resumed_from_block = start
+        prev = ckpt.partial_result()
+        result.layers, result.ignored, result.mask_s = prev.layers, prev.ignored, prev.mask_s
+        result.layer_records = prev.layer_records
+        result.warnings = prev.warnings
+    tokens: dict[str, int] = dict(ckpt.tokens() if ckpt and start else {})
+    fallback: list[str] = list(ckpt.fallback() if ckpt and start else [])
+    return tokens, fallback
+
+
+def _capture_store(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    cal: torch.Tensor,
+    batch_size: int,
+    dev: torch.device,
+    source: WeightSource,
+    capture_cache: CaptureCache | None,
+    ckpt: resume.BlockCheckpoints | None,
+    start: int,
+    sdir: Path | None,
+    place: placement.Placement,
+) -> tuple[Captured, HiddenStore]:
+    """Capture the blocks' arguments and put the hidden states (the resumed ones when resuming)
+    where the placement says; the capture keeps the arguments only."""
+    with source.capture_context():
+        cap = (
+            capture_cache.get(model, blocks, cal, batch_size, dev)
+            if capture_cache is not None
+            else capture(model, blocks, cal, batch_size, dev)
+        )
+    hidden = ckpt.hidden() if ckpt and start else cap.hidden
+    store = HiddenStore(sdir, hidden, device=dev, host=place.activations == "host", pin=place.pinned)
+    cap.hidden = []
+    del hidden
+    return cap, store
+
+
+def _record_block(result: PruneResult, res: BlockResult, tokens: dict[str, int], fallback: list[str]) -> None:
+    """Add one pruned block's layers, records, timings and expert counts to the run's totals."""
+    result.layers.update(res.layers)
+    result.layer_records.update(res.records)
+    result.ignored.extend(res.ignored)
+    result.mask_s += res.mask_s
+    tokens.update(res.tokens)
+    fallback.extend(res.fallback)
+    for name in res.fallback:
+        result.warnings.append(
+            f"{name} saw no calibration token (the router never chose it): pruned by magnitude"
+        )
+
+
+def _advance_hidden(store: HiddenStore, cap: Captured, block: nn.Module, i: int) -> None:
+    """Replace the hidden states by block ``i``'s (pruned) outputs: the next block's inputs."""
+    for j in range(len(store)):
+        store.replace(j, run_block(block, (store[j], *cap.args[i][j])))
+    cap.args[i] = []  # this block's arguments are no longer needed
+
+
+@dataclass
+class _BlockLoop:
+    """What the block loop shares between blocks: the method, the calibration state (captured
+    arguments, hidden states, OWL budgets) and the totals (result, expert tokens, fallbacks)."""
+
+    prefix: str
+    nblocks: int
+    method: Method
+    spec: PruneSpec
+    ntokens: int
+    result: PruneResult
+    tokens: dict[str, int]
+    fallback: list[str]
+    ckpt: resume.BlockCheckpoints | None
+    cap: Captured | None = None
+    store: HiddenStore | None = None
+    budgets: dict[str, int] | None = None
+
+    def owl_pass(
+        self, blocks: nn.ModuleList, start: int, should_cancel: CancelFn | None, source: WeightSource
+    ) -> None:
+        """OWL's dense pass over every block: the per-layer sparsity budgets (not resumable)."""
+        if start:
+            raise InvalidInput("allocation 'owl' cannot resume from block checkpoints")
+        assert self.cap is not None and self.store is not None
+        self.budgets, owl_info = owl_budgets(
+            blocks, self.prefix, self.store, self.cap.args, self.spec, should_cancel, source
+        )
+        self.result.owl = owl_info
+
+    def prune(self, i: int, block: nn.Module) -> None:
+        """Prune loaded block ``i``, record it, compute the next block's inputs, checkpoint it."""
+        cap, store, last = self.cap, self.store, i + 1 >= self.nblocks
+        if i > 0:
+            _check_block_memory(block, self.prefix, i, self.method, self.spec)
+        batches = Batches(store, cap.args[i]) if cap is not None and store is not None else []
+        res = prune_block(
+            block, f"{self.prefix}.{i}", batches, self.method, self.spec, self.budgets, self.ntokens
+        )
+        _record_block(self.result, res, self.tokens, self.fallback)
+        if store is not None and cap is not None and not last:
+            _advance_hidden(store, cap, block, i)
+        if self.ckpt is not None:
+            self.ckpt.save_block(
+                i, block, store if not last else None, self.result, self.tokens, self.fallback
+            )
+
+
 @torch.no_grad()
 def run_blocks(
     model: nn.Module,
@@ -145,20 +286,9 @@ def run_blocks(
     arguments captured by an earlier prune of the same dense model.
     """
     t0 = time.perf_counter()
-    if calibration.dim() != 2 or calibration.shape[0] < 1:
-        raise InvalidInput(
-            f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
-        )
-    method = method_named(spec.method)
+    method, family, blocks = _checked_inputs(model, calibration, spec)
     need_stats = layer_needs(method, spec).any or spec.allocation == "owl"
-    family = families.family_for(model)
-    blocks = families.get_blocks(model, family)
     nblocks = len(blocks)
-    check_nm_shapes(model, family, spec)
-    for i, block in enumerate(blocks[:1]):
-        check_hessian_memory(
-            prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}", spec
-        )
     cal = calibration.to(torch.long)
     dev = compute_device(model, device)
     source = source or source_for(model, blocks, dev)
@@ -175,74 +305,28 @@ def run_blocks(
         method=spec.method, pattern=spec.pattern, target=spec.target_sparsity, nblocks=nblocks,
         placement=place.report(),
     )  # fmt: skip
-    if ckpt is not None and start:
-        result.resumed_from_block = start
-        prev = ckpt.partial_result()
-        result.layers, result.ignored, result.mask_s = prev.layers, prev.ignored, prev.mask_s
-        result.layer_records = prev.layer_records
-        result.warnings = prev.warnings
-    tokens: dict[str, int] = dict(ckpt.tokens() if ckpt and start else {})
-    fallback: list[str] = list(ckpt.fallback() if ckpt and start else [])
+    tokens, fallback = _resume_partial(result, ckpt, start)
+    run = _BlockLoop(family.blocks, nblocks, method, spec, cal.numel(), result, tokens, fallback, ckpt)
     was_training = model.training
     model.eval()
     check_cancel(should_cancel)
-    cap: Captured | None = None
-    store: HiddenStore | None = None
-    budgets: dict[str, int] | None = None
     try:
         with eager_experts(model), placement.spill_area(place, spill_dir) as sdir:
             if need_stats and start < nblocks:
-                with source.capture_context():
-                    cap = (
-                        capture_cache.get(model, blocks, cal, batch_size, dev)
-                        if capture_cache is not None
-                        else capture(model, blocks, cal, batch_size, dev)
-                    )
-                hidden = ckpt.hidden() if ckpt and start else cap.hidden
-                store = HiddenStore(
-                    sdir, hidden, device=dev, host=place.activations == "host", pin=place.pinned
+                run.cap, run.store = _capture_store(
+                    model, blocks, cal, batch_size, dev, source, capture_cache, ckpt, start, sdir, place
                 )
-                cap.hidden = []
-                del hidden
             if spec.allocation == "owl":
-                if start:
-                    raise InvalidInput("allocation 'owl' cannot resume from block checkpoints")
-                assert cap is not None and store is not None
-                budgets, owl_info = owl_budgets(
-                    blocks, family.blocks, store, cap.args, spec, should_cancel, source
-                )
-                result.owl = owl_info
+                run.owl_pass(blocks, start, should_cancel, source)
             for i, block in enumerate(blocks):
                 check_cancel(should_cancel)
+                source.load(i, block)
                 if i < start:
                     assert ckpt is not None
-                    source.load(i, block)
                     ckpt.restore_block(i, block)
                     source.done(i, block)
                     continue
-                source.load(i, block)
-                if i > 0:
-                    check_hessian_memory(
-                        prune_targets(block, f"{family.blocks}.{i}", spec)[0], method, f"block {i}", spec
-                    )
-                batches = Batches(store, cap.args[i]) if cap is not None and store is not None else []
-                res = prune_block(block, f"{family.blocks}.{i}", batches, method, spec, budgets, cal.numel())
-                result.layers.update(res.layers)
-                result.layer_records.update(res.records)
-                result.ignored.extend(res.ignored)
-                result.mask_s += res.mask_s
-                tokens.update(res.tokens)
-                fallback.extend(res.fallback)
-                for name in res.fallback:
-                    result.warnings.append(
-                        f"{name} saw no calibration token (the router never chose it): pruned by magnitude"
-                    )
-                if store is not None and cap is not None and i + 1 < nblocks:
-                    for j in range(len(store)):
-                        store.replace(j, run_block(block, (store[j], *cap.args[i][j])))
-                    cap.args[i] = []  # this block's arguments are no longer needed
-                if ckpt is not None:
-                    ckpt.save_block(i, block, store if i + 1 < nblocks else None, result, tokens, fallback)
+                run.prune(i, block)
                 source.done(i, block)
                 report_block(on_progress, i + 1, nblocks, note)
     finally:

@@ -509,25 +509,14 @@ class _Run:
                 tasks=self._task_scores(scores),
                 recovered_ppl=recovered.recovered_ppl if recovered else None,
             )
-        model, cfg, spec = self.model, self.model.config, self.spec
+        model, spec = self.model, self.spec
         shown = (
             self.reported.model_copy(update={"prune": prune, "sweep": None}) if self.sweep else self.reported
         )
         return RunReport(
             spec=shown.model_dump(mode="json"),
             versions=_versions(),
-            model=ModelInfo(
-                source=self.loaded.source,
-                family=self.loaded.family.name,
-                architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
-                model_type=cfg.model_type,
-                nblocks=len(families.get_blocks(model, self.loaded.family)),
-                params=sum(p.numel() for p in model.parameters()),
-                dtype=spec.model.dtype,
-                device=spec.model.device,
-                gguf=self.loaded.gguf,
-                gguf_cache=self.loaded.gguf_cache,
-            ),
+            model=self._model_info(),
             calibration=CalibrationInfo(
                 source=self.cal_source,
                 nsamples=int(self.calibration.shape[0]),
@@ -546,6 +535,22 @@ class _Run:
             warnings=list(info.warnings),
             variant=label,
             recovery=recovered,
+        )
+
+    def _model_info(self) -> ModelInfo:
+        """The report's description of the (pruned) model."""
+        model, cfg, spec = self.model, self.model.config, self.spec
+        return ModelInfo(
+            source=self.loaded.source,
+            family=self.loaded.family.name,
+            architecture=(getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+            model_type=cfg.model_type,
+            nblocks=len(families.get_blocks(model, self.loaded.family)),
+            params=sum(p.numel() for p in model.parameters()),
+            dtype=spec.model.dtype,
+            device=spec.model.device,
+            gguf=self.loaded.gguf,
+            gguf_cache=self.loaded.gguf_cache,
         )
 
     def _streaming(self, info: PruneResult) -> dict[str, Any]:

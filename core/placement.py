@@ -71,39 +71,18 @@ def _gib(n: int | float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def plan(
-    device: str,
+def _place_weights(
+    why: list[str],
+    cpu: bool,
     weights: int,
     block: int,
-    activations: int,
     work: int,
     device_budget: int,
     host_budget: int,
-    weights_on_disk: bool = False,
-    weights_at: Where | None = None,
-) -> Placement:
-    """Place weights and activations.
-
-    ``weights``: bytes of the whole model; ``block``: of its largest decoder block plus what is not
-    in a block (embeddings, head: brought to the device for the capture and the evaluation);
-    ``activations``: the calibration hidden states (one copy); ``work``: the per-block working set
-    on the device besides the weights (statistics such as SparseGPT Hessians, one batch's
-    intermediates). ``weights_on_disk``: the weights can be read block by block from a file
-    (safetensors), so they may stay there. ``weights_at``: the weights are already placed there
-    (by the caller); only the activations are placed.
-    """
-    cpu = torch.device(device).type == "cpu"
-    if cpu:
-        host_budget = device_budget = min(device_budget, host_budget)
-    sizes = {
-        "weights": weights,
-        "block": block,
-        "activations": activations,
-        "work": work,
-        "device_budget": device_budget,
-        "host_budget": host_budget,
-    }
-    why: list[str] = []
+    weights_on_disk: bool,
+    weights_at: Where | None,
+) -> tuple[Where, int]:
+    """``(where the weights go, bytes then in use on the device)``; appends the reason to ``why``."""
     if weights_at is not None:
         where_w: Where = weights_at
         on_device = weights + work if weights_at == "device" else 2 * block + work
@@ -139,7 +118,19 @@ def plan(
             f"weights {_gib(weights)} exceed the budgets but are already in memory: "
             f"{'resident' if cpu else 'host memory, onloaded block by block'}"
         )
-    host_used = weights if where_w == "host" else 0
+    return where_w, on_device
+
+
+def _place_activations(
+    why: list[str],
+    cpu: bool,
+    activations: int,
+    on_device: int,
+    host_used: int,
+    device_budget: int,
+    host_budget: int,
+) -> Where:
+    """Where the calibration activations go beside the weights; appends the reason to ``why``."""
     # Two copies of the activations live at once while a block re-runs (inputs, new outputs).
     if on_device + 2 * activations <= device_budget:
         where_a: Where = "device"
@@ -154,6 +145,47 @@ def plan(
     else:
         where_a = "disk"
         why.append(f"activations {_gib(activations)} (x2) do not fit the memory budget: spilled to disk")
+    return where_a
+
+
+def plan(
+    device: str,
+    weights: int,
+    block: int,
+    activations: int,
+    work: int,
+    device_budget: int,
+    host_budget: int,
+    weights_on_disk: bool = False,
+    weights_at: Where | None = None,
+) -> Placement:
+    """Place weights and activations.
+
+    ``weights``: bytes of the whole model; ``block``: of its largest decoder block plus what is not
+    in a block (embeddings, head: brought to the device for the capture and the evaluation);
+    ``activations``: the calibration hidden states (one copy); ``work``: the per-block working set
+    on the device besides the weights (statistics such as SparseGPT Hessians, one batch's
+    intermediates). ``weights_on_disk``: the weights can be read block by block from a file
+    (safetensors), so they may stay there. ``weights_at``: the weights are already placed there
+    (by the caller); only the activations are placed.
+    """
+    cpu = torch.device(device).type == "cpu"
+    if cpu:
+        host_budget = device_budget = min(device_budget, host_budget)
+    sizes = {
+        "weights": weights,
+        "block": block,
+        "activations": activations,
+        "work": work,
+        "device_budget": device_budget,
+        "host_budget": host_budget,
+    }
+    why: list[str] = []
+    where_w, on_device = _place_weights(
+        why, cpu, weights, block, work, device_budget, host_budget, weights_on_disk, weights_at
+    )
+    host_used = weights if where_w == "host" else 0
+    where_a = _place_activations(why, cpu, activations, on_device, host_used, device_budget, host_budget)
     return Placement(
         device=str(device),
         weights=where_w,

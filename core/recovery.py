@@ -300,6 +300,39 @@ def _thin(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return [p for i, p in enumerate(points) if i in keep]
 
 
+def _train_step(
+    model: nn.Module,
+    windows: torch.Tensor,
+    spec: RecoverySpec,
+    tr: _Trainable,
+    opt: torch.optim.Optimizer,
+    step: int,
+    total: int,
+    micro: int,
+    device: torch.device,
+) -> float:
+    """One optimizer step (learning rate for ``step``, clipped gradients, zeros re-applied); its loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total, spec)
+    opt.zero_grad(set_to_none=True)
+    loss = _step_loss(model, windows, batch_indices(step, spec.batch, len(windows), spec.seed), micro, device)
+    if spec.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for _, p in tr.named], spec.grad_clip, foreach=False)
+    opt.step()
+    tr.remask()
+    return loss
+
+
+def _report_step(on_progress: ProgressFn, step: int, total: int, loss: float, eta: float) -> None:
+    on_progress(
+        Progress(
+            stage="recovering",
+            fraction=step / total,
+            message=f"recovery step {step}/{total}: loss {loss:.4f}, ETA {eta:.0f}s",
+        )
+    )
+
+
 def recover(
     model: nn.Module,
     tokenizer: Any,
@@ -340,29 +373,14 @@ def recover(
         with _Checkpointed(blocks, use_ckpt):
             while st.step < total:
                 check_cancel(should_cancel)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(st.step, total, spec)
-                opt.zero_grad(set_to_none=True)
-                loss = _step_loss(
-                    model, windows, batch_indices(st.step, spec.batch, len(windows), spec.seed), micro, device
-                )
-                if spec.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for _, p in tr.named], spec.grad_clip, foreach=False)
-                opt.step()
-                tr.remask()
+                loss = _train_step(model, windows, spec, tr, opt, st.step, total, micro, device)
                 st.step += 1
                 st.tokens += spec.batch * seqlen
                 st.losses.append((st.step, loss))
                 now = time.perf_counter() - t0
                 eta = now / (st.step - first) * (total - st.step)
                 if on_progress is not None:
-                    on_progress(
-                        Progress(
-                            stage="recovering",
-                            fraction=st.step / total,
-                            message=f"recovery step {st.step}/{total}: loss {loss:.4f}, ETA {eta:.0f}s",
-                        )
-                    )
+                    _report_step(on_progress, st.step, total, loss, eta)
                 if path is not None and (st.step % spec.checkpoint_every == 0 or st.step == total):
                     _save(path, fp, _State(st.step, st.tokens, st.seconds + now, st.losses), tr, opt)
         st.seconds += time.perf_counter() - t0

@@ -1,6 +1,6 @@
 """Streaming pruning for checkpoints larger than memory: the engine's block loop over shards.
 
-The model skeleton is built with its parameters on the ``meta`` device; :class:`ShardSource`
+The model skeleton is built with its parameters on the ``meta`` device; :class:`_ShardSource`
 (a :class:`core.engine.WeightSource`) materialises only what one step needs:
 
 1. for the argument capture, the modules before the blocks (embeddings, rotary buffers...) and
@@ -28,8 +28,9 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +41,10 @@ from core.errors import InvalidInput, ModelLoadError
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.result import PruneResult
 from core.spec import PruneSpec
+
+if TYPE_CHECKING:
+    from core.evaluate import SparsityCounter
+    from core.methods.base import Method
 
 __all__ = [
     "Checkpoint",
@@ -305,6 +310,161 @@ class CheckpointSource(engine.WeightSource):
         _to_meta(block)
 
 
+_shard_name = "model-{:05d}-of-{:05d}.safetensors".format
+
+
+def _check_stream_inputs(model_dir: Path, calibration: torch.Tensor, spec: PruneSpec) -> Method:
+    """The run's method, after refusing what a streaming run cannot do."""
+    from core.methods import get_method
+
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"model directory {model_dir} has no config.json")
+    if calibration.dim() != 2 or calibration.shape[0] < 1:
+        raise InvalidInput(
+            f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
+        )
+    method = get_method(spec.method)
+    if spec.allocation == "owl":
+        raise InvalidInput(
+            "allocation 'owl' needs a dense first pass over every block and is not supported by streaming "
+            "runs; set model.stream to 'never'"
+        )
+    return method
+
+
+@dataclass
+class _StreamRun:
+    """One streaming run: the meta skeleton, the output shard plan and the running totals."""
+
+    model: nn.Module
+    family: families.Family
+    ckpt: Checkpoint
+    blocks: nn.ModuleList
+    dtype: torch.dtype
+    spec: PruneSpec
+    groups: list[list[str]]
+    """Non-block tensor names, one list per output shard (written before the blocks' shards)."""
+    before: dict[str, str]
+    """Everything outside the blocks that block 0 may need, except the (untied) output head."""
+    measured: SparsityCounter
+    timings: dict[str, Any] = field(default_factory=dict)
+    weight_map: dict[str, str] = field(default_factory=dict)
+    size: int = 0
+    peak: float = 0.0
+    blocks_s: list[float] = field(default_factory=list)
+
+    @property
+    def nshards(self) -> int:
+        return len(self.groups) + len(self.blocks)
+
+
+def _plan_stream(model_dir: Path, dtype: torch.dtype, spec: PruneSpec) -> tuple[Any, _StreamRun, int]:
+    """``(config, run, params)``: the skeleton and its output shard plan (non-block groups first,
+    then one shard per block)."""
+    from core.evaluate import SparsityCounter
+
+    config, model = skeleton(model_dir, dtype)
+    family = families.family_for(model)
+    ckpt = Checkpoint(model_dir, model)
+    params = sum(p.numel() for p in model.parameters())
+    blocks = families.get_blocks(model, family)
+    engine.check_nm_shapes(model, family, spec)
+    block_bytes = max(sum(_nbytes(t, dtype) for t in b.state_dict().values()) for b in blocks)
+    groups, non_block = _plan_non_block(model, family.blocks, dtype, block_bytes)
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    before = {n: n for n in non_block if head_name is None or not n.startswith(head_name + ".")}
+    run = _StreamRun(model, family, ckpt, blocks, dtype, spec, groups, before, SparsityCounter(spec))
+    run.peak = _rss_mb() or 0.0
+    return config, run, params
+
+
+class _ShardSource(engine.WeightSource):
+    """Blocks from the input shards; each pruned block written to its own output shard."""
+
+    def __init__(self, run: _StreamRun, mdir: Path) -> None:
+        self.run = run
+        self.mdir = mdir
+        self.t = time.perf_counter()
+
+    @contextmanager
+    def capture_context(self) -> Iterator[None]:
+        run = self.run
+        t = time.perf_counter()
+        _materialize(run.model, run.before, run.ckpt, run.dtype)
+        self.load(0, run.blocks[0])
+        try:
+            yield
+        finally:
+            _unload(run.model, run.before)
+            _to_meta(run.blocks[0])
+            run.timings["capture_s"] = time.perf_counter() - t
+            self.t = time.perf_counter()
+
+    def load(self, index: int, block: nn.Module) -> None:
+        run = self.run
+        prefix = f"{run.family.blocks}.{index}."
+        t = time.perf_counter()
+        _materialize(block, {k: prefix + k for k in block.state_dict()}, run.ckpt, run.dtype)
+        run.timings["read_s"] += time.perf_counter() - t
+
+    def done(self, index: int, block: nn.Module) -> None:
+        run = self.run
+        prefix = f"{run.family.blocks}.{index}."
+        run.measured.add(families.block_targets(block, prefix[:-1], routers=run.spec.prune_routers))
+        fname = _shard_name(len(run.groups) + index + 1, run.nshards)
+        sd = run.ckpt.to_saved({prefix + k: v for k, v in block.state_dict().items()})
+        t = time.perf_counter()
+        run.size += _save_shard(sd, self.mdir / fname)
+        run.timings["write_s"] += time.perf_counter() - t
+        run.weight_map.update(dict.fromkeys(sd, fname))
+        del sd
+        run.peak = max(run.peak, _rss_mb() or 0.0)
+        _to_meta(block)
+        run.blocks_s.append(time.perf_counter() - self.t)
+        self.t = time.perf_counter()
+
+
+def _activations_too_large(model: nn.Module, cal: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the calibration activations exceed 10% of the available RAM (then they spill)."""
+    import psutil
+
+    width = int(model.get_input_embeddings().weight.shape[-1])
+    act_bytes = cal.numel() * width * torch.empty(0, dtype=dtype).element_size()
+    return act_bytes > 0.1 * psutil.virtual_memory().available
+
+
+def _stream_report(run: _StreamRun, params: int, cal: torch.Tensor, model_dir: Path) -> dict[str, Any]:
+    """The report fields a streaming run adds after ``prune_s`` and before ``output_bytes``."""
+    return {
+        "streaming": True,
+        "family": run.family.name,
+        "params": params,
+        "sparsity": run.measured.report(),
+        "calibration": {"nsamples": int(cal.shape[0]), "seqlen": int(cal.shape[1])},
+        "timings": run.timings,
+        "checkpoint_bytes": checkpoint_bytes(model_dir),
+    }
+
+
+def _write_outside(run: _StreamRun, config: Any, model_dir: Path, mdir: Path, total_size: int) -> int:
+    """Write the non-block tensors' shards, the index, the config (in the run's dtype) and the
+    side files (tokenizer...); the output's total size."""
+    for gi, group in enumerate(run.groups):
+        fname = _shard_name(gi + 1, run.nshards)
+        tensors = run.ckpt.to_saved(run.ckpt.load(group, run.dtype))
+        total_size += _save_shard(tensors, mdir / fname)
+        run.weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+        _release_memory()
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(run.weight_map.items()))}
+    (mdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.dtype = run.dtype
+    config.save_pretrained(mdir)
+    _copy_side_files(model_dir, mdir)
+    return total_size
+
+
 @torch.no_grad()
 def prune_streaming(
     model_dir: str | Path,
@@ -335,139 +495,39 @@ def prune_streaming(
     (see :func:`_tune_malloc`) and trims the heap after every block; it bounds peak RSS.
     """
     from core import export
-    from core.evaluate import SparsityCounter
-    from core.methods import get_method
 
     t_start = time.perf_counter()
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"model directory {model_dir} has no config.json")
-    if calibration.dim() != 2 or calibration.shape[0] < 1:
-        raise InvalidInput(
-            f"calibration must be a [nsamples, seqlen] tensor, got shape {tuple(calibration.shape)}"
-        )
-    method = get_method(spec.method)
-    if spec.allocation == "owl":
-        raise InvalidInput(
-            "allocation 'owl' needs a dense first pass over every block and is not supported by streaming "
-            "runs; set model.stream to 'never'"
-        )
+    method = _check_stream_inputs(model_dir, calibration, spec)
     out = export.check_out_dir(out_dir)
     if tune_malloc:
         _tune_malloc()
-    config, model = skeleton(model_dir, dtype)
-    family = families.family_for(model)
-    ckpt = Checkpoint(model_dir, model)
-    params = sum(p.numel() for p in model.parameters())
-    blocks = families.get_blocks(model, family)
-    nblocks = len(blocks)
-    engine.check_nm_shapes(model, family, spec)
-
-    # Output shard plan: non-block groups first, then one shard per block.
-    block_bytes = max(sum(_nbytes(t, dtype) for t in b.state_dict().values()) for b in blocks)
-    groups, non_block = _plan_non_block(model, family.blocks, dtype, block_bytes)
-    nshards = len(groups) + nblocks
-    shard_name = "model-{:05d}-of-{:05d}.safetensors".format
-    head = model.get_output_embeddings()
-    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-    # Everything outside the blocks that block 0 may need, except the (untied) output head.
-    before = {n: n for n in non_block if head_name is None or not n.startswith(head_name + ".")}
-
-    timings: dict[str, Any] = {}
-    measured = SparsityCounter(spec)
-    weight_map: dict[str, str] = {}
-    sizes = [0]
-    peak = [_rss_mb() or 0.0]
-    blocks_s: list[float] = []
-
-    class ShardSource(engine.WeightSource):
-        """Blocks from the input shards; each pruned block written to its own output shard."""
-
-        def __init__(self, mdir: Path) -> None:
-            self.mdir = mdir
-            self.t = time.perf_counter()
-
-        @contextmanager
-        def capture_context(self) -> Iterator[None]:
-            t = time.perf_counter()
-            _materialize(model, before, ckpt, dtype)
-            self.load(0, blocks[0])
-            try:
-                yield
-            finally:
-                _unload(model, before)
-                _to_meta(blocks[0])
-                timings["capture_s"] = time.perf_counter() - t
-                self.t = time.perf_counter()
-
-        def load(self, index: int, block: nn.Module) -> None:
-            prefix = f"{family.blocks}.{index}."
-            t = time.perf_counter()
-            _materialize(block, {k: prefix + k for k in block.state_dict()}, ckpt, dtype)
-            timings["read_s"] += time.perf_counter() - t
-
-        def done(self, index: int, block: nn.Module) -> None:
-            prefix = f"{family.blocks}.{index}."
-            measured.add(families.block_targets(block, prefix[:-1], routers=spec.prune_routers))
-            fname = shard_name(len(groups) + index + 1, nshards)
-            sd = ckpt.to_saved({prefix + k: v for k, v in block.state_dict().items()})
-            t = time.perf_counter()
-            sizes[0] += _save_shard(sd, self.mdir / fname)
-            timings["write_s"] += time.perf_counter() - t
-            weight_map.update(dict.fromkeys(sd, fname))
-            del sd
-            peak[0] = max(peak[0], _rss_mb() or 0.0)
-            _to_meta(block)
-            blocks_s.append(time.perf_counter() - self.t)
-            self.t = time.perf_counter()
+    config, run, params = _plan_stream(model_dir, dtype, spec)
+    model, timings = run.model, run.timings
 
     with export.staging_dir(out) as root:
         mdir = root / "model"
         mdir.mkdir()
         check_cancel(should_cancel)
         cal = calibration.to(torch.long)
-        width = int(model.get_input_embeddings().weight.shape[-1])
-        act_bytes = cal.numel() * width * torch.empty(0, dtype=dtype).element_size()
         if spill is None:
-            import psutil
-
-            spill = act_bytes > 0.1 * psutil.virtual_memory().available
+            spill = _activations_too_large(model, cal, dtype)
         timings["capture_s"] = timings["read_s"] = timings["write_s"] = 0.0
         with _spill_area(spill_dir, out.parent, bool(spill) and bool(method.needs)) as sdir:
             result = engine.run_blocks(
-                model,
-                cal,
-                spec,
-                ShardSource(mdir),
-                on_progress,
-                should_cancel,
-                resume_dir=Path(resume_dir) if resume_dir is not None else None,
-                spill_dir=sdir,
-                device="cpu",  # streaming runs on the CPU
-                note=" (streaming)",
-            )
-        timings["blocks_s"] = blocks_s
-        total_size = sizes[0]
-        peak_rss = peak[0]
-        prune_s = time.perf_counter() - t_start
+                model, cal, spec, _ShardSource(run, mdir), on_progress, should_cancel,
+                resume_dir=Path(resume_dir) if resume_dir is not None else None, spill_dir=sdir,
+                device="cpu", note=" (streaming)",  # streaming runs on the CPU
+            )  # fmt: skip
+        timings["blocks_s"] = run.blocks_s
+        total_size, peak_rss, prune_s = run.size, run.peak, time.perf_counter() - t_start
 
         # 3. non-block tensors, config and side files.
         check_cancel(should_cancel)
         t = time.perf_counter()
         if on_progress is not None:
             on_progress(Progress(stage="exporting", fraction=0.0, message="writing non-block tensors"))
-        for gi, group in enumerate(groups):
-            fname = shard_name(gi + 1, nshards)
-            tensors = ckpt.to_saved(ckpt.load(group, dtype))
-            total_size += _save_shard(tensors, mdir / fname)
-            weight_map.update(dict.fromkeys(tensors, fname))
-            del tensors
-            _release_memory()
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (mdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config.dtype = dtype
-        config.save_pretrained(mdir)
-        _copy_side_files(model_dir, mdir)
+        total_size = _write_outside(run, config, model_dir, mdir, total_size)
         timings["export_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
         peak_rss = max(peak_rss, _rss_mb() or 0.0)
@@ -475,13 +535,7 @@ def prune_streaming(
         result = result.model_copy(
             update={
                 "prune_s": prune_s,
-                "streaming": True,
-                "family": family.name,
-                "params": params,
-                "sparsity": measured.report(),
-                "calibration": {"nsamples": int(cal.shape[0]), "seqlen": int(cal.shape[1])},
-                "timings": timings,
-                "checkpoint_bytes": checkpoint_bytes(model_dir),
+                **_stream_report(run, params, cal, model_dir),
                 "output_bytes": total_size,
                 "spilled": bool(spill),
                 "sampled_peak_rss_mb": peak_rss,

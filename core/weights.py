@@ -6,7 +6,7 @@
   host tensors (pruned in place there) and its device copy released. The modules outside the
   blocks (embeddings, rotary buffers, final norm, head) come to the device for the argument
   capture and for the block-by-block evaluation (:meth:`Onload.outside_context`).
-* ``core.streaming.ShardSource``: weights on disk (safetensors), materialised block by block.
+* ``core.streaming._ShardSource``: weights on disk (safetensors), materialised block by block.
 
 Moving a tensor between devices and back is exact, so an onloaded run prunes bit for bit as a
 resident one on the same device.
