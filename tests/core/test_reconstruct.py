@@ -196,7 +196,7 @@ def test_reconstruct_obeys_the_hessian_memory_limit(monkeypatch: pytest.MonkeyPa
 
     model = build("llama", seed=0)
     cal = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(9))
-    monkeypatch.setattr(engine, "HESSIAN_LIMIT_BYTES", 1024)
+    monkeypatch.setenv("PRUNE_HESSIAN_LIMIT_BYTES", "1024")  # read when used
     engine.prune(copy.deepcopy(model), cal, PruneSpec(method="wanda"))  # no Hessian: not limited
     for spec in (PruneSpec(method="wanda", reconstruct="pcg"), PruneSpec(method="alps")):
         with pytest.raises(InvalidInput, match="PRUNE_HESSIAN_LIMIT_BYTES"):
