@@ -300,6 +300,8 @@ def run(args: argparse.Namespace, client: Client, out: TextIO, err: TextIO) -> i
         page = client.jobs(args.status, args.limit, args.after)
         rows = [f"{j['id']}  {j['status']:<10}  {j.get('created_at', '')}  {j['request']['model']['source']}"
                 for j in page.get("items", [])]  # fmt: skip
+        rows += [f"{u['id']}  {u.get('status') or '?':<10}  unreadable: {u['error']['message']} (cancel it)"
+                 for u in page.get("unreadable", [])]  # fmt: skip
         if page.get("next"):
             rows.append(f"(more: --after {page['next']})")
         _emit(args, page, "\n".join(rows) if rows else "(no jobs)", out)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from jobs.keys import Keys
 from prunectl.cli import EXIT_BAD_INPUT, EXIT_JOB_FAILED, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +44,8 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(API url, Redis url) of a real uvicorn API over a real redis-server."""
     home = tmp_path_factory.mktemp("prune-home")
     rport, aport = _port(), _port()
     redis = subprocess.Popen(
@@ -68,7 +71,7 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         _wait_port(rport, redis, "redis")
         _wait_port(aport, api, "api")
-        yield f"http://127.0.0.1:{aport}"
+        yield f"http://127.0.0.1:{aport}", env["REDIS_URL"]
     finally:
         for p in (api, redis):
             p.terminate()
@@ -76,6 +79,11 @@ def api_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def api_url(stack: tuple[str, str]) -> str:
+    return stack[0]
 
 
 def _run(url: str, *argv: str) -> tuple[int, str, str]:
@@ -147,3 +155,20 @@ def test_submit_wait_exits_1_when_cancelled(api_url: str) -> None:
     code, _, err = result["r"]
     assert code == EXIT_JOB_FAILED, err
     assert job_id in err and "cancelled" in err
+
+
+def test_list_shows_an_unreadable_job_and_cancel_ends_it(stack: tuple[str, str]) -> None:
+    api_url, redis_url = stack
+    code, out, err = _run(api_url, "submit", "--model", "/models/tiny")
+    assert code == 0, err
+    bad = out.strip()
+    r = redis.Redis.from_url(redis_url)
+    r.set(Keys("prune").job_key(bad), b'{"id": "' + bad.encode() + b'", "status": "queued", "request": 7}')
+    code, out, _ = _run(api_url, "list")
+    assert code == 0
+    (row,) = [line for line in out.splitlines() if bad in line]
+    assert "queued" in row and "unreadable" in row
+    code, _, err = _run(api_url, "status", bad)
+    assert code == EXIT_BAD_INPUT and "409" in err
+    code, out, err = _run(api_url, "--json", "cancel", bad)
+    assert code == 0 and json.loads(out)["status"] == "cancelled", err
