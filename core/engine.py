@@ -292,11 +292,12 @@ def run_blocks(
     cal = calibration.to(torch.long)
     dev = compute_device(model, device)
     source = source or source_for(model, blocks, dev)
-    batch_size = spec.batch_for(cal.shape[-1], dev.type)
     place = placement.plan_run(
-        model, blocks, cal.shape, batch_size, dev, source.where, "hessian" in method.needs,
-        (max_device_memory, max_host_memory), spill_dir,
+        model, blocks, cal.shape, spec.batch_for(cal.shape[-1], dev.type), dev, source.where,
+        "hessian" in method.needs, (max_device_memory, max_host_memory), spill_dir,
+        fit=spec.batch_size is None and dev.type == "cuda",
     )  # fmt: skip
+    batch_size = place.batch_size or 1
     ckpt = (
         resume.BlockCheckpoints.open(resume_dir, resume.fingerprint(model, cal, spec)) if resume_dir else None
     )

@@ -14,7 +14,7 @@ The resulting :class:`Placement` is written to the report with the reasons for e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ __all__ = [
     "activation_bytes",
     "block_work_bytes",
     "budgets",
+    "fit_batch",
     "free_memory",
     "module_bytes",
     "plan",
@@ -56,6 +57,8 @@ class Placement:
     """Host-side tensors (activations; weights the caller pinned) use page-locked memory (CUDA)."""
     sizes: dict[str, int] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    batch_size: int | None = None
+    """Calibration samples per forward (:func:`plan_run`: chosen from the device budget on CUDA)."""
 
     @property
     def onload(self) -> bool:
@@ -186,6 +189,7 @@ def plan(
     )
     host_used = weights if where_w == "host" else 0
     where_a = _place_activations(why, cpu, activations, on_device, host_used, device_budget, host_budget)
+    sizes["device_use"] = on_device + (2 * activations if where_a == "device" else 0)
     return Placement(
         device=str(device),
         weights=where_w,
@@ -232,28 +236,58 @@ def plan_run(
     hessians: bool,
     limits: tuple[int | None, int | None],
     spill_dir: Path | None = None,
+    fit: bool = False,
 ) -> Placement:
     """:func:`plan` for a block loop over ``ids_shape`` ``[n, seqlen]`` windows, measured on ``model``,
-    with the weights already at ``weights_at``; ``spill_dir`` (the caller's) forces disk."""
+    with the weights already at ``weights_at``; ``spill_dir`` (the caller's) forces disk.
+
+    ``fit``: ``batch_size`` is a wish, not an order: it is halved until a batch's working set fits
+    the device budget without pushing the weights or the activations farther away than a batch of
+    one would (:func:`fit_batch`); the result is ``.batch_size``."""
     nsamples, seqlen = int(ids_shape[0]), int(ids_shape[1])
     width = int(model.get_input_embeddings().weight.shape[-1])
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     per_block = [module_bytes(b) for b in blocks]
     whole = module_bytes(model)
     dev_b, host_b = budgets(str(device), *limits)
-    out = plan(
-        str(device),
-        weights=whole,
-        block=max(per_block) + max(whole - sum(per_block), 0),
-        activations=activation_bytes(nsamples, seqlen, width, dtype),
-        work=block_work_bytes(blocks[0], batch_size * seqlen, hessians),
-        device_budget=dev_b,
-        host_budget=host_b,
-        weights_at=weights_at,
-    )
+
+    def place(batch: int) -> Placement:
+        return plan(
+            str(device),
+            weights=whole,
+            block=max(per_block) + max(whole - sum(per_block), 0),
+            activations=activation_bytes(nsamples, seqlen, width, dtype),
+            work=block_work_bytes(blocks[0], batch * seqlen, hessians),
+            device_budget=dev_b,
+            host_budget=host_b,
+            weights_at=weights_at,
+        )
+
+    out = fit_batch(place, min(batch_size, nsamples)) if fit else place(batch_size)
+    out.batch_size = out.batch_size or batch_size
     if spill_dir is not None:
         out.activations = "disk"
         out.reasons.append(f"activations spilled to {spill_dir} (asked by the caller)")
+    return out
+
+
+def fit_batch(place: Callable[[int], Placement], want: int) -> Placement:
+    """The placement of the largest batch, halving from ``want``, that ``place`` puts no farther
+    away than a batch of one (weights and activations where they are with the smallest working
+    set) and within the device budget."""
+    floor = place(1)
+    batch, out = max(1, want), floor
+    while batch > 1:
+        out = place(batch)
+        same = (out.weights, out.activations) == (floor.weights, floor.activations)
+        if same and out.sizes["device_use"] <= out.sizes["device_budget"]:
+            break
+        batch //= 2
+    out = out if batch > 1 else floor
+    out.batch_size = batch
+    out.reasons.append(
+        f"calibration batch {batch} (asked {want}): the largest whose working set keeps this placement"
+    )
     return out
 
 

@@ -36,6 +36,9 @@ _SHARD = re.compile(r"([1-9][0-9]{0,5})(KB|MB|GB)")
 CPU_BATCH_TOKENS = 1024
 """Tokens per calibration forward on the CPU when ``PruneSpec.batch_size`` is unset (measured
 fastest on SmolLM2-135M: 1 or 2 samples of 512 tokens beat 8; docs/benchmarks.md)."""
+GPU_BATCH_TOKENS = 16384
+"""Tokens per calibration forward a CUDA run aims at when ``PruneSpec.batch_size`` is unset (8 samples
+of 2048 tokens); :func:`core.placement.plan_run` halves it until it fits the free device memory."""
 
 
 OWL_M, OWL_LAMBDA = 5.0, 0.08
@@ -123,7 +126,8 @@ class PruneSpec(_Strict):
         ge=1,
         le=4096,
         description="Calibration samples per forward pass. Default: about 1024 tokens per forward on the "
-        "CPU (cache-sized activations run fastest there), 8 samples on CUDA.",
+        "CPU (cache-sized activations run fastest there); on CUDA about 16384 tokens, halved until the "
+        "batch's working set fits the free device memory beside the weights and activations.",
     )
     blocksize: int = Field(default=128, ge=1, le=8192, description="SparseGPT column block size.")
     percdamp: float = Field(default=0.01, gt=0, lt=1, description="SparseGPT Hessian dampening fraction.")
@@ -210,7 +214,7 @@ class PruneSpec(_Strict):
             return self.batch_size
         if device_type == "cpu":
             return max(1, CPU_BATCH_TOKENS // max(1, seqlen))
-        return 8
+        return max(1, GPU_BATCH_TOKENS // max(1, seqlen))
 
     @field_validator("pattern")
     @classmethod

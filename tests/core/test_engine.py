@@ -242,7 +242,7 @@ def test_default_batch_size_depends_on_device() -> None:
         and spec.batch_for(2048, "cpu") == 1
         and spec.batch_for(64, "cpu") == 16
     )
-    assert spec.batch_for(512, "cuda") == 8
+    assert spec.batch_for(512, "cuda") == 32 and spec.batch_for(2048, "cuda") == 8
     assert PruneSpec(method="wanda", batch_size=3).batch_for(512, "cpu") == 3
 
 

@@ -119,6 +119,31 @@ def test_budgets_come_from_the_spec_then_the_settings(monkeypatch: pytest.Monkey
     assert host == 9 and dev > 0
 
 
+def test_cuda_batch_is_halved_until_its_working_set_fits() -> None:
+    """On CUDA the default batch (16384 tokens) shrinks to what the device budget holds beside the
+    weights and activations; arithmetic only, so it runs without a GPU."""
+    model = tiny_models.build("llama")
+    blocks = families.get_blocks(model)
+    shape, cuda = (64, 2048), torch.device("cuda")
+    want = PruneSpec(method="wanda").batch_for(shape[1], "cuda")
+    assert want == 8
+
+    def run(device_budget: int, fit: bool = True, batch: int = want) -> placement.Placement:
+        limits = (device_budget, 1000 * GiB)
+        return placement.plan_run(model, blocks, shape, batch, cuda, "device", False, limits, fit=fit)
+
+    assert run(1000 * GiB).batch_size == 8  # everything fits: the wish stands
+    use4 = run(1000 * GiB, fit=False, batch=4).sizes["device_use"]
+    assert run(1000 * GiB, fit=False, batch=8).sizes["device_use"] > use4
+    four = run(use4)  # 8 would push the activations to the host; 4 keeps them on the device
+    assert (four.batch_size, four.activations) == (4, "device")
+    assert four.sizes["device_use"] <= four.sizes["device_budget"]
+    assert "calibration batch 4 (asked 8)" in four.reasons[-1]
+    tiny = run(1)  # nothing fits: one sample per forward
+    assert tiny.batch_size == 1 and tiny.activations == "host"
+    assert run(1, fit=False).batch_size == 8  # a batch_size the spec sets is kept as given
+
+
 def _prune(model: torch.nn.Module, spec: PruneSpec, **kw: object) -> engine.PruneResult:
     return engine.run_blocks(model, calib(), spec, **kw)  # type: ignore[arg-type]
 
