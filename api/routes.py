@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from api.deps import Services, authenticated, current_tenant, services, unique_json_keys
 from api.problems import STORE_DOWN, ProblemError, problems, unreadable_problem
-from core import tasks
+from core.evaluation import tasks
 from jobs import lifecycle
 from jobs.auth import Tenant as AuthTenant
 from jobs.events import Event, check_id

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import families
+from core.model import families
 
 
 class _Caught(Exception):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core import hostinfo
+from core.run import hostinfo
 from core.spec import RunSpec
 from core.spec_cli import add_deprecated, add_spec_options, flag_for
 

@@ -1,7 +1,7 @@
 """Artifact formats on SmolLM2-135M: size of each vs dense fp16, pack/unpack time, perplexity.
 
 Prunes the real model with Wanda (``--pattern``: unstructured 50% or 2:4) through
-``core.pipeline.run`` asking for every format (fp32 export, as the engine runs on the CPU),
+``core.run.pipeline.run`` asking for every format (fp32 export, as the engine runs on the CPU),
 then casts the dense export to fp16 tensor by tensor and packs that too, timing pack and
 unpack and checking that unpack restores every tensor bit for bit. Prints one JSON object
 (also written to ``--out``)::
@@ -34,7 +34,7 @@ def _fp16_copy(src: Path, dst: Path) -> None:
     """``src`` with every floating tensor cast to fp16 (one tensor at a time), other files as is."""
     import torch
 
-    from core.formats.shards import DTYPES, ShardWriter, dense_layout, iter_tensors
+    from core.artifacts.formats.shards import DTYPES, ShardWriter, dense_layout, iter_tensors
 
     dst.mkdir(parents=True)
     for shard, names in dense_layout(src).items():
@@ -89,7 +89,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
     import torch
     from safetensors import safe_open
 
-    from core.formats.shards import dense_layout
+    from core.artifacts.formats.shards import dense_layout
 
     la, lb = dense_layout(a), dense_layout(b)
     if la != lb:
@@ -114,8 +114,9 @@ def main() -> None:
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
 
-    from core import formats, pipeline
-    from core.formats import compact, int8
+    from core.artifacts import formats
+    from core.artifacts.formats import compact, int8
+    from core.run import pipeline
     from core.spec import RunSpec
 
     load_before = os.getloadavg()

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import block_eval, block_prune, engine, evaluate
+from core.evaluation import block_eval, evaluate
+from core.run import block_prune, engine
 from core.spec import PruneSpec
 
 RUNS = (("wanda", "2:4", None), ("sparsegpt", "unstructured", 0.5))

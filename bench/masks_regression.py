@@ -8,7 +8,7 @@ Usage (the engine under test is whatever ``core`` resolves to, i.e. ``PYTHONPATH
 
 Runs Wanda unstructured 50%, Wanda 2:4 and SparseGPT 2:4 (same calibration: WikiText-2 valid.txt,
 ``--nsamples`` x ``--seqlen``, seed 0) from fresh copies of the dense model, and records each
-layer's zero pattern (packed bits). Only ``core.engine.prune`` and ``core.families``'
+layer's zero pattern (packed bits). Only ``core.run.engine.prune`` and ``core.model.families``'
 ``prunable_linears`` / ``get_weight`` are used, which every engine version provides.
 """
 
@@ -26,8 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from core import data, engine, families
-from core.loading import load_model
+from core.model import data, families
+from core.model.loading import load_model
+from core.run import engine
 from core.spec import ModelSpec, PruneSpec
 
 SPECS = {

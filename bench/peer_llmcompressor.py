@@ -11,7 +11,7 @@ Both sides start from the same float32 checkpoint (SmolLM2-135M-Instruct's GGUF 
 once and saved as safetensors), the same 32 x 512 calibration windows (WikiText-2 valid.txt,
 seed 0, passed to llm-compressor as a pre-tokenized dataset, no shuffling) and unstructured 50%
 on every decoder linear (lm_head dense). Each run is timed around the pruning call alone, model
-already loaded: ``core.engine.prune`` here, ``llmcompressor.oneshot`` there (its default
+already loaded: ``core.run.engine.prune`` here, ``llmcompressor.oneshot`` there (its default
 sequential pipeline; its own calibration forwards included). Each side uses its defaults for
 batching (ours: 2 windows per forward; llm-compressor: batch size 1). SparseGPT settings are
 equal on both sides: block 128, dampening 0.01. Perplexity of both results is measured here on
@@ -95,9 +95,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from bench.common import SMOLLM2_FILE, machine, smollm2_dir
-    from core import data, engine, evaluate, families
-    from core.loading import load_model
-    from core.pipeline import _eval_batch
+    from core.evaluation import evaluate
+    from core.model import data, families
+    from core.model.loading import load_model
+    from core.run import engine
+    from core.run.pipeline import _eval_batch
     from core.spec import ModelSpec, PruneSpec
 
     work = args.work

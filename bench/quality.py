@@ -111,9 +111,11 @@ def main() -> None:
     import torch
     from pydantic import ValidationError
 
-    from core import data, engine, evaluate, families
-    from core.loading import load_model
-    from core.pipeline import _eval_batch, _PeakRSS
+    from core.evaluation import evaluate
+    from core.model import data, families
+    from core.model.loading import load_model
+    from core.run import engine
+    from core.run.pipeline import _eval_batch, _PeakRSS
     from core.spec import ModelSpec, PruneSpec
 
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ Usage: python bench/recovery.py [--method wanda] [--mode masked] [--lr 1e-4] [--
        python bench/recovery.py --plot docs/bench/recovery_curve.png --curves a.json b.json
 
 One process: load the GGUF model (fp32), 32 x 512 calibration windows of WikiText-2 valid (seed 0,
-as bench/quality.py), prune, measure the pruned perplexity, then run :func:`core.recovery.recover`
+as bench/quality.py), prune, measure the pruned perplexity, then run :func:`core.run.recovery.recover`
 and measure the perplexity again after the steps in ``--points`` (inside the progress callback,
 on the weights being trained; evaluation time is excluded from the recovery time reported).
 
@@ -64,10 +64,12 @@ def main() -> None:
 
     import torch
 
-    from core import data, engine, evaluate
-    from core.loading import load_model
-    from core.pipeline import _eval_batch
-    from core.recovery import TrainText, recover
+    from core.evaluation import evaluate
+    from core.model import data
+    from core.model.loading import load_model
+    from core.run import engine
+    from core.run.pipeline import _eval_batch
+    from core.run.recovery import TrainText, recover
     from core.spec import ModelSpec, PruneSpec, RecoverySpec
 
     tmp = Path(tempfile.mkdtemp(prefix="recovery-bench-"))

@@ -103,7 +103,7 @@ def used(rep: dict[str, Any]) -> dict[str, Any]:
 
 def hf_copy(gguf: Path, out: Path) -> Path:
     """The GGUF model's weights as a Hugging Face safetensors directory (float32)."""
-    from core.loading import load_model
+    from core.model.loading import load_model
     from core.spec import RunSpec
 
     loaded = load_model(RunSpec.model_validate({"model": {"source": str(gguf), "dtype": "float32"}}).model)

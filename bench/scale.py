@@ -5,7 +5,7 @@ Usage: python bench/scale.py [--out docs/bench/scale.json] [--workdir /tmp] [--l
 1. A child process writes a randomly initialised LLaMA-shaped model (hidden 2048, MLP 5632,
    vocab 32000, fp32, untied head) as sharded safetensors, one block at a time, so that it never
    holds the model in memory.
-2. Another child runs ``core.streaming.prune_streaming`` (Wanda 2:4) on it; its whole-process
+2. Another child runs ``core.run.streaming.prune_streaming`` (Wanda 2:4) on it; its whole-process
    peak RSS comes from ``os.wait4``'s ``ru_maxrss``. Target: peak RSS <= 0.35 x checkpoint size.
    Calibration is random token ids (seed 0): the tokenizer and the text do not matter for memory
    or time, only the number of tokens does.
@@ -98,8 +98,8 @@ def make_checkpoint(out: Path, layers: int, shape: str = "small") -> dict:
 def stream(model_dir: Path, out: Path, nsamples: int, seqlen: int, pattern: str) -> dict:
     import torch
 
+    from core.run.streaming import prune_streaming
     from core.spec import PruneSpec
-    from core.streaming import prune_streaming
 
     cal = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
     rep = prune_streaming(model_dir, out, cal, PruneSpec(method="wanda", pattern=pattern)).model_dump(
@@ -114,7 +114,7 @@ def idle() -> dict:
     """The same imports as a streaming child, nothing else: the fixed cost in RSS."""
     import transformers  # noqa: F401
 
-    import core.streaming  # noqa: F401
+    import core.run.streaming  # noqa: F401
 
     return {}
 
@@ -125,9 +125,9 @@ def same_masks(workdir: Path) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from core import engine
+    from core.run import engine
+    from core.run.streaming import prune_streaming
     from core.spec import PruneSpec
-    from core.streaming import prune_streaming
     from tests import tiny_models
 
     def tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument(
         "--direct",
         action="store_true",
-        help="with --service: call core.pipeline.run (the worker's call) in a child process instead of "
+        help="with --service: call core.run.pipeline.run (the worker's call) in a child process instead of "
         "queueing the job (the worker's block checkpoints would need a third copy of the model on disk)",
     )
     ap.add_argument(

@@ -68,8 +68,8 @@ def _job_spec(model: Path, nsamples: int, seqlen: int, pattern: str) -> dict[str
 
 
 def pipeline_child(work: Path, nsamples: int, seqlen: int, pattern: str) -> dict[str, Any]:
-    """The worker's call, ``core.pipeline.run``, in this (child) process; the report."""
-    from core import pipeline
+    """The worker's call, ``core.run.pipeline.run``, in this (child) process; the report."""
+    from core.run import pipeline
     from core.spec import RunSpec
 
     spec = _job_spec(work / "ckpt", nsamples, seqlen, pattern)
@@ -146,7 +146,9 @@ def service_run(args: Any, shape: tuple[int, int, int]) -> None:
         "checkpoint_bytes": ckpt_bytes,
         "host_total_mb": machine()["host"]["memory"]["host_total_mb"],
         "make_checkpoint_s": round(make_s, 1),
-        "via": "core.pipeline.run in a child process (--direct)" if args.direct else "prunectl submit --wait",
+        "via": "core.run.pipeline.run in a child process (--direct)"
+        if args.direct
+        else "prunectl submit --wait",
         "exit": code,
         "wall_s": round(wall, 1),
         "peak_rss_mib": round(peak / 2**20, 1),

@@ -45,7 +45,8 @@ def _prune_24(model: Any) -> list[str]:
     """Make every decoder linear 2:4 (magnitude, unless already 2:4); return their names."""
     import torch
 
-    from core import families, masks
+    from core.methods import masks
+    from core.model import families
 
     names = []
     with torch.no_grad():
@@ -156,7 +157,7 @@ def main() -> None:
         return
 
     from bench.common import SMOLLM2_FILE, machine, smollm2_dir
-    from core.loading import load_model
+    from core.model.loading import load_model
     from core.spec import ModelSpec
 
     source = args.model or str(smollm2_dir() / SMOLLM2_FILE)

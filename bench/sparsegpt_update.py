@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from core import methods
-    from core.pipeline import run
+    from core.run.pipeline import run
     from core.spec import RunSpec
 
     methods.REGISTRY["sparsegpt"] = MaskOnly(methods.REGISTRY["sparsegpt"])  # this process only

@@ -28,8 +28,9 @@ import torch
 
 from bench.baseline_wanda import prune_wanda_baseline
 from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir, spec_flags
-from core import data, engine, families
-from core.loading import load_model
+from core.model import data, families
+from core.model.loading import load_model
+from core.run import engine
 from core.spec import ModelSpec, PruneSpec
 
 

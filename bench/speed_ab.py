@@ -35,8 +35,9 @@ sys.path.insert(0, str(REPO))
 from bench.baseline_wanda import prune_wanda_baseline  # noqa: E402
 from bench.common import SMOLLM2_FILE, data_dir, machine, smollm2_dir, spec_flags  # noqa: E402
 from bench.speed import compare, timed, zero_patterns  # noqa: E402
-from core import data, engine  # noqa: E402
-from core.loading import load_model  # noqa: E402
+from core.model import data  # noqa: E402
+from core.model.loading import load_model  # noqa: E402
+from core.run import engine  # noqa: E402
 from core.spec import ModelSpec, PruneSpec  # noqa: E402
 
 
@@ -60,7 +61,8 @@ def old_engine(rev: str, root: Path):
     for py in (root / "core_old").rglob("*.py"):
         py.write_text(pattern.sub(r"\1\2 core_old\3", py.read_text()))
     sys.path.insert(0, str(root))
-    return importlib.import_module("core_old.engine").prune
+    nested = (root / "core_old" / "run" / "engine.py").exists()  # today's sub-packages or the flat layout
+    return importlib.import_module("core_old.run.engine" if nested else "core_old.engine").prune
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Small timing of ``core.engine.prune`` (Wanda 2:4) on SmolLM2 with a few calibration samples.
+"""Small timing of ``core.run.engine.prune`` (Wanda 2:4) on SmolLM2 with a few calibration samples.
 
 Used to measure engine optimisations before/after (``docs/benchmarks.md``, "Engine
 optimisations"). ``--repo DIR`` imports ``core`` from another checkout (e.g. a ``git worktree``
@@ -25,7 +25,7 @@ from typing import Any
 
 
 def _mask_digest(model: Any) -> str:
-    from core import families
+    from core.model import families
 
     h = hashlib.sha256()
     for name, mod in sorted(families.prunable_linears(model).items()):
@@ -37,13 +37,14 @@ def _mask_digest(model: Any) -> str:
 def _ab_hooks(model: Any, ids: Any, reps: int, nblocks: int) -> dict[str, Any]:
     """Interleaved A/B timing of one statistics pass over ``nblocks`` blocks (same process):
     ``plain`` (no hooks), ``per_layer`` (every linear squares its input: the previous engine)
-    and ``shared`` (:class:`core.stats.SharedInputs`, the current engine). Medians in seconds."""
+    and ``shared`` (:class:`core.methods.stats.SharedInputs`, the current engine). Medians in seconds."""
     import statistics
 
     import torch
 
-    from core import engine, families
-    from core.stats import SharedInputs, StatsAccumulator
+    from core.methods.stats import SharedInputs, StatsAccumulator
+    from core.model import families
+    from core.run import engine
 
     fam = families.family_for(model)
     blocks = families.get_blocks(model, fam)[:nblocks]
@@ -97,8 +98,9 @@ def main() -> None:
 
     import torch
 
-    from core import data, engine
-    from core.loading import load_model
+    from core.model import data
+    from core.model.loading import load_model
+    from core.run import engine
     from core.spec import ModelSpec, PruneSpec
 
     torch.manual_seed(0)

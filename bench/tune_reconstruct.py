@@ -48,7 +48,7 @@ def grams(model, windows, names):
 
 
 def candidates(level):
-    from core.reconstruct import admm_fixed, alps_solve, pcg_refine, support_projector
+    from core.methods.reconstruct import admm_fixed, alps_solve, pcg_refine, support_projector
 
     proj = support_projector(level["sparsity"], level["nm"], None)
     out = {}
@@ -75,11 +75,11 @@ def main() -> None:
 
     import torch
 
-    from core import data
-    from core.loading import load_model
-    from core.masks import nm_mask
+    from core.methods.masks import nm_mask
+    from core.methods.reconstruct import normalise
     from core.methods.sparsegpt import sparsegpt_prune
-    from core.reconstruct import normalise
+    from core.model import data
+    from core.model.loading import load_model
     from core.spec import ModelSpec
 
     loaded = load_model(ModelSpec(source=str(smollm2_dir() / SMOLLM2_FILE), dtype="float32"))

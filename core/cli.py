@@ -146,15 +146,15 @@ def _progress_printer(quiet: bool) -> Any:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from core.export import check_out_dir
+    from core.artifacts.export import check_out_dir
 
     if args.quiet:
-        from core.quiet import silence_progress_bars
+        from core.run.quiet import silence_progress_bars
 
         silence_progress_bars()
     spec = spec_from_args(args)
     check_out_dir(args.out)
-    from core.pipeline import run
+    from core.run.pipeline import run
 
     report = run(spec, args.out, on_progress=_progress_printer(args.quiet), data_dir=args.data_dir)
     print(json.dumps(report.to_json(), indent=2))
@@ -164,8 +164,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_unpack(args: argparse.Namespace) -> int:
     import time
 
-    from core.export import staging_dir
-    from core.formats import compact
+    from core.artifacts.export import staging_dir
+    from core.artifacts.formats import compact
 
     t0 = time.perf_counter()
     with staging_dir(args.out) as tmp:
@@ -176,7 +176,7 @@ def _cmd_unpack(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from core.describe import describe_model, format_text
+    from core.model.describe import describe_model, format_text
     from core.spec import ModelSpec
     from core.spec_cli import spec_body
 
@@ -194,8 +194,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import time
 
-    from core import data, evaluate
-    from core.loading import load_model, model_context
+    from core.evaluation import evaluate
+    from core.model import data
+    from core.model.loading import load_model, model_context
     from core.spec import EvalSpec, ModelSpec
     from core.spec_cli import spec_body
 

@@ -1,7 +1,7 @@
 """Typed results of the engine and of a whole run (pydantic; no torch import).
 
-:class:`PruneResult` is what :func:`core.engine.prune` and the block loop return;
-:class:`RunReport` is what :func:`core.pipeline.run` returns and writes as ``report.json``
+:class:`PruneResult` is what :func:`core.run.engine.prune` and the block loop return;
+:class:`RunReport` is what :func:`core.run.pipeline.run` returns and writes as ``report.json``
 (``model_dump(mode="json")``). The worker, the exporters and the human reports read it by attribute.
 """
 
@@ -69,7 +69,7 @@ class PruneResult(BaseModel):
     resumed_from_block: int | None = None
     """First block pruned by this process when it continued from a resume directory."""
     placement: dict[str, Any] | None = None
-    """Where weights and activations lived and why (:class:`core.placement.Placement`)."""
+    """Where weights and activations lived and why (:class:`core.model.placement.Placement`)."""
     # streaming-only facts (None in memory)
     streaming: bool = False
     family: str | None = None
@@ -96,7 +96,7 @@ class ModelInfo(_Closed):
     device: str
     gguf: bool
     gguf_cache: Literal["hit", "miss", "off", "error"] | None = None
-    """GGUF sources: whether the host's cache of dequantized models (:mod:`core.model_cache`) served
+    """GGUF sources: whether the host's cache of dequantized models (:mod:`core.model.model_cache`) served
     the weights (``hit``), was filled (``miss``), is disabled (``off``) or failed (``error``)."""
 
 
@@ -110,7 +110,7 @@ class CalibrationInfo(_Closed):
 
 
 class SparsityInfo(_Closed):
-    """Measured zeros of the prunable linears (:func:`core.evaluate.sparsity_report`)."""
+    """Measured zeros of the prunable linears (:func:`core.evaluation.evaluate.sparsity_report`)."""
 
     target: float | None
     overall: float
@@ -176,7 +176,7 @@ class RecoveryCheck(_Closed):
 
 
 class RecoveryInfo(_Closed):
-    """What the recovery stage did (:mod:`core.recovery`)."""
+    """What the recovery stage did (:mod:`core.run.recovery`)."""
 
     mode: str
     steps: int
@@ -200,7 +200,7 @@ class RecoveryInfo(_Closed):
 
 
 class Verdict(_Closed):
-    """A plain verdict on the perplexity ratio (:mod:`core.report.verdict`)."""
+    """A plain verdict on the perplexity ratio (:mod:`core.artifacts.report.verdict`)."""
 
     ratio: float | None
     label: str
@@ -275,7 +275,7 @@ class RunReport(_Closed):
     peak_rss_mb: float | None = None
     peak_cuda_mb: float | None = None
     placement: dict[str, Any] | None = None
-    """Where weights and calibration activations lived, the sizes compared and why (core.placement)."""
+    """Where weights and calibration activations lived, the sizes compared and why (core.model.placement)."""
     streaming: dict[str, Any]
     experts: list[ExpertTokens] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

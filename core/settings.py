@@ -8,7 +8,7 @@ defaults; `from_env()` reads the environment (or a given mapping), so a test's e
 never pick up the developer's shell. A blank value counts as unset unless the field says otherwise
 (`keep_empty`), and a refused value raises `ConfigError` naming the variable.
 
-Torch-free and import-light: the API imports it through `core.tasks`.
+Torch-free and import-light: the API imports it through `core.evaluation.tasks`.
 """
 
 from __future__ import annotations

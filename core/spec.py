@@ -38,7 +38,7 @@ CPU_BATCH_TOKENS = 1024
 fastest on SmolLM2-135M: 1 or 2 samples of 512 tokens beat 8; docs/benchmarks.md)."""
 GPU_BATCH_TOKENS = 16384
 """Tokens per calibration forward a CUDA run aims at when ``PruneSpec.batch_size`` is unset (8 samples
-of 2048 tokens); :func:`core.placement.plan_run` halves it until it fits the free device memory."""
+of 2048 tokens); :func:`core.model.placement.plan_run` halves it until it fits the free device memory."""
 
 
 OWL_M, OWL_LAMBDA = 5.0, 0.08
@@ -90,7 +90,7 @@ def shard_bytes(size: str) -> int:
 
 def check_prunes_something(prune: PruneSpec) -> None:
     """Refuse a job that would prune nothing: sparsity 0, or ignore patterns matching every name.
-    (Patterns that match every layer of one particular model are refused by `core.preflight`.)"""
+    (Patterns that match every layer of one particular model are refused by `core.run.preflight`.)"""
     if prune.target_sparsity == 0.0:
         raise ValueError("sparsity 0 prunes nothing; use a sparsity in (0, 1)")
     probes = ("model.layers.0.self_attn.q_proj", "transformer.h.0.mlp.c_fc", "x")
@@ -495,7 +495,7 @@ RECOVERY_STEPS = 100
 
 
 class RecoverySpec(_Strict):
-    """A short, mask-preserving fine-tune after pruning (``core.recovery``; docs/methods.md).
+    """A short, mask-preserving fine-tune after pruning (``core.run.recovery``; docs/methods.md).
 
     The pruned weights stay exactly zero: merged weights are ``(W + dW) * mask``. Off by default.
     """

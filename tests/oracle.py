@@ -4,7 +4,7 @@ Written independently of ``core``: it never calls the engine's discovery, captur
 For block ``i`` it runs the **whole model** forward on the calibration batches (blocks ``< i``
 already pruned by the oracle itself, block ``i`` still dense) with hooks on block ``i``'s
 weights, and computes each Wanda mask with a slow per-row Python sort. The semantics are the
-engine's documented ones (docs/architecture.md, core/engine.py):
+engine's documented ones (docs/architecture.md, core/run/engine.py):
 
 * a block's statistics are all gathered from the dense block in one pass, then every weight of
   the block is pruned, and the next block sees the pruned block's outputs;

@@ -1,1 +1,1 @@
-"""Celery worker: runs queued jobs through `core.pipeline` and stores their artifacts."""
+"""Celery worker: runs queued jobs through `core.run.pipeline` and stores their artifacts."""

@@ -29,8 +29,8 @@ def _preload_engine(**_: object) -> None:
     progress goes to its events)."""
     os.environ.setdefault("PRUNE_WORKER_ID", lifecycle.worker_id())  # host:pid of this process
     try:
-        import core.pipeline  # noqa: F401
-        from core.quiet import silence_progress_bars
+        import core.run.pipeline  # noqa: F401
+        from core.run.quiet import silence_progress_bars
 
         silence_progress_bars()
     except ImportError as e:  # the task reports a clear error per job instead

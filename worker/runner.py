@@ -22,9 +22,9 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from core.errors import Cancelled, CoreError
-from core.eta import EtaEstimator
 from core.progress import Progress
 from core.result import RunReport
+from core.run.eta import EtaEstimator
 from core.spec import RunSpec
 from jobs import lifecycle, metrics
 from jobs.events import EventLog
@@ -400,7 +400,7 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
 
 
 def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) -> RunReport:
-    from core import pipeline  # torch lives behind this import
+    from core.run import pipeline  # torch lives behind this import
 
     checked = run_spec(job)
     spec = checked

@@ -1,4 +1,9 @@
-"""Pruning methods, keyed by the names in ``core.spec.METHODS``."""
+"""Pruning methods, keyed by the names in ``core.spec.METHODS``, and their pure tensor math.
+
+Nothing here walks a model: masks (``masks``), per-layer statistics (``stats``), the least-squares
+reconstruction of kept weights (``reconstruct``, ``recon``), DSnoT's refinement (``dsnot``) and
+OWL's per-layer allocation (``allocation``) take tensors and return tensors.
+"""
 
 from __future__ import annotations
 

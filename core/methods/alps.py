@@ -3,7 +3,7 @@
 Solves the layer-wise problem ``min ||W X - V X||^2`` over ``V`` with the sparsity pattern as the
 constraint (per-row counts, an exact layer budget spread over rows, or N:M), by ADMM whose
 projection step re-chooses the support every iteration under a growing penalty ``rho``, then a
-conjugate-gradient refinement of the kept weights on the final support (``core.reconstruct``).
+conjugate-gradient refinement of the kept weights on the final support (``core.methods.reconstruct``).
 Needs the input Hessian (``2/n X X^T``; dampened by ``spec.percdamp``).
 """
 
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from core.methods.base import Method, require_hessian
-from core.reconstruct import alps_solve, normalise, support_projector
+from core.methods.reconstruct import alps_solve, normalise, support_projector
+from core.methods.stats import LayerStats
 from core.spec import PruneSpec
-from core.stats import LayerStats
 
 __all__ = ["ALPS", "alps_prune"]
 

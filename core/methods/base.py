@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from core.errors import InvalidInput
+from core.methods.stats import LayerStats
 from core.spec import PruneSpec
-from core.stats import LayerStats
 
 __all__ = ["Method", "require_hessian", "require_xnorm"]
 

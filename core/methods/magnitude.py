@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from core.masks import count_mask, matrix_mask, nm_mask
 from core.methods.base import Method
+from core.methods.masks import count_mask, matrix_mask, nm_mask
+from core.methods.stats import LayerStats
 from core.spec import PruneSpec
-from core.stats import LayerStats
 
 
 class Magnitude(Method):

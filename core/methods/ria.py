@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.masks import count_mask, matrix_mask, nm_mask
 from core.methods.base import Method, require_xnorm
+from core.methods.masks import count_mask, matrix_mask, nm_mask
+from core.methods.stats import LayerStats
 from core.spec import PruneSpec
-from core.stats import LayerStats
 
 
 def ria_scores(weight: Tensor, xnorm_sq: Tensor, alpha: float = 0.5) -> Tensor:

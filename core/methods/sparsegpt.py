@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from core.errors import InvalidInput
-from core.masks import nm_mask
 from core.methods.base import Method, require_hessian
+from core.methods.masks import nm_mask
+from core.methods.stats import LayerStats
 from core.spec import PruneSpec
-from core.stats import LayerStats
 
 
 def _inverse_cholesky(h: Tensor, percdamp: float) -> Tensor:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.masks import nm_mask, row_budget_mask, row_mask, variant_mask
 from core.methods.base import Method, require_xnorm
+from core.methods.masks import nm_mask, row_budget_mask, row_mask, variant_mask
+from core.methods.stats import LayerStats
 from core.spec import PruneSpec
-from core.stats import LayerStats
 
 
 def wanda_scores(weight: Tensor, xnorm_sq: Tensor) -> Tensor:

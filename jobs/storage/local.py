@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlencode
 
-from core.digest import sha256_file
+from core.artifacts.digest import sha256_file
 from jobs.signing import Signer
 from jobs.storage.base import INDEX_NAME, ArtifactInfo, StorageError, decode_index, encode_index
 

@@ -221,7 +221,7 @@ def test_openapi_documents_problems(client: TestClient) -> None:
 def test_api_import_does_not_load_torch(tmp_path) -> None:
     code = (
         "import sys, api.app; from api.app import create_app; create_app(); "
-        "bad = [m for m in ('torch', 'transformers', 'core.pipeline', 'worker') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'transformers', 'core.run.pipeline', 'worker') if m in sys.modules]; "
         "print(json.dumps(bad))"
     )
     out = subprocess.run(

@@ -14,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import engine, families
-from core.allocation import layer_budgets, outlier_ratio, owl_sparsities
+from core.methods.allocation import layer_budgets, outlier_ratio, owl_sparsities
+from core.model import families
+from core.run import engine
 from core.spec import PruneSpec
 from tests.tiny_models import build
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from core import engine
+from core.run import engine
 from core.spec import PruneSpec
 from tests import oracle, tiny_models
 

@@ -2,13 +2,14 @@
 
 For each tiny model and each of Wanda 50%, Wanda 2:4 and SparseGPT 50%:
 
-* **resident**: the model loaded whole, :func:`core.engine.prune` with everything in memory;
-* **forced**: weights read block by block from sharded safetensors (:func:`core.streaming.
+* **resident**: the model loaded whole, :func:`core.run.engine.prune` with everything in memory;
+* **forced**: weights read block by block from sharded safetensors (:func:`core.run.streaming.
   prune_streaming`) and calibration activations spilled to disk (``spill=True``) — on the CPU the
   furthest a run can be pushed from its compute device.
 
 Every output tensor must be ``torch.equal``, and the perplexity of the forced output computed block
-by block from disk (:mod:`core.block_eval` over :class:`core.streaming.CheckpointSource`) must equal
+by block from disk (:mod:`core.evaluation.block_eval` over
+:class:`core.run.streaming.CheckpointSource`) must equal
 the whole-model forward of the resident model (relative 1e-5). The GPU counterpart (weights in host
 memory, each block onloaded to CUDA) is ``tests/core/test_placement.py::test_onloaded_run_on_cuda_*``.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import block_eval, engine, evaluate, streaming
+from core.evaluation import block_eval, evaluate
+from core.run import engine, streaming
 from core.spec import PruneSpec
 from tests import tiny_models
 from tests.core.test_arch_matrix import BATCH, calib, single_thread  # noqa: F401

@@ -1,8 +1,8 @@
 """Streaming pruning equals in-memory pruning, bit for bit, for every family of the matrix.
 
 Each tiny model is saved as sharded safetensors (shards of 60 kB, so blocks straddle files),
-then pruned in memory (loaded whole, :func:`core.engine.prune`, ``save_pretrained``) and by
-streaming (:func:`core.streaming.prune_streaming`); every tensor of the two outputs must be
+then pruned in memory (loaded whole, :func:`core.run.engine.prune`, ``save_pretrained``) and by
+streaming (:func:`core.run.streaming.prune_streaming`); every tensor of the two outputs must be
 ``torch.equal``.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import engine, streaming
+from core.run import engine, streaming
 from core.spec import PruneSpec
 from tests import tiny_models
 from tests.core.test_arch_matrix import BATCH, KNOWN_FAILING, calib, single_thread  # noqa: F401

@@ -1,11 +1,12 @@
-"""Block-by-block perplexity (core.block_eval) equals the whole-model forward, on every family."""
+"""Block-by-block perplexity (core.evaluation.block_eval) equals the whole-model forward, on every family."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from core import block_eval, engine, evaluate
+from core.evaluation import block_eval, evaluate
+from core.run import engine
 from core.spec import PruneSpec
 from tests import tiny_models
 

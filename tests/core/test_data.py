@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import data
 from core.errors import CalibrationError, InvalidInput
+from core.model import data
 
 
 def test_named_dataset_from_data_dir(data_dir: Path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import cli, engine
-from core.describe import describe_model
+from core import cli
+from core.model.describe import describe_model
+from core.run import engine
 from core.spec import ModelSpec, PruneSpec
 from tests import tiny_models
 from tests.tiny_models import REPO

@@ -12,11 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import engine, families
-from core.dsnot import dsnot_refine, keep_better_rows
-from core.masks import check_nm, nm_mask, row_mask
+from core.methods.dsnot import dsnot_refine, keep_better_rows
+from core.methods.masks import check_nm, nm_mask, row_mask
+from core.methods.recon import relative_error, row_errors
 from core.methods.wanda import wanda_scores
-from core.recon import relative_error, row_errors
+from core.model import families
+from core.run import engine
 from core.spec import PruneSpec
 from tests.tiny_models import build
 

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from core import engine, families
 from core.errors import Cancelled, InvalidInput, UnsupportedModel
+from core.model import families
 from core.progress import Progress
+from core.run import engine
 from core.spec import PruneSpec
 from tests import tiny_models
 

@@ -1,8 +1,8 @@
-"""core.eta: the ETA does not swing early in a job (issue 13, item 11), on a synthetic timeline."""
+"""core.run.eta: the ETA does not swing early in a job (issue 13, item 11), on a synthetic timeline."""
 
 from __future__ import annotations
 
-from core.eta import EtaEstimator
+from core.run.eta import EtaEstimator
 
 
 def timeline() -> list[tuple[float, float, str, int | None]]:
@@ -59,9 +59,9 @@ def test_done_is_zero_and_fraction_is_clamped() -> None:
 def _pipeline_timeline(
     durations: dict[str, float], nblocks: int = 30
 ) -> list[tuple[float, float, str, int | None]]:
-    """(t, fraction, stage, block) as `core.pipeline` reports them (its own stage weights), for a job
+    """(t, fraction, stage, block) as `core.run.pipeline` reports them (its own stage weights), for a job
     whose stages take `durations` seconds; dense and pruned evaluation report 10 windows each."""
-    from core.pipeline import STAGE_WEIGHTS, _Stages
+    from core.run.pipeline import STAGE_WEIGHTS, _Stages
 
     got: list[tuple[float, float, str, int | None]] = []
     clock = [0.0]

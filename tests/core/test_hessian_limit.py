@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core import engine
+from core.run import engine
 
 
 def test_the_limit_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

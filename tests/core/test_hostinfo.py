@@ -1,4 +1,4 @@
-"""core.hostinfo: the CPU model, instruction set and kernel choice every report and bench JSON records
+"""core.run.hostinfo: the CPU model, instruction set and kernel choice every report and bench JSON records
 (issue 13, item 10: the same job gave other pruned weights on another host)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from bench.common import machine
-from core import hostinfo
+from core.run import hostinfo
 from tests.tiny_models import REPO
 
 

@@ -1,4 +1,4 @@
-"""core.masks against slow, obviously-correct references, plus property tests."""
+"""core.methods.masks against slow, obviously-correct references, plus property tests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.errors import InvalidInput
-from core.masks import apply_mask, check_nm, matrix_mask, nm_mask, row_mask, variant_mask
+from core.methods.masks import apply_mask, check_nm, matrix_mask, nm_mask, row_mask, variant_mask
 
 # ---------------------------------------------------------------- slow references
 
@@ -113,7 +113,7 @@ def test_nm_mask_matches_reference(seed: int, n: int, m: int, tied: bool) -> Non
 )
 def test_small_group_ranking_equals_the_stable_sort(seed: int, m: int, levels: int, specials: bool) -> None:
     """The N:M fast path (pairwise ranks) picks what the stable sort picks (ties, -0.0, inf included)."""
-    from core.masks import _lowest_k_small
+    from core.methods.masks import _lowest_k_small
 
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, levels, (7, 6, m), generator=g).float() - levels // 2

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from core.errors import InvalidInput
-from core.masks import check_nm, matrix_mask, row_mask
 from core.methods import REGISTRY, Method, get_method
+from core.methods.masks import check_nm, matrix_mask, row_mask
 from core.methods.sparsegpt import sparsegpt_prune
+from core.methods.stats import LayerStats, StatsAccumulator
 from core.spec import METHODS, PruneSpec
-from core.stats import LayerStats, StatsAccumulator
 
 
 def correlated_inputs(ntokens: int, in_f: int, seed: int) -> torch.Tensor:

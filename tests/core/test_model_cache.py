@@ -1,4 +1,4 @@
-"""The host cache of dequantized GGUF models (core/model_cache.py) on real tiny GGUF files."""
+"""The host cache of dequantized GGUF models (core/model/model_cache.py) on real tiny GGUF files."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import model_cache, pipeline, resume
-from core.loading import Loaded, load_model
+from core.model import model_cache
+from core.model.loading import Loaded, load_model
+from core.run import pipeline, resume
 from core.spec import ModelSpec, PruneSpec, RunSpec
 from tests import tiny_models
 
@@ -95,7 +96,7 @@ def test_hit_is_bit_identical_to_the_dequantizing_load(
 def test_a_hit_reads_nothing_from_the_gguf_file(
     gguf_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core import loading
+    from core.model import loading
 
     src = gguf_dir / "a.gguf"
     reference = load(src)
@@ -176,7 +177,7 @@ def test_entry_that_fails_to_load_falls_back_and_is_dropped(
     entry = cache / model_cache.key(src, "float32")
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # marker intact, weights truncated
-    with caplog.at_level(logging.WARNING, logger="core.model_cache"):
+    with caplog.at_level(logging.WARNING, logger="core.model.model_cache"):
         fallback = load(src)
     assert fallback.gguf_cache == "error" and "failed to load" in caplog.text
     assert_identical(reference, fallback)
@@ -227,7 +228,7 @@ def test_unwritable_cache_or_full_disk_still_loads(
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache directory should be")
     monkeypatch.setenv("PRUNE_MODEL_CACHE", str(blocker / "models"))  # mkdir fails (also as root)
-    with caplog.at_level(logging.WARNING, logger="core.model_cache"):
+    with caplog.at_level(logging.WARNING, logger="core.model.model_cache"):
         got = load(src)
     assert got.gguf_cache == "error" and "cannot store" in caplog.text
     assert_identical(reference, got)
@@ -240,7 +241,7 @@ def test_unwritable_cache_or_full_disk_still_loads(
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="core.model_cache"):
+    with caplog.at_level(logging.WARNING, logger="core.model.model_cache"):
         got = load(src)
     assert got.gguf_cache == "error" and "No space left" in caplog.text
     assert_identical(reference, got)
@@ -288,8 +289,8 @@ def test_run_report_records_the_cache(gguf_dir: Path, data_dir: Path, tmp_path: 
 def test_an_attempt_that_hits_resumes_the_one_that_missed(
     gguf_dir: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core import engine
     from core.errors import Cancelled
+    from core.run import engine
     from tests.core.test_resume import calib, cancel_at_block
 
     src, spec = gguf_dir / "a.gguf", PruneSpec(method="wanda", pattern="2:4", batch_size=2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from core import engine, owl_pass
+from core.run import engine, owl_pass
 from core.spec import PruneSpec
 from tests import oracle, tiny_models
 

@@ -1,4 +1,4 @@
-"""End-to-end ``core.pipeline.run`` on tiny models: artifacts, reload, errors, cancellation."""
+"""End-to-end ``core.run.pipeline.run`` on tiny models: artifacts, reload, errors, cancellation."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import pipeline
 from core.errors import Cancelled, InvalidInput, ModelLoadError, UnsupportedModel
-from core.loading import load_model
+from core.model.loading import load_model
 from core.progress import Progress
+from core.run import pipeline
 from core.spec import ModelSpec, RunSpec
 
 REPORT_KEYS = {"spec", "versions", "model", "calibration", "sparsity", "evaluation", "timings", "peak_rss_mb"}
@@ -126,7 +126,7 @@ def test_existing_nonempty_out_dir_refused(tiny_model_dir, tmp_path: Path) -> No
 def test_export_failure_removes_temp_dir(
     tiny_model_dir, small_text: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from core import export
+    from core.artifacts import export
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -285,7 +285,7 @@ def test_streaming_mode_matches_in_memory(family: str, small_text: Path, tmp_pat
 
 
 def test_stream_auto_and_refusals(tiny_model_dir, smollm2_gguf_or_file, monkeypatch, tmp_path: Path) -> None:
-    from core import streaming
+    from core.run import streaming
 
     src = tiny_model_dir("llama")
     assert pipeline.use_streaming(ModelSpec(source=str(src), stream="never")) is False

@@ -1,4 +1,4 @@
-"""Placement of weights and activations, and block onloading (core.placement, core.weights).
+"""Placement of weights and activations, and block onloading (core.model.placement, core.model.weights).
 
 On the CPU every placement is checked bit for bit against the resident run (activations on the
 device, in host memory, spilled); the onloading itself (weights on the host, blocks copied to the
@@ -12,9 +12,10 @@ import copy
 import pytest
 import torch
 
-from core import engine, families, placement
+from core.model import families, placement
+from core.model.weights import Onload
+from core.run import engine
 from core.spec import PruneSpec
-from core.weights import Onload
 from tests import tiny_models
 
 GiB = 2**30

@@ -1,4 +1,4 @@
-"""core.preflight: what the model's config refuses is refused before any weight loads."""
+"""core.run.preflight: what the model's config refuses is refused before any weight loads."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core import pipeline
 from core.errors import CalibrationError, InvalidInput
+from core.run import pipeline
 from core.spec import RunSpec
 from tests import tiny_models
 

@@ -17,7 +17,7 @@ GGUF_BAR = """
 import sys
 import transformers.modeling_gguf_pytorch_utils as gguf  # imports tqdm before anything is silenced
 if sys.argv[1] == "quiet":
-    from core.quiet import silence_progress_bars
+    from core.run.quiet import silence_progress_bars
     silence_progress_bars()
 for _ in gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
     pass

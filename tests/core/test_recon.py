@@ -6,10 +6,11 @@ import copy
 
 import torch
 
-from core import engine, families
-from core.recon import sample_error
+from core.methods.recon import sample_error
+from core.methods.stats import StatsAccumulator
+from core.model import families
+from core.run import engine
 from core.spec import PruneSpec
-from core.stats import StatsAccumulator
 from tests.tiny_models import build
 
 

@@ -1,4 +1,4 @@
-"""Layer reconstruction (core/reconstruct.py) and ALPS: closed-form agreement, exact masks, N:M."""
+"""Layer reconstruction (core/methods/reconstruct.py) and ALPS: closed-form agreement, exact masks, N:M."""
 
 from __future__ import annotations
 
@@ -11,13 +11,21 @@ import copy
 import pytest
 import torch
 
-from core import engine, families
-from core.layer_prune import prune_layer
-from core.masks import check_nm, nm_mask, row_mask
 from core.methods import get_method
-from core.reconstruct import admm_fixed, alps_solve, normalise, objective, pcg_refine, support_projector
+from core.methods.masks import check_nm, nm_mask, row_mask
+from core.methods.reconstruct import (
+    admm_fixed,
+    alps_solve,
+    normalise,
+    objective,
+    pcg_refine,
+    support_projector,
+)
+from core.methods.stats import StatsAccumulator
+from core.model import families
+from core.run import engine
+from core.run.layer_prune import prune_layer
 from core.spec import PruneSpec
-from core.stats import StatsAccumulator
 from tests.tiny_models import build
 
 DAMP = 0.01
@@ -176,8 +184,8 @@ def test_spec_refuses_unused_options() -> None:
 
 
 def test_report_layer_table_shows_solver_columns() -> None:
-    from core.export import _layer_lines
-    from core.report.plots import block_recon
+    from core.artifacts.export import _layer_lines
+    from core.artifacts.report.plots import block_recon
 
     model = build("llama", seed=3)
     cal = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(8))

@@ -1,4 +1,4 @@
-"""The recovery stage (core.recovery): zeros kept after the merge on several families (one MoE),
+"""The recovery stage (core.run.recovery): zeros kept after the merge on several families (one MoE),
 both modes; the run's report; no training on the evaluation text; cancel; resume after SIGKILL."""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import engine, families, pipeline
 from core.errors import Cancelled, InvalidInput
-from core.masks import check_nm
-from core.recovery import TrainText, batch_indices, lr_at, recover
+from core.methods.masks import check_nm
+from core.model import families
+from core.run import engine, pipeline
+from core.run.recovery import TrainText, batch_indices, lr_at, recover
 from core.spec import PruneSpec, RecoverySpec, RunSpec
 from tests import tiny_models
 
@@ -152,7 +153,7 @@ def test_cancel_mid_recovery_leaves_nothing(tiny_model_dir, data_dir: Path, tmp_
 CHILD = """
 import json, sys
 from pathlib import Path
-from core import pipeline
+from core.run import pipeline
 from core.spec import RunSpec
 spec = RunSpec.model_validate_json(Path(sys.argv[1]).read_text())
 def show(p):

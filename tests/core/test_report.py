@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core import gate, pipeline
-from core.report import verdict
+from core.artifacts.report import verdict
+from core.evaluation import gate
 from core.result import Evaluation, GateOutcome
+from core.run import pipeline
 from core.spec import GateSpec, RunSpec
 
 
@@ -86,7 +87,7 @@ def test_run_writes_plots_html_and_gate(tiny_model_dir, data_dir: Path, tmp_path
     assert report.verdict.ratio == pytest.approx(ratio)
     png = out / "plots" / "layer_sparsity.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from core.report.plots import block_recon
+    from core.artifacts.report.plots import block_recon
 
     rows = block_recon(report.layers)
     assert [b for b, _, _ in rows] == [0, 1] and all(0 < mean <= mx for _, mean, mx in rows)
@@ -124,7 +125,7 @@ def seen_by(seen: list[str]):  # type: ignore[no-untyped-def]
 
 
 def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    from core import baseline_cache
+    from core.evaluation import baseline_cache
 
     monkeypatch.setenv("PRUNE_BASELINE_CACHE", str(tmp_path / "cache"))
     src = tiny_model_dir("llama")
@@ -151,7 +152,7 @@ def test_dense_baseline_is_cached(tiny_model_dir, data_dir: Path, tmp_path: Path
 
 
 def test_time_breakdown_adds_up() -> None:
-    from core.report.timing import time_breakdown
+    from core.artifacts.report.timing import time_breakdown
 
     t = {"load_s": 2.0, "calibrate_s": 1.0, "dense_eval_s": 3.0, "pruned_eval_s": 3.5, "eval_s": 6.5,
          "prune_s": 4.0, "mask_s": 1.0, "export_s": 0.5, "total_s": 15.0}  # fmt: skip

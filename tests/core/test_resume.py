@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import engine, streaming
 from core.errors import Cancelled
+from core.run import engine, streaming
 from core.spec import PruneSpec
 from tests import tiny_models
 

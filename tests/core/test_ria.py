@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.masks import check_nm
 from core.methods import REGISTRY
+from core.methods.masks import check_nm
 from core.methods.ria import channel_permutation
+from core.methods.stats import LayerStats
 from core.spec import PruneSpec
-from core.stats import LayerStats
 
 
 def ref_ria_mask(w: torch.Tensor, xnorm_sq: torch.Tensor, alpha: float, sparsity: float | None, nm=None):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from core import engine, stats
+from core.methods import stats
+from core.methods.stats import LayerStats, SharedInputs, StatsAccumulator
+from core.run import engine
 from core.spec import PruneSpec
-from core.stats import LayerStats, SharedInputs, StatsAccumulator
 from tests import tiny_models
 
 

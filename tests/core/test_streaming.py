@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import engine, streaming
 from core.errors import Cancelled, InvalidInput
 from core.progress import Progress
 from core.result import PruneResult
+from core.run import engine, streaming
 from core.spec import PruneSpec
 from tests import tiny_models
 

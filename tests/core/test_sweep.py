@@ -11,8 +11,8 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from core import pipeline
 from core.progress import Progress
+from core.run import pipeline
 from core.spec import RunSpec
 
 

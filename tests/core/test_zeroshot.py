@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import pipeline, tasks, zeroshot
 from core.errors import TaskError
+from core.evaluation import tasks, zeroshot
+from core.run import pipeline
 from core.spec import RunSpec
 
 TASKS = Path(__file__).resolve().parents[1] / "data" / "lm_eval_tasks"

@@ -21,7 +21,7 @@ FORMATS = ["dense", "compact", "int8", "compact-int8"]
 def test_job_with_every_format(service: Service, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from core.formats import compact
+    from core.artifacts.formats import compact
 
     source = tiny_models.save("llama", tmp_path / "model")
     body = small_request(source) | {"outputs": {"formats": FORMATS}}

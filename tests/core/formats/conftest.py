@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import masks
+from core.methods import masks
 from tests import tiny_models
 
 DENSE_LAYER = "model.layers.0.self_attn.q_proj"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from core.formats import bits
+from core.artifacts.formats import bits
 
 
 @pytest.mark.parametrize("nbits", [1, 2, 3, 7, 14])

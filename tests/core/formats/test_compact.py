@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from core.artifacts.formats import compact
 from core.cli import main
 from core.errors import CorruptArtifact, InvalidInput
-from core.formats import compact
 from tests.core.formats.conftest import DENSE_LAYER
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

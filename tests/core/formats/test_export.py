@@ -1,4 +1,4 @@
-"""``outputs.formats`` through ``core.pipeline.run``: every artifact, its size and perplexity."""
+"""``outputs.formats`` through ``core.run.pipeline.run``: every artifact, its size and perplexity."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core import pipeline
-from core.formats import compact
+from core.artifacts.formats import compact
+from core.run import pipeline
 from core.spec import OutputSpec, RunSpec
 from tests.core.formats.test_compact import assert_bit_identical, tensors
 

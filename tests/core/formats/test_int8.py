@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.formats import compact, int8
+from core.artifacts.formats import compact, int8
 from tests.core.formats.conftest import DENSE_LAYER
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (whole or block by block), zero-shot tasks, the gate."""

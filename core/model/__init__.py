@@ -1,0 +1,1 @@
+"""Model access: families, loading, caches, placement, weights on disk, block inputs."""
