@@ -6,6 +6,9 @@ lifespan): every API process runs them, each safe to run in any number of proces
 - leases: re-queue, fail or cancel held jobs whose worker stopped renewing its lease
   (`jobs.lifecycle.sweep_leases`), every `PRUNE_LEASE_RENEW` seconds; the artifacts of a job it
   ends are deleted;
+- fan-outs: move every sweep fanned out over workers on from its variant jobs' statuses
+  (`jobs.lifecycle.sweep_fanouts`: fail it when a variant failed, finish a cancel, queue the gather
+  step), every `PRUNE_LEASE_RENEW` seconds;
 - retention: delete finished jobs older than `PRUNE_RETENTION_DAYS` with their artifacts
   (`jobs.retention.sweep_all`), every `PRUNE_RETENTION_INTERVAL` seconds (0 or no retention: off).
 """
@@ -18,7 +21,7 @@ import logging
 from collections.abc import Callable
 
 from api.deps import Services
-from jobs.lifecycle import resend_unsent, sweep_leases
+from jobs.lifecycle import resend_unsent, sweep_fanouts, sweep_leases
 from jobs.retention import sweep_all as sweep_retention
 from jobs.spec import Job
 
@@ -49,6 +52,7 @@ def start(svc: Services) -> list[asyncio.Task[None]]:
         loops.append(every(s.outbox_interval, "outbox sweep", resend_unsent, store, queue, s.outbox_age))
     lease_args = (store, queue, s.max_attempts, drop_artifacts)
     loops.append(every(s.lease_renew_s, "lease sweep", sweep_leases, *lease_args))
+    loops.append(every(s.lease_renew_s, "fan-out sweep", sweep_fanouts, *lease_args[:2], drop_artifacts))
     if s.retention_interval > 0 and s.retention_s is not None:
         retention_args = (store, svc.artifacts, s.retention_s)
         loops.append(every(s.retention_interval, "retention sweep", sweep_retention, *retention_args))

@@ -24,6 +24,12 @@ Layout (prefix "prune"):
 - `prune:notice:<id>`              marker: the job's completion webhook was taken by a sender
 - `prune:workers`                  sorted set of worker ids, score: Unix time their heartbeat expires
 - `prune:lifecycle`                hash of lifecycle counters (`leases_expired`, `requeued`; metrics)
+- `prune:fan:<id>`                 hash of a sweep fanned out over workers: `p:<label>` each variant
+                                   job's fraction done, `r:<label>` its report JSON once it succeeded
+- `prune:fanouts`                  set of the fanned-out sweep jobs not yet finished (fan-out sweep)
+
+A sweep's variant jobs are ordinary records under the tenant `<tenant>~sweep` (a name no real tenant
+can take), so they never show in the tenant's listing or count against its quota.
 
 `jobs.store` (records, transitions, outbox, leases), `jobs.metrics` (counters and histograms) and
 `jobs.retention` (deletes) read and write these keys through `Keys`; nothing else names them.
@@ -116,6 +122,16 @@ class Keys:
     def lifecycle_key(self) -> str:
         """Hash of lifecycle counters (metrics)."""
         return f"{self.prefix}:lifecycle"
+
+    def fan_key(self, job_id: str) -> str:
+        """Hash of a fanned-out sweep job: `p:<label>` the fraction done of each variant's job,
+        `r:<label>` its report (JSON) once it succeeded. Deleted with the sweep's record."""
+        return f"{self.prefix}:fan:{job_id}"
+
+    @property
+    def fanouts_key(self) -> str:
+        """Set of the sweep jobs fanned out and not finished (the API's fan-out sweep checks them)."""
+        return f"{self.prefix}:fanouts"
 
     @property
     def outbox_key(self) -> str:

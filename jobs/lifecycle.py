@@ -56,7 +56,7 @@ import redis
 
 from jobs import metrics
 from jobs.settings import Settings
-from jobs.spec import HELD, TERMINAL, Job, JobError, JobProgress, JobRequest, JobStatus
+from jobs.spec import HELD, TERMINAL, FanOut, Job, JobError, JobProgress, JobRequest, JobStatus
 from jobs.store import (
     Fenced,
     InvalidTransition,
@@ -65,6 +65,7 @@ from jobs.store import (
     Mutation,
     UnreadableRecord,
     new_delivery_token,
+    new_job_id,
     now,
     status_event,
 )
@@ -79,6 +80,9 @@ __all__ = [
     "Superseded",
     "cancel",
     "claim",
+    "fan_check",
+    "fan_done",
+    "fan_out",
     "finish",
     "give_back",
     "progress",
@@ -87,9 +91,13 @@ __all__ = [
     "resend_unsent",
     "stale_work",
     "submit",
+    "sweep_fanouts",
     "sweep_leases",
+    "sweep_stopped",
     "take_notice",
     "unrunnable",
+    "variant_progress",
+    "variant_tenant",
     "worker_id",
 ]
 
@@ -195,7 +203,10 @@ def cancel(store: JobStore, job_id: str, tries: int = 5) -> Job:
             if job.status == JobStatus.queued:
                 return store.transition(job_id, [JobStatus.queued], JobStatus.cancelled)
             if job.status == JobStatus.running:
-                return store.transition(job_id, [JobStatus.running], JobStatus.cancelling)
+                job = store.transition(job_id, [JobStatus.running], JobStatus.cancelling)
+                if job.fanout is not None:  # its variants still queued never start
+                    _stop_queued(store, job.fanout.variants)
+                return job
             if job.status == JobStatus.cancelling:
                 return job
             raise JobFinished(job)
@@ -533,3 +544,178 @@ class Lease:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+# ---- sweeps fanned out over workers ------------------------------------------------------------------
+
+VARIANT_TENANT = "~sweep"
+"""Suffix of the tenant that holds a sweep's variant jobs: `<tenant>~sweep` (no real tenant name has
+`~`), so they never show in the tenant's listing nor count against its quota."""
+
+
+def variant_tenant(tenant: str) -> str:
+    """The tenant under which `tenant`'s sweeps keep their variant jobs."""
+    return f"{tenant}{VARIANT_TENANT}"
+
+
+def fan_out(store: JobStore, queue: Sender, job_id: str, token: str, labels: list[str]) -> Job:
+    """Turn the sweep held under `token` into one queued job per variant (`labels`) and send them.
+
+    One transaction creates the variant jobs (each with its own delivery token, lease, attempts and
+    resume: ordinary jobs of `variant_tenant`, `parent` = the sweep) and gives the sweep a new token
+    (the attempt that fanned it out is fenced off) and no lease: while its variants run, nobody holds
+    it. `fan_check` moves it on once they have finished. Returns the sweep's record; raises Fenced."""
+    made: list[Job] = []
+
+    def fn(job: Job) -> tuple[Job, Events, Callable[[Any], None]] | None:
+        if job.delivery != token or job.status != JobStatus.running:
+            raise Fenced(job_id, token)
+        request = job.request.model_copy(update={"webhook": None})  # the sweep's webhook speaks for all
+        made[:] = [
+            Job(id=new_job_id(), tenant=variant_tenant(job.tenant), status=JobStatus.queued, request=request,
+                created_at=now(), sources=job.sources, delivery=new_delivery_token(), parent=job.id,
+                variant=label)
+            for label in labels
+        ]  # fmt: skip
+        fan = FanOut(variants={c.variant or "": c.id for c in made})
+        message = f"{len(made)} variants queued as jobs of their own"
+        prog = job.progress.model_copy(update={"stage": "pruning", "message": message})
+        new = job.model_copy(update={"fanout": fan, "delivery": new_delivery_token(), "progress": prog})
+        return (
+            new,
+            [("log", {"message": message, "variants": fan.variants})],
+            (lambda pipe: store.add_variant_jobs(pipe, job_id, made)),
+        )
+
+    job, _ = store.mutate(job_id, fn)
+    for child in made:
+        _send(store, queue, child)
+    return job
+
+
+def _variant_error(store: JobStore, label: str, job_id: str) -> JobError:
+    try:
+        child = store.get(job_id)
+    except UnreadableRecord as e:
+        return JobError(code="variant_failed", message=f"variant {label}: {e.info.error.message}")
+    if child is None:
+        return JobError(code="variant_failed", message=f"variant {label}: its job is gone")
+    if child.error is None:
+        return JobError(code="variant_failed", message=f"variant {label} was {child.status.value}")
+    return JobError(code=child.error.code, message=f"variant {label}: {child.error.message}")
+
+
+def _stop_queued(store: JobStore, variants: dict[str, str]) -> None:
+    """Cancel the variant jobs still queued (a stopped sweep never starts them)."""
+    for job_id, status in store.statuses(list(variants.values())).items():
+        if status == JobStatus.queued:
+            try:
+                store.transition(job_id, [JobStatus.queued], JobStatus.cancelled)
+            except (InvalidTransition, JobNotFound):
+                pass  # claimed meanwhile: its worker sees the sweep stopped and cancels it
+
+
+def fan_check(
+    store: JobStore, queue: Sender, job_id: str, on_finished: Callable[[Job], None] | None = None
+) -> Job | None:
+    """Move a fanned-out sweep on from its variant jobs' statuses (idempotent; called by a variant's
+    worker when it finishes and by every API process's fan-out sweep):
+
+    - a variant failed (or its job is gone) while the sweep runs: the sweep fails with its error and
+      the other variants stop (their workers see the sweep finished; queued ones are cancelled);
+    - the sweep is cancelling: queued variants are cancelled; once all have finished, it is cancelled;
+    - every variant succeeded: the sweep is queued again (new token, through the outbox) with
+      `fanout.gathering`, and the worker that takes it writes the sweep's report and artifacts.
+
+    `on_finished(job)` cleans up after a sweep that ended here and after each of its variant jobs
+    (their artifacts). Returns the sweep's record, or None when it is gone."""
+    try:
+        job = store.get(job_id)
+    except UnreadableRecord:
+        end_unreadable(store, job_id)
+        job = None
+    if job is None or job.fanout is None or job.status in TERMINAL:
+        with store.r.pipeline() as pipe:
+            store.drop_fanout(pipe, job_id, data=job is None or job.status != JobStatus.succeeded)
+            pipe.execute()
+        return job
+    variants = job.fanout.variants
+    if job.status == JobStatus.cancelling:
+        _stop_queued(store, variants)
+    statuses = store.statuses(list(variants.values()))
+    bad = (JobStatus.failed, JobStatus.cancelled, None)
+    broken = [(x, i) for x, i in variants.items() if statuses[i] in bad]
+    error = _variant_error(store, *broken[0]) if broken else None
+
+    def fn(old: Job) -> tuple[Job, Events, Callable[[Any], None]] | None:
+        if old.fanout is None or old.fanout.gathering or old.status not in HELD:
+            return None
+        done = all(s in TERMINAL for s in statuses.values())
+        if old.status == JobStatus.running and error is not None:
+            new = old.model_copy(update={"status": JobStatus.failed, "finished_at": now(), "error": error})
+        elif old.status == JobStatus.cancelling and done:
+            new = old.model_copy(update={"status": JobStatus.cancelled, "finished_at": now()})
+        elif old.status == JobStatus.running and all(s == JobStatus.succeeded for s in statuses.values()):
+            new = _requeued(old, "every variant succeeded: gathering the sweep's report")
+            new.fanout = old.fanout.model_copy(update={"gathering": True})
+        else:
+            return None
+
+        def extra(pipe: Any) -> None:
+            if new.status == JobStatus.queued:
+                store.add_to_outbox(pipe, job_id)
+            else:
+                store.drop_fanout(pipe, job_id, data=True)
+
+        return new, [("status", status_event(old.status, new, reason="variants"))], extra
+
+    job, changed = store.mutate(job_id, fn)
+    if not changed:
+        return job
+    if job.status == JobStatus.queued:
+        _send(store, queue, job)
+        return job
+    _stop_queued(store, variants)
+    if on_finished is not None:
+        on_finished(job)
+        for child in [store.get(i) for i in variants.values() if statuses[i] is not None]:
+            if child is not None:
+                on_finished(child)
+    if job.request.webhook is not None:
+        _send_notice(queue, job)
+    return job
+
+
+def sweep_fanouts(store: JobStore, queue: Sender, on_finished: Callable[[Job], None] | None = None) -> None:
+    """`fan_check` every fanned-out sweep (catches variant jobs ended by the lease sweeper, and a
+    variant's worker that died between finishing and checking)."""
+    for job_id in store.fanouts():
+        try:
+            fan_check(store, queue, job_id, on_finished)
+        except (redis.RedisError, UnreadableRecord) as e:
+            log.warning("sweep %s: fan-out check failed: %s", job_id, e)
+
+
+def variant_progress(store: JobStore, child: Job, prog: JobProgress) -> None:
+    """Mirror a variant job's progress onto its sweep (stage, block, message, the variant's label;
+    fraction: the mean over the variants); nothing when the sweep is no longer held."""
+    parent = store.get(child.parent or "")
+    if parent is None or parent.fanout is None or child.variant is None:
+        return
+    labels = list(parent.fanout.variants)
+    frac = store.fan_progress(parent.id, child.variant, prog.fraction, labels)
+    mirrored = prog.model_copy(update={"fraction": round(frac, 4), "variant": child.variant})
+    store.set_progress(parent.id, mirrored)
+
+
+def sweep_stopped(store: JobStore, child: Job) -> bool:
+    """Whether a variant job's sweep was cancelled, failed or is gone (the variant stops)."""
+    status = store.status_of(child.parent or "")
+    return status is None or status not in (JobStatus.running, JobStatus.queued)
+
+
+def fan_done(store: JobStore, job_id: str) -> None:
+    """The sweep succeeded: stop watching it and drop its variant hash."""
+    with store.r.pipeline() as pipe:
+        store.drop_fanout(pipe, job_id, data=True)
+        pipe.execute()

@@ -114,7 +114,7 @@ def delete_finished(store: JobStore, job_id: str, before: float = math.inf) -> b
                         value = value.decode()
                     points = value is not None and value.split(" ", 1)[0] == job_id
                 pipe.multi()
-                pipe.delete(key, keys.events(job_id), ref, keys.notice_key(job_id))
+                pipe.delete(key, keys.events(job_id), ref, keys.notice_key(job_id), keys.fan_key(job_id))
                 if points:
                     pipe.delete(idem)
                 pipe.zrem(keys.idx(job.tenant), job_id)

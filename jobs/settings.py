@@ -135,6 +135,13 @@ class Settings(SharedSettings):
         "jobs finished, deleted or running on another host; at start, then every interval; `0` turns "
         "the sweep off).",
     )
+    sweep_fanout: Flag = env_field(
+        "PRUNE_SWEEP_FANOUT",
+        True,
+        "`1`: a sweep's variants run as jobs of their own, one per idle worker, and the last one "
+        "gathers the sweep's report; `0`: one worker runs them one after the other (docs/reliability.md).",
+        shown="on",
+    )
     storage_retries: int = env_field(
         "PRUNE_STORAGE_RETRIES", 3, "Retries of a failed artifact upload before the job fails.", ge=0
     )

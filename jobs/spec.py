@@ -140,6 +140,15 @@ class JobSummary(_Record):
         return data
 
 
+class FanOut(_Record):
+    """A sweep job whose variants run as jobs of their own (`jobs.lifecycle.fan_out`)."""
+
+    variants: dict[str, str] = Field(description="Variant label -> the id of the job pruning it.")
+    gathering: bool = Field(
+        default=False, description="Every variant succeeded; a worker writes the sweep's report."
+    )
+
+
 class Job(_Record):
     """A job record as stored and as returned by the API."""
 
@@ -164,6 +173,11 @@ class Job(_Record):
         "the job is sent again (first enqueue never confirmed, lease expired, upload retry); workers "
         "skip messages carrying an older one and every write of a worker holding an older one is refused.",
     )
+    fanout: FanOut | None = Field(
+        default=None, description="Sweep fanned out over workers: one job per variant (docs/reliability.md)."
+    )
+    parent: str | None = Field(default=None, description="Variant job: the id of its sweep job.")
+    variant: str | None = Field(default=None, description="Variant job: the label of the variant it prunes.")
 
 
 UNREADABLE = "unreadable_record"

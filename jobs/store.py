@@ -586,6 +586,63 @@ class JobStore:
             return None
         return eid.decode() if isinstance(eid, bytes) else str(eid)
 
+    # sweeps fanned out over workers (jobs.lifecycle decides; these are the Redis side)
+    def add_variant_jobs(self, pipe: Any, parent: str, children: list[Job]) -> None:
+        """In `pipe`'s transaction: create the queued variant jobs of sweep `parent` (records,
+        indexes, quota set, outbox, first event), drop the sweep's lease (no worker holds it while
+        its variants run) and list it among the fan-outs."""
+        for child in children:
+            pipe.set(self.keys.job_key(child.id), child.model_dump_json())
+            pipe.zadd(self.keys.idx(child.tenant), {child.id: 0})
+            pipe.zadd(self.keys.idx(child.tenant, JobStatus.queued), {child.id: 0})
+            pipe.hincrby(self.keys.counts, JobStatus.queued.value, 1)
+            pipe.sadd(self.keys.active(child.tenant), child.id)
+            pipe.zadd(self.keys.outbox_key, {child.id: time.time()})
+            event = encode("status", status_event(None, child, sweep=parent))
+            pipe.xadd(self.keys.events(child.id), event, maxlen=MAXLEN, approximate=True)
+        pipe.delete(self.keys.lease_key(parent))
+        pipe.zrem(self.keys.leases_key, parent)
+        pipe.sadd(self.keys.fanouts_key, parent)
+
+    def fanouts(self) -> list[str]:
+        """The sweep jobs fanned out and not yet finished."""
+        members = self.r.smembers(self.keys.fanouts_key)
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    def drop_fanout(self, pipe: Any, parent: str, *, data: bool) -> None:
+        """In `pipe`: the sweep is no longer watched (finished); `data` also drops its variant hash."""
+        pipe.srem(self.keys.fanouts_key, parent)
+        if data:
+            pipe.delete(self.keys.fan_key(parent))
+
+    def statuses(self, job_ids: list[str]) -> dict[str, JobStatus | None]:
+        """Each job's status read leniently (None: gone or unreadable), in one round trip."""
+        raws = self.r.mget([self.keys.job_key(i) for i in job_ids]) if job_ids else []
+        out: dict[str, JobStatus | None] = {}
+        for job_id, raw in zip(job_ids, raws, strict=True):
+            status = _lenient(raw).get("status") if raw is not None else None
+            out[job_id] = JobStatus(status) if status in {s.value for s in JobStatus} else None
+        return out
+
+    def fan_progress(self, parent: str, label: str, fraction: float, labels: list[str]) -> float:
+        """Record a variant job's fraction done; the sweep's overall fraction (mean over `labels`)."""
+        key = self.keys.fan_key(parent)
+        with self.r.pipeline() as pipe:
+            pipe.hset(key, f"p:{label}", fraction)
+            pipe.hmget(key, [f"p:{x}" for x in labels])
+            _, values = pipe.execute()
+        return sum(float(v) for v in values if v is not None) / max(len(labels), 1)
+
+    def put_variant_report(self, parent: str, label: str, report_json: str) -> None:
+        """Keep a succeeded variant's report for the sweep's gather step."""
+        self.r.hset(self.keys.fan_key(parent), f"r:{label}", report_json)
+
+    def variant_reports(self, parent: str, labels: list[str]) -> dict[str, str]:
+        """The reports stored for `labels` (a missing one is absent)."""
+        values = self.r.hmget(self.keys.fan_key(parent), [f"r:{x}" for x in labels])
+        pairs = zip(labels, values, strict=True)
+        return {x: v.decode() if isinstance(v, bytes) else v for x, v in pairs if v}
+
     def mark_notice(self, job_id: str, holder: str, ttl_s: float) -> bool:
         """Set the job's completion-webhook marker unless it is set (SET NX); whether this call set it."""
         return bool(self.r.set(self.keys.notice_key(job_id), holder, nx=True, px=int(ttl_s * 1000)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the configuration tables of README.md and docs/production.md from the settings classes.
+"""Write the configuration tables of README.md and the docs (production, reliability) from the settings.
 
     python scripts/config_table.py            # rewrite every marked section
     python scripts/config_table.py --check    # exit 1 when a section differs from the classes
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/production.md")
+DOCS = ("README.md", "docs/production.md", "docs/reliability.md")
 MARKER = re.compile(
     r"(<!-- config-table:start(?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- config-table:end -->)", re.S
 )

@@ -95,6 +95,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "PRUNE_MODEL_ROOTS": str(tmp_path_factory.getbasetemp()),
         "PRUNE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "PRUNE_WEBHOOK_ALLOW_PRIVATE": "1",
+        "PRUNE_SWEEP_FANOUT": "0",  # sweeps run serially here; tests/e2e/test_fanout.py fans them out
     }
     stack = Stack(home, env=env)
     try:

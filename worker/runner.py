@@ -112,7 +112,7 @@ class _Reporter:
     """on_progress / should_cancel callbacks bound to one attempt (its delivery token and lease)."""
 
     def __init__(self, ctx: Context, job: Job, lease: Lease, notifier: Notifier | None = None) -> None:
-        self.ctx, self.job_id, self.token, self.lease = ctx, job.id, lease.token, lease
+        self.ctx, self.job, self.job_id, self.token, self.lease = ctx, job, job.id, lease.token, lease
         self.t0 = time.monotonic()
         self.last: tuple[str, int | None, str | None] | None = None
         self.last_t = 0.0
@@ -160,6 +160,11 @@ class _Reporter:
             log.warning("job %s: progress not recorded: %s", self.job_id, e)
         except UnreadableRecord:  # its record was broken under this attempt: fail it and stop
             self._unreadable()
+        if self.job.parent is not None:  # a sweep's variant: the sweep shows its progress too
+            try:
+                lifecycle.variant_progress(self.ctx.store, self.job, prog)
+            except (redis.RedisError, UnreadableRecord) as e:
+                log.warning("job %s: sweep progress not recorded: %s", self.job_id, e)
         if self.notifier is not None and key != self.hook_key:  # once per stage and per block
             self.hook_key = key
             self.notifier.send("progress", "job.progress", {"status": "running", **prog.model_dump()})
@@ -184,6 +189,8 @@ class _Reporter:
             self._unreadable()
         if job is not None and job.delivery != self.token:
             raise Fenced(self.job_id, self.token)
+        if job is not None and job.parent is not None and lifecycle.sweep_stopped(self.ctx.store, job):
+            return True  # its sweep was cancelled or failed: the variant stops too
         return job is None or job.status == JobStatus.cancelling
 
 
@@ -265,9 +272,15 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
     hooks = notifier(ctx, job)
     rep = _Reporter(ctx, job, lease, hooks)
     log.info("job %s: running (attempt %d)", job_id, job.attempts)
-    hooks.send("started", "job.started", {"status": "running", "attempt": job.attempts})
+    if job.fanout is None:  # a sweep's gather step is not a new start
+        hooks.send("started", "job.started", {"status": "running", "attempt": job.attempts})
     finished = True
     try:
+        if _fans_out(ctx, job):
+            finished = False  # the sweep goes on as one job per variant; this attempt is over
+            return _fan_out(ctx, job, token, work)
+        if job.parent is not None and rep.should_cancel():
+            raise Cancelled("its sweep was stopped")
         if _complete(out):  # an earlier attempt exported it; only its upload failed
             rep.publish("log", {"message": "re-using the output exported by an earlier attempt"})
             report = RunReport.model_validate_json((out / "report.json").read_text())
@@ -300,6 +313,7 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
         )
         shutil.rmtree(work, ignore_errors=True)  # scratch is gone before the job reads as finished
         _succeed(ctx, job_id, token, report)
+        _gathered(ctx, job)
         log.info("job %s: succeeded", job_id)
         return JobStatus.succeeded.value
     except Fenced:
@@ -326,10 +340,65 @@ def _attempt(ctx: Context, job: Job, lease: Lease) -> str:
         if finished:
             shutil.rmtree(work, ignore_errors=True)
             notify_completed(ctx, job, hooks)
+            _after_variant(ctx, job)
+
+
+def _queue(ctx: Context) -> Queue:
+    assert ctx.queue is not None
+    return ctx.queue
+
+
+def _fans_out(ctx: Context, job: Job) -> bool:
+    """Whether this attempt turns the job into one job per sweep variant (PRUNE_SWEEP_FANOUT)."""
+    sweep = job.request.sweep is not None and job.fanout is None and job.parent is None
+    return ctx.settings.sweep_fanout and sweep
+
+
+def _fan_out(ctx: Context, job: Job, token: str, work: Path) -> str:
+    """Queue one job per variant of the sweep (`lifecycle.fan_out`); this attempt ends here."""
+    labels = [label for label, _ in run_spec(job).variants()]
+    lifecycle.fan_out(ctx.store, _queue(ctx), job.id, token, labels)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("job %s: sweep fanned out as %d variant jobs", job.id, len(labels))
+    return "fanned_out"
+
+
+def _gathered(ctx: Context, job: Job) -> None:
+    """After a fanned-out sweep succeeded: its variants' copies (now in its own artifacts) go."""
+    if job.fanout is None:
+        return
+    lifecycle.fan_done(ctx.store, job.id)
+    for child_id in job.fanout.variants.values():
+        try:
+            ctx.artifacts.delete_prefix(f"{lifecycle.variant_tenant(job.tenant)}/{child_id}")
+        except StorageError as e:  # retention deletes them with the variant's record
+            log.warning("job %s: variant artifacts %s not deleted: %s", job.id, child_id, e)
+
+
+def _after_variant(ctx: Context, job: Job) -> None:
+    """A sweep's variant job ended: move its sweep on (`lifecycle.fan_check`); a failure here is left
+    to the API's fan-out sweep."""
+    if job.parent is None:
+        return
+    try:
+        lifecycle.fan_check(ctx.store, _queue(ctx), job.parent, on_finished=lambda j: _drop_artifacts(ctx, j))
+    except Exception as e:
+        log.warning("job %s: sweep %s not checked (%s); the API's fan-out sweep will", job.id, job.parent, e)
+
+
+def _drop_artifacts(ctx: Context, job: Job) -> None:
+    try:
+        ctx.artifacts.delete_prefix(f"{job.tenant}/{job.id}")
+    except StorageError as e:
+        log.warning("job %s: artifacts not deleted: %s", job.id, e)
 
 
 def _succeed(ctx: Context, job_id: str, token: str, report: RunReport) -> None:
     """Mark the attempt's job succeeded with its summary; raise Cancelled when a cancel came first."""
+    job = ctx.store.get(job_id)
+    if job is not None and job.parent is not None and job.variant is not None:  # kept for the gather
+        lifecycle.check_held(ctx.store, job_id, token)
+        ctx.store.put_variant_report(job.parent, job.variant, report.model_dump_json())
     try:
         lifecycle.finish(
             ctx.store,
@@ -402,6 +471,8 @@ def _upload(ctx: Context, out: Path, prefix: str, rep: _Reporter) -> list[Any]:
 def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) -> RunReport:
     from core.run import pipeline  # torch lives behind this import
 
+    if job.fanout is not None and job.fanout.gathering:
+        return _gather(ctx, job, out, rep)
     checked = run_spec(job)
     spec = checked
     if inputs.has_s3(checked):
@@ -415,7 +486,32 @@ def _execute(ctx: Context, job: Job, out: Path, rep: _Reporter, resume: Path) ->
         should_cancel=rep.should_cancel,
         data_dir=ctx.settings.data_dir,
         resume_dir=resume,  # block checkpoints: a re-queued attempt on this host continues from them
+        variant=job.variant,  # a sweep's variant job runs that variant alone
     )
+    return report
+
+
+def _gather(ctx: Context, job: Job, out: Path, rep: _Reporter) -> RunReport:
+    """Every variant of the fanned-out sweep succeeded: fetch their artifacts into `out/variants/`,
+    then write the sweep's report (`core.run.sweep.gather`) beside them."""
+    from core.run import sweep  # torch lives behind this import
+
+    assert job.fanout is not None
+    variants = job.fanout.variants
+    rep.progress(Progress(stage="exporting", fraction=0.0, message=f"gathering {len(variants)} variants"))
+    stored = ctx.store.variant_reports(job.id, list(variants))
+    reports = []
+    out.mkdir(parents=True, exist_ok=True)
+    for label, child_id in variants.items():
+        if label not in stored:
+            raise StorageError(f"variant {label}: its report is missing (job {child_id})")
+        reports.append(RunReport.model_validate_json(stored[label]))
+        child_prefix = f"{lifecycle.variant_tenant(job.tenant)}/{child_id}"
+        ctx.artifacts.download_dir(child_prefix, out / sweep.VARIANTS_DIR / label)
+        rep.publish("log", {"message": f"gathered variant {label}", "variant": label})
+    spec = run_spec(job)
+    report = sweep.gather(spec, spec, reports, out)
+    rep.progress(Progress(stage="exporting", fraction=1.0, message="sweep report written"))
     return report
 
 

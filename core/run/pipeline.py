@@ -36,7 +36,6 @@ from core.result import (
     RunReport,
     SparsityInfo,
     TaskScore,
-    Variant,
 )
 from core.run import engine, hostinfo, preflight, recovery_stage, resume, streaming, sweep
 from core.spec import ModelSpec, PruneSpec, RunSpec
@@ -184,6 +183,7 @@ def run(
     data_dir: str | Path | None = None,
     reported_spec: RunSpec | None = None,
     resume_dir: str | Path | None = None,
+    variant: str | None = None,
 ) -> RunReport:
     """Run ``spec`` end to end and write its artifacts to ``out_dir``; return the report.
 
@@ -195,6 +195,10 @@ def run(
     A sweep (``spec.sweep``) loads, calibrates and measures the dense model once, then prunes each
     variant from the dense weights into ``out_dir/variants/<label>/`` (artifacts and its own report);
     the top-level report has the sweep table and curve and describes the headline variant.
+    ``variant`` (a label of the sweep) runs that variant alone, as one unit of a sweep fanned out over
+    workers: ``out_dir`` gets what the whole sweep writes under ``variants/<label>/`` (its artifacts and
+    report, identical but for timings, which here include loading and the dense evaluation);
+    :func:`core.run.sweep.gather` then writes the sweep's top-level report.
 
     ``reported_spec`` is what the report records as its ``spec`` when it differs from what ran
     (e.g. the ``s3://`` URIs whose local copies ``spec`` names); default ``spec``.
@@ -211,7 +215,11 @@ def run(
             "this checkpoint would be pruned with its weights on disk (too large for the RAM): zero-shot "
             "tasks and recovery need the model in memory (model.stream 'never')"
         )
-    return _Run(spec, on_progress, should_cancel, data_dir, reported_spec or spec, checked, disk).run(
+    labels = [label for label, _ in spec.variants()]
+    if variant is not None and (spec.sweep is None or variant not in labels):
+        raise InvalidInput(f"variant {variant!r} is not one of this spec's sweep variants {labels}")
+    only = labels.index(variant) if variant is not None else None
+    return _Run(spec, on_progress, should_cancel, data_dir, reported_spec or spec, checked, disk, only).run(
         out, t_start, Path(resume_dir) if resume_dir is not None else None
     )
 
@@ -235,6 +243,7 @@ class _Run:
         reported: RunSpec,
         checked: loading.Checked,
         disk: bool,
+        only: int | None = None,
     ) -> None:
         self.spec, self.should_cancel, self.data_dir, self.reported = spec, should_cancel, data_dir, reported
         self.checked = checked
@@ -246,6 +255,9 @@ class _Run:
         """Seconds the evaluations spent reading weights from disk (streaming mode)."""
         self.variants = spec.variants()
         self.sweep = spec.sweep is not None
+        self.only = only
+        """The one variant this run prunes (a sweep fanned out over workers), else None: all."""
+        self.indices = [only] if only is not None else list(range(len(self.variants)))
         ev = spec.evaluation
         self.dense_eval = ev.enabled and ev.dense_baseline
         enabled = [("loading", STAGE_WEIGHTS["loading"]), ("calibrating", STAGE_WEIGHTS["calibrating"])]
@@ -253,7 +265,7 @@ class _Run:
             enabled.append(("dense_eval", STAGE_WEIGHTS["dense_eval"]))
         if ev.tasks and ev.dense_baseline:
             enabled.append(("dense_tasks", STAGE_WEIGHTS["tasks"]))
-        for i in range(len(self.variants)):
+        for i in self.indices:
             enabled.append((f"pruning{i}", STAGE_WEIGHTS["pruning"]))
             if ev.enabled:
                 enabled.append((f"pruned_eval{i}", STAGE_WEIGHTS["pruned_eval"]))
@@ -587,15 +599,18 @@ class _Run:
             self._setup()
             self._dense()
             blocks = families.get_blocks(self.model, self.loaded.family)
-            restore = len(self.variants) > 1 and self.disk is None  # on disk each variant reads the input
+            restore = len(self.indices) > 1 and self.disk is None  # on disk each variant reads the input
             snapshot = sweep.DenseSnapshot(blocks) if restore else None
             cache = engine.CaptureCache()
             with export.staging_dir(out) as tmp:
                 self.tmp = tmp
-                if not self.sweep:
-                    report = self._prune_variant(0, self.variants[0][1], resume_dir, cache)
-                    self.timings["export_s"] = self._export(0, tmp, report, out)
+                if len(self.indices) == 1:  # no sweep, or one variant of a fanned-out sweep
+                    i = self.indices[0]
+                    report = self._prune_variant(i, self.variants[i][1], resume_dir, cache)
+                    self.timings["export_s"] = self._export(i, tmp, report, out)
                     report.timings = self.timings
+                    if self.only is not None:  # written as the serial sweep writes the variant
+                        spec = spec.model_copy(update={"prune": self.variants[i][1], "sweep": None})
                 else:
                     report = self._sweep(tmp, snapshot, resume_dir, cache)
                 self.timings["total_s"] = time.perf_counter() - t_start
@@ -605,7 +620,7 @@ class _Run:
                 report_doc.finish(tmp, report, spec)
                 export.write_reports(tmp, report, spec.outputs)
                 check_cancel(self.should_cancel)
-            self.stages.emit(f"exporting{len(self.variants) - 1}", 1.0, "exporting", "done")
+            self.stages.emit(f"exporting{self.indices[-1]}", 1.0, "exporting", "done")
         if resume_dir is not None:
             resume.clear(resume_dir)
         return report
@@ -614,7 +629,6 @@ class _Run:
         self, tmp: Path, snapshot: sweep.DenseSnapshot | None, resume_dir: Path | None, cache: Any
     ) -> RunReport:
         """Every variant into ``tmp/variants/<label>/``; the top-level report (headline variant)."""
-        entries: list[Variant] = []
         reports: dict[str, RunReport] = {}
         for i, (label, prune) in enumerate(self.variants):
             if i and snapshot is not None:
@@ -628,23 +642,10 @@ class _Run:
             report_doc.finish(vroot, rep, vspec)
             export.write_reports(vroot, rep, self.spec.outputs)
             self._add("export_s", rep.timings["export_s"])
-            entries.append(sweep.variant_entry(label, prune, rep, rep.timings["prune_s"]))
             reports[label] = rep
             self.stages.emit(f"exporting{i}", 1.0, "exporting", f"{self._tag(i)[1]}exported", variant=label)
-        result, top_gate = sweep.summarize(entries, self.spec.gate)
-        result.captures = cache.captures
-        head = reports[result.headline]
-        return head.model_copy(
-            update={
-                "spec": self.reported.model_dump(mode="json"),
-                "timings": self.timings,
-                "artifacts": None,
-                "plots": [],
-                "gate": top_gate,
-                "sweep": result,
-                "variant": result.headline,
-            }
-        )
+        ordered = [reports[label] for label, _ in self.variants]
+        return sweep.sweep_report(self.spec, self.reported, ordered, self.timings, cache.captures)
 
 
 def _cuda_peak(device: str) -> float | None:

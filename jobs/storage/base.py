@@ -58,6 +58,10 @@ class ArtifactStore(Protocol):
         """Remove everything below `prefix` (idempotent)."""
         ...
 
+    def download_dir(self, prefix: str, local_dir: Path) -> list[ArtifactInfo]:
+        """Copy every artifact of `prefix` (its index) into `local_dir`, checking sizes; the list."""
+        ...
+
     def download_url(self, prefix: str, name: str, expires_in: int) -> str:
         """A URL that serves the artifact until `expires_in` seconds from now."""
         ...

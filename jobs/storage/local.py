@@ -94,6 +94,20 @@ class LocalArtifactStore:
         tenant, job_id = split_prefix(prefix)
         return f"up-{tenant}-{job_id}"
 
+    def download_dir(self, prefix: str, local_dir: Path) -> list[ArtifactInfo]:
+        """Copy the indexed artifacts of `prefix` into `local_dir`."""
+        infos = self.list(prefix)
+        try:
+            for info in infos:
+                dest = Path(local_dir) / safe_name(info.name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.path(prefix, info.name), dest)
+                if dest.stat().st_size != info.size:
+                    raise StorageError(f"{prefix}/{info.name}: size differs from the index")
+        except OSError as e:
+            raise StorageError(f"could not read artifacts of {prefix}: {e}") from e
+        return infos
+
     def list(self, prefix: str) -> list[ArtifactInfo]:
         """Artifacts below `prefix` (empty when none), from the index written at upload (a directory
         stored before indexes existed is hashed)."""

@@ -346,6 +346,19 @@ class S3ArtifactStore:
         body = self._retry("index read", run)
         return [] if body is None else decode_index(body, index_key)
 
+    def download_dir(self, prefix: str, local_dir: Path) -> list[ArtifactInfo]:
+        """Download the indexed artifacts of `prefix` into `local_dir`, checking each one's sha256."""
+        infos = self.list(prefix)
+        for info in infos:
+            dest = Path(local_dir) / _check_part(info.name, "name")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            key = self._key(prefix, info.name)
+            self._retry(f"download of {key}", lambda key=key, dest=dest: self._client.download_file(
+                self.bucket, key, str(dest), Config=self._transfer))  # fmt: skip
+            if _file_sha256(dest) != info.sha256:
+                raise StorageError(f"{key}: content differs from the index")
+        return infos
+
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object below `prefix`, the index first (idempotent)."""
         base = self._base(prefix)

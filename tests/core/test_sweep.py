@@ -11,8 +11,9 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from core.errors import InvalidInput
 from core.progress import Progress
-from core.run import pipeline
+from core.run import pipeline, sweep
 from core.spec import RunSpec
 
 
@@ -144,3 +145,44 @@ def test_sweep_gate_missed_keeps_the_sparsest(tiny_model_dir, data_dir: Path, tm
     assert report.gate.passed is False and report.gate.variant is None
     assert report.sweep.headline == "magnitude-0.6" and not report.sweep.chosen_by_gate
     assert "No variant passes the gate." in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_fanned_out_sweep_equals_the_serial_one(tiny_model_dir, data_dir: Path, tmp_path: Path) -> None:
+    """Each variant run alone (`variant=`), then gathered: the same variant artifacts, sweep table,
+    gate and headline as the serial sweep; the manifest lists every variant's files."""
+    src = tiny_model_dir("llama")
+    gate = {"min_sparsity": 0.45, "max_ppl_ratio": 1000.0}
+    spec = RunSpec.model_validate(body(src, {"sparsities": [0.5, 0.3, 0.7]}, gate))
+    serial = pipeline.run(spec, tmp_path / "serial", data_dir=data_dir)
+
+    root = tmp_path / "gathered"
+    reports = []
+    for label, _ in spec.variants():
+        events: list[Progress] = []
+        rep = pipeline.run(spec, root / "variants" / label, events.append, data_dir=data_dir, variant=label)
+        reports.append(rep)
+        assert rep.variant == label and rep.sweep is None and "load_s" in rep.timings
+        assert {p.variant for p in events if p.stage == "pruning" and p.block} == {label}
+        assert [p.fraction for p in events][-1] == 1.0
+        a = _weights(root / "variants" / label / "model")
+        b = _weights(tmp_path / "serial" / "variants" / label / "model")
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        mine = json.loads((root / "variants" / label / "report.json").read_text())
+        theirs = json.loads((tmp_path / "serial" / "variants" / label / "report.json").read_text())
+        for key in ("spec", "sparsity", "layers", "evaluation", "gate", "verdict", "variant"):
+            assert mine[key] == theirs[key], key
+    report = sweep.gather(spec, spec, reports, root)
+
+    def table(r):
+        return [v.model_dump(exclude={"prune_s"}) for v in r.sweep.variants]
+
+    assert table(report) == table(serial) and report.gate == serial.gate
+    assert report.sweep.headline == serial.sweep.headline == "wanda-0.7" and report.sweep.captures == 3
+    assert report.timings["load_s"] == pytest.approx(sum(r.timings["load_s"] for r in reports))
+    top = json.loads((root / "report.json").read_text())
+    assert top["sweep"]["headline"] == "wanda-0.7" and (root / "plots" / "sweep_ppl.png").is_file()
+    manifest = json.loads((root / "manifest.json").read_text())["files"]
+    serial_manifest = json.loads((tmp_path / "serial" / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == sorted(serial_manifest)
+    with pytest.raises(InvalidInput, match="not one of"):
+        pipeline.run(spec, tmp_path / "bad", data_dir=data_dir, variant="wanda-0.9")

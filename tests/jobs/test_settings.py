@@ -39,6 +39,7 @@ PARSES: dict[str, list[tuple[str, str, Any]]] = {
     "PRUNE_RETENTION_DAYS": [("0.5", "retention_days", 0.5), ("0", "retention_days", 0.0)],
     "PRUNE_RETENTION_INTERVAL": [("0", "retention_interval", 0.0)],
     "PRUNE_WORK_SWEEP_INTERVAL": [("0.5", "work_sweep_interval", 0.5), ("0", "work_sweep_interval", 0.0)],
+    "PRUNE_SWEEP_FANOUT": [("0", "sweep_fanout", False), ("on", "sweep_fanout", True)],
     "PRUNE_STORAGE_RETRIES": [("0", "storage_retries", 0)],
     "PRUNE_STORAGE_BACKOFF": [("0.2", "storage_backoff", 0.2)],
     "PRUNE_STORAGE": [(" Local ", "storage", "local")],
@@ -98,6 +99,7 @@ REFUSED = [
     ("PRUNE_S3_MODEL_PREFIXES", "s3://ok/,http://bucket/x"),
     ("PRUNE_MAX_SOURCE_GB", "0"),
     ("PRUNE_WEBHOOK_ALLOW_PRIVATE", "2"),
+    ("PRUNE_SWEEP_FANOUT", "sometimes"),
     ("PRUNE_LOG_LEVEL", "loud"),
 ]
 
