@@ -636,7 +636,7 @@ def fan_check(
         job = None
     if job is None or job.fanout is None or job.status in TERMINAL:
         with store.r.pipeline() as pipe:
-            store.drop_fanout(pipe, job_id, data=job is None or job.status != JobStatus.succeeded)
+            store.drop_fanout(pipe, job_id, data=True)
             pipe.execute()
         return job
     variants = job.fanout.variants

@@ -33,7 +33,7 @@ from core.model.hidden import HiddenStore
 from core.model.weights import WeightSource, compute_device, source_for
 from core.progress import CancelFn, check_cancel
 
-__all__ = ["perplexity"]
+__all__ = ["forward_rows", "perplexity"]
 
 
 class _PassThrough(StandIn):
@@ -77,7 +77,7 @@ def _run_blocks(
     return returns
 
 
-def _head_nll(
+def _head(
     model: nn.Module,
     blocks: nn.ModuleList,
     data: torch.Tensor,
@@ -85,32 +85,31 @@ def _head_nll(
     store: HiddenStore,
     returns: int,
     device: torch.device,
-) -> float:
-    """Summed NLL of the carried hidden states through the model's final norm and head."""
+    each: Callable[[torch.Tensor, torch.Tensor], None],
+) -> None:
+    """``each(batch ids, logits)`` per batch: the carried hidden states through the model's final norm
+    and head (the model's own forward with every block stood in)."""
     originals = list(blocks)
     stand_ins = [_PassThrough(b, returns) for b in originals]
-    nll = 0.0
     try:
         for i, s in enumerate(stand_ins):
             blocks[i] = s
         for j, start in enumerate(range(0, data.shape[0], batch_size)):
             batch = data[start : start + batch_size].to(device)
             stand_ins[-1].final = store[j]
-            nll += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+            each(batch, model(input_ids=batch, use_cache=False).logits)
     finally:
         stand_ins[-1].final = None
         for i, b in enumerate(originals):
             blocks[i] = b
-    return nll
 
 
 @torch.no_grad()
-def perplexity(
+def forward_rows(
     model: nn.Module,
-    ids: torch.Tensor,
-    seqlen: int,
-    max_windows: int | None = None,
-    batch_size: int = 1,
+    data: torch.Tensor,
+    batch_size: int,
+    each: Callable[[torch.Tensor, torch.Tensor], None],
     on_step: Callable[[int, int], None] | None = None,
     *,
     device: torch.device | str | None = None,
@@ -118,13 +117,11 @@ def perplexity(
     max_device_memory: int | None = None,
     max_host_memory: int | None = None,
     should_cancel: CancelFn | None = None,
-) -> dict[str, Any]:
-    """:func:`core.evaluation.evaluate.perplexity`'s record, computed block by block on ``device`` (default:
-    where the weights are; weights elsewhere are onloaded block by block), plus ``placement``.
-
-    ``on_step(done, total)``: after the capture (0), each block and the head (``nblocks + 1``).
-    """
-    data = eval_windows(ids, seqlen, max_windows)
+) -> placement.Placement:
+    """The model's logits for the rows ``data`` ``[n, length]``, block by block: ``each(ids, logits)``
+    per batch of ``batch_size`` rows, in order; equal to ``model(data).logits`` batch by batch.
+    Returns where weights and activations were placed. ``on_step(done, total)``: after the capture
+    (0), each block and the head (``nblocks + 1``)."""
     blocks = families.get_blocks(model)
     dev = compute_device(model, device)
     source = source or source_for(model, blocks, dev)
@@ -149,11 +146,45 @@ def perplexity(
             progress(0)
             returns = _run_blocks(blocks, source, store, cap.args, cap.returns, progress)
             with source.outside_context():
-                nll = _head_nll(model, blocks, data, batch_size, store, returns, dev)
+                _head(model, blocks, data, batch_size, store, returns, dev, each)
             progress(steps)
     finally:
         model.train(was_training)
-    out = {**ppl_result(nll, data.shape[0], seqlen, int(ids.numel())), "placement": place.report()}
+    return place
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    on_step: Callable[[int, int], None] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    source: WeightSource | None = None,
+    max_device_memory: int | None = None,
+    max_host_memory: int | None = None,
+    should_cancel: CancelFn | None = None,
+) -> dict[str, Any]:
+    """:func:`core.evaluation.evaluate.perplexity`'s record, computed block by block on ``device`` (default:
+    where the weights are; weights elsewhere are onloaded block by block), plus ``placement``.
+
+    ``on_step(done, total)``: after the capture (0), each block and the head (``nblocks + 1``).
+    """
+    data = eval_windows(ids, seqlen, max_windows)
+    source = source or source_for(model, families.get_blocks(model), compute_device(model, device))
+    nll = [0.0]
+
+    def add(batch: torch.Tensor, logits: torch.Tensor) -> None:
+        nll[0] += window_nll(logits, batch)
+
+    place = forward_rows(
+        model, data, batch_size, add, on_step, device=device, source=source,
+        max_device_memory=max_device_memory, max_host_memory=max_host_memory, should_cancel=should_cancel,
+    )  # fmt: skip
+    out = {**ppl_result(nll[0], data.shape[0], seqlen, int(ids.numel())), "placement": place.report()}
     if hasattr(source, "read_s"):  # weights read from disk (core.run.streaming.CheckpointSource)
         out["read_s"] = source.read_s
     return out

@@ -224,3 +224,14 @@ def test_from_settings() -> None:
     assert s.download_url("t/j", "f", 60).startswith("https://files.example.com/b/p/t/j/f?")
     with pytest.raises(StorageError):
         S3ArtifactStore.from_settings(Settings())
+
+
+def test_download_dir_copies_the_indexed_files(store: S3ArtifactStore, tmp_path: Path) -> None:
+    """What the gather step of a fanned-out sweep uses: every indexed file back, checked."""
+    files = _make_job_dir(tmp_path / "up")
+    store.upload_dir(tmp_path / "up", "tenant-a~sweep/job-v1")
+    got = store.download_dir("tenant-a~sweep/job-v1", tmp_path / "down")
+    assert sorted(i.name for i in got) == sorted(files)
+    for name, data in files.items():
+        assert (tmp_path / "down" / name).read_bytes() == data
+    assert store.download_dir("tenant-a~sweep/none", tmp_path / "none") == []

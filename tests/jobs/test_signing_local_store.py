@@ -78,3 +78,15 @@ def test_check_fails_on_unwritable_root(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StorageError):
         LocalArtifactStore(blocker / "root", Signer(b"k"), "http://x").check()
+
+
+def test_download_dir_copies_the_indexed_files(tmp_path: Path) -> None:
+    src = tmp_path / "out"
+    (src / "model").mkdir(parents=True)
+    (src / "model" / "w.bin").write_bytes(b"\x01" * 100)
+    (src / "report.json").write_text("{}")
+    store = LocalArtifactStore(tmp_path / "root", Signer(b"k"), "http://api:1/")
+    infos = store.upload_dir(src, "default~sweep/job1")
+    assert store.download_dir("default~sweep/job1", tmp_path / "back") == infos
+    assert (tmp_path / "back" / "model" / "w.bin").read_bytes() == b"\x01" * 100
+    assert not (tmp_path / "back" / ".artifacts.json").exists()  # the store's index stays behind
