@@ -385,7 +385,8 @@ class EvalSpec(_Strict):
         default_factory=list,
         max_length=MAX_TASKS,
         description="Zero-shot tasks run with lm-evaluation-harness on the dense and the pruned model "
-        "(in memory): a task folder $PRUNE_DATA_DIR/lm_eval_tasks/<task>/ (YAML + local data files), "
+        "(block by block when the weights are not all on the device): a task folder "
+        "$PRUNE_DATA_DIR/lm_eval_tasks/<task>/ (YAML + local data files), "
         "else the harness's own task of that name from the hub when online.",
     )
     task_limit: int | None = Field(

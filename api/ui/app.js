@@ -185,7 +185,7 @@ async function showJob(id) {
   $("#job").hidden = false;
   shownEvents.clear();
   lastStep = null;
-  sweep = { total: 0, labels: [], current: -1 };
+  sweep = { total: 0, labels: [], current: -1, last: {} };
   $("#variants tbody").replaceChildren();
   $("#events").replaceChildren(); $("#artifacts").replaceChildren(); $("#plots").replaceChildren();
   $("#report").srcdoc = "";
@@ -202,7 +202,7 @@ async function showJob(id) {
 const shownEvents = new Set(); // event ids in the detail panel (the page and the stream overlap)
 const VARIANT_TAG = /^\[(\S+) (\d+)\/(\d+)\] /; // "[wanda-0.5 2/4] " before a sweep step's message
 let lastStep = null; // {key, tr}: the timeline row of the step (stage, variant, block) in progress
-let sweep = { total: 0, labels: [], current: -1 }; // the shown job's variants, from its progress events
+let sweep = { total: 0, labels: [], current: -1, last: {} }; // the shown job's variants, from its progress events
 
 function eventTime(id) {
   const ms = Number(String(id || "").split("-")[0]); // a stream id starts with its Unix time in ms
@@ -253,12 +253,19 @@ function trackVariant(p) {
   sweep.total = Number(m[3]);
   sweep.labels[i] = m[1];
   sweep.current = i;
+  sweep.last[m[1]] = p.message.replace(VARIANT_TAG, ""); // fanned out: variants advance side by side
   const job = jobs.get(current);
   if (job) renderSweep(job);
 }
 
 function variantState(job, i, label, results) {
   if (results.has(label)) return "done";
+  if (job.fanout) { // one job per variant, several at once: each variant's own last step decides
+    const last = sweep.last[label];
+    if (last === undefined) return TERMINAL.has(job.status) ? "not run" : "pending";
+    if (last === "exported") return "done";
+    return TERMINAL.has(job.status) ? `stopped (${job.status})` : "running";
+  }
   if (i < sweep.current) return "done";
   if (i === sweep.current) return TERMINAL.has(job.status) ? `stopped (${job.status})` : "running";
   return TERMINAL.has(job.status) ? "not run" : "pending";

@@ -1,6 +1,10 @@
-"""Zero-shot accuracy with EleutherAI's lm-evaluation-harness on the model already in memory.
+"""Zero-shot accuracy with EleutherAI's lm-evaluation-harness, at any model size.
 
-The harness's ``HFLM`` wraps the loaded model and tokenizer (nothing is re-read from disk). A task
+The harness's ``HFLM`` wraps the loaded model and tokenizer (nothing is re-read from disk): its
+tokenization, batching, padding and scoring are the harness's own. Only the model call can change:
+a model whose weights are not all on the compute device (onloaded from host memory, or on disk)
+gets its logits block by block (``forward``: :func:`core.evaluation.block_eval.forward_rows`, one
+pass over the weights per batch of requests), equal to the whole-model forward. A task
 comes from its local folder (:mod:`core.evaluation.tasks`: YAML + data files, relative paths resolved against
 the folder) or, when the hub is online and no such folder exists, from the harness's own registry.
 Every failure is a :class:`core.errors.TaskError` naming the task.
@@ -10,16 +14,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from core.errors import TaskError
 from core.evaluation import tasks as task_paths
 
 PREFERRED_METRICS = ("acc", "acc_norm", "exact_match")
+BLOCKWISE_BATCH = 64
+"""Requests per batch when the logits come block by block: each batch is one pass over the weights."""
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+"""The logits ``[batch, length, vocab]`` of token rows ``[batch, length]`` (e.g. block by block)."""
 
 
 @dataclass(frozen=True)
@@ -99,20 +110,34 @@ def _score(result: dict[str, Any], samples: int | None) -> Score:
 
 
 def evaluate(
-    model: nn.Module, tokenizer: Any, resolved: list[ResolvedTask], limit: int | None, batch_size: int = 8
+    model: nn.Module,
+    tokenizer: Any,
+    resolved: list[ResolvedTask],
+    limit: int | None,
+    batch_size: int = 8,
+    *,
+    forward: Forward | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Score]:
-    """Run each task zero-shot on ``model`` (in memory, eval mode) and return its headline metric."""
+    """Run each task zero-shot on ``model`` (eval mode) and return its headline metric.
+
+    ``forward``: how the logits of a batch are computed (default: the model's own forward, weights
+    resident); ``device``: where the harness puts the token rows (default: where the weights are)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: dict[str, Score] = {}
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size)
+        size = BLOCKWISE_BATCH if forward is not None else batch_size
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=size)
+        lm._device = device  # a model on disk reports the meta device
+        if forward is not None:
+            lm._model_call = lambda inps, attn_mask=None, labels=None: forward(inps)  # the only change
         for task in resolved:
             manager = TaskManager(include_defaults=task.config is None)
             try:

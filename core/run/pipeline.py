@@ -210,10 +210,10 @@ def run(
     checked = loading.check_source(spec.model)  # resolved and checked once, handed down
     preflight.check(spec, checked)  # what the config alone refuses, before any weight is read
     disk = use_streaming(spec.model)
-    if disk and (spec.evaluation.tasks or spec.recovery.enabled):
+    if disk and spec.recovery.enabled:
         raise InvalidInput(
-            "this checkpoint would be pruned with its weights on disk (too large for the RAM): zero-shot "
-            "tasks and recovery need the model in memory (model.stream 'never')"
+            "this checkpoint would be pruned with its weights on disk (too large for the RAM): recovery "
+            "trains the model in memory (model.stream 'never')"
         )
     labels = [label for label, _ in spec.variants()]
     if variant is not None and (spec.sweep is None or variant not in labels):
@@ -353,13 +353,7 @@ class _Run:
             what = f"block {done}/{total - 1}" if done < total else "final norm and head"
             self.stages.emit(key, done / total, "evaluating", f"{label} perplexity: {what}", **kw)
 
-        source = None
-        if self.disk is not None:
-            import torch
-
-            i = None if key == "dense_eval" else int(key.removeprefix("pruned_eval"))
-            where = self.disk if i is None else self.staged[i] / "model"
-            source = streaming.CheckpointSource(self.model, where, getattr(torch, ms.dtype))
+        source = self._source(None if key == "dense_eval" else int(key.removeprefix("pruned_eval")))
         res = block_eval.perplexity(
             self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch, on_step,
             device=ms.device, source=source, max_device_memory=ms.max_device_memory,
@@ -367,6 +361,36 @@ class _Run:
         )  # fmt: skip
         self.eval_read_s += res.get("read_s", 0.0)
         return res
+
+    def _source(self, i: int | None) -> Any:
+        """Where block-by-block passes read the weights: None (the model in memory), else (weights on
+        disk) the input checkpoint (``i`` None: dense) or variant ``i``'s staged output."""
+        if self.disk is None:
+            return None
+        import torch
+
+        where = self.disk if i is None else self.staged[i] / "model"
+        return streaming.CheckpointSource(self.model, where, getattr(torch, self.spec.model.dtype))
+
+    def _task_forward(self, i: int | None) -> Any:
+        """The zero-shot tasks' model call: None (whole-model forward) when every weight is on the
+        compute device, else the logits block by block (:func:`block_eval.forward_rows`)."""
+        if self.disk is None and self.loaded.resident:
+            return None
+        import torch
+
+        ms, source = self.spec.model, self._source(i)
+
+        def forward(ids: Any) -> Any:
+            parts: list[Any] = []
+            block_eval.forward_rows(
+                self.model, ids, ids.shape[0], lambda _b, logits: parts.append(logits), device=ms.device,
+                source=source, max_device_memory=ms.max_device_memory, max_host_memory=ms.max_host_memory,
+                should_cancel=self.should_cancel,
+            )  # fmt: skip
+            return torch.cat(parts)
+
+        return forward
 
     def _format_ppl(self, model: Any) -> float:
         """Perplexity of an exported format loaded back (:mod:`core.artifacts.formats`): whole-model forwards,
@@ -418,7 +442,9 @@ class _Run:
             key, 0.0, "evaluating", f"{label} zero-shot tasks: {', '.join(t.name for t in self.tasks)}", **kw
         )
         t = time.perf_counter()
-        scores = zeroshot.evaluate(self.model, self.tok, self.tasks, self.spec.evaluation.task_limit)
+        forward = self._task_forward(None if key == "dense_tasks" else int(key.removeprefix("pruned_tasks")))
+        scores = zeroshot.evaluate(self.model, self.tok, self.tasks, self.spec.evaluation.task_limit,
+                                   forward=forward, device=self.spec.model.device)  # fmt: skip
         self._add("tasks_s", time.perf_counter() - t)
         self.stages.emit(key, 1.0, "evaluating", f"{label} zero-shot tasks done", **kw)
         return scores
@@ -620,7 +646,10 @@ class _Run:
                 report_doc.finish(tmp, report, spec)
                 export.write_reports(tmp, report, spec.outputs)
                 check_cancel(self.should_cancel)
-            self.stages.emit(f"exporting{self.indices[-1]}", 1.0, "exporting", "done")
+            last = self.indices[-1]
+            label, tag = self._tag(last) if self.only is not None else (None, "")
+            self.stages.emit(f"exporting{last}", 1.0, "exporting", f"{tag}exported" if tag else "done",
+                             variant=label)  # fmt: skip
         if resume_dir is not None:
             resume.clear(resume_dir)
         return report

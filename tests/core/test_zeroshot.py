@@ -106,3 +106,51 @@ def test_missing_task_fails_the_run_naming_it(tiny_model_dir, task_data: Path, t
     with pytest.raises(TaskError, match="'no_such_task'"):
         pipeline.run(spec, tmp_path / "o", data_dir=task_data)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_tasks_block_by_block_equal_the_whole_model(tiny_model_dir, task_data: Path, family: str) -> None:
+    """The harness scoring logits computed block by block (weights onloaded one block at a time)
+    gives the whole-model forward's scores; the logits themselves agree to float rounding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from core.evaluation import block_eval
+
+    src = tiny_model_dir(family)
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    task = zeroshot.resolve("tiny_mc", task_data, online=False)
+    calls: list[tuple[int, int]] = []
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(ids.shape))
+        parts: list[torch.Tensor] = []
+        block_eval.forward_rows(model, ids, 3, lambda _b, logits: parts.append(logits), max_device_memory=1)
+        return torch.cat(parts)
+
+    whole = zeroshot.evaluate(model, tok, [task], None)
+    blockwise = zeroshot.evaluate(model, tok, [task], None, forward=forward, device="cpu")
+    assert calls and blockwise == whole
+    ids = torch.randint(0, model.config.vocab_size, (5, 17))
+    with torch.no_grad():
+        assert torch.allclose(forward(ids), model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tasks_with_weights_on_disk(tiny_model_dir, task_data: Path, tmp_path: Path) -> None:
+    """A checkpoint pruned with its weights on disk gets its zero-shot scores (dense from the input,
+    pruned from the staged output), equal to the in-memory run's."""
+    src = tiny_model_dir("llama")
+    reports = {}
+    for stream in ("never", "always"):
+        spec = RunSpec.model_validate(
+            {
+                "model": {"source": str(src), "stream": stream},
+                "prune": {"method": "wanda", "pattern": "2:4"},
+                "calibration": {"source": "wikitext2", "nsamples": 4, "seqlen": 32},
+                "evaluation": {"max_windows": 2, "generations": 0, "tasks": ["tiny_mc"]},
+            }
+        )
+        reports[stream] = pipeline.run(spec, tmp_path / stream, data_dir=task_data)
+    assert reports["always"].streaming["used"] and not reports["never"].streaming["used"]
+    [disk], [memory] = reports["always"].evaluation.tasks, reports["never"].evaluation.tasks
+    assert (disk.dense, disk.pruned, disk.samples) == (memory.dense, memory.pruned, memory.samples)

@@ -149,6 +149,12 @@ def test_variants_run_on_both_workers_and_gather_like_the_serial_sweep(fan: Fan,
         e["data"].get("variant") for e in evs if e["type"] == "progress" and e["data"]["stage"] == "pruning"
     }
     assert set(variants) <= seen
+    exported = {
+        e["data"]["variant"]
+        for e in evs
+        if e["type"] == "progress" and e["data"]["message"].endswith("] exported")
+    }
+    assert exported == set(variants)  # each variant's last step, as the web page's sweep view reads it
     fracs = [e["data"]["fraction"] for e in evs if e["type"] == "progress"]
     assert max(fracs) <= 1.0 and job["progress"]["fraction"] == 1.0
 
