@@ -141,7 +141,7 @@ class _Reporter:
         t = time.monotonic()
         self._observe_block(p, t)
         key = (p.stage, p.block, p.variant)
-        if key == self.last and t - self.last_t < THROTTLE_S:
+        if key == self.last and t - self.last_t < THROTTLE_S and p.fraction < 1.0:  # the last step shows
             return
         self.last, self.last_t = key, t
         eta = self.eta.update(t, frac, p.stage, p.block)

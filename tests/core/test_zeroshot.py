@@ -1,4 +1,4 @@
-"""Zero-shot tasks through lm-evaluation-harness on the model in memory (a tiny local task)."""
+"""Zero-shot tasks through lm-evaluation-harness: whole-model and block by block (a tiny local task)."""
 
 from __future__ import annotations
 
