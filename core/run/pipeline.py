@@ -341,9 +341,9 @@ class _Run:
         return loading.Loaded(model=skel, tokenizer=loading.load_tokenizer(ck), family=ck.family,
                               source=ck.where, gguf=False, resident=False)  # fmt: skip
 
-    def _ppl(self, key: str, label: str, **kw: Any) -> dict[str, Any]:
+    def _ppl(self, key: str, label: str, i: int | None = None, **kw: Any) -> dict[str, Any]:
         """Perplexity block by block (:mod:`core.evaluation.block_eval`) on the run's device: of the model in
-        memory, or (weights on disk) of the input (dense) or the staged output (pruned) checkpoint."""
+        memory, or (weights on disk) of the input (``i`` None: dense) or variant ``i``'s staged output."""
         assert self.eval_ids is not None
         check_cancel(self.should_cancel)
         ev, ms = self.spec.evaluation, self.spec.model
@@ -353,7 +353,7 @@ class _Run:
             what = f"block {done}/{total - 1}" if done < total else "final norm and head"
             self.stages.emit(key, done / total, "evaluating", f"{label} perplexity: {what}", **kw)
 
-        source = self._source(None if key == "dense_eval" else int(key.removeprefix("pruned_eval")))
+        source = self._source(i)
         res = block_eval.perplexity(
             self.model, self.eval_ids, self.eval_seqlen, ev.max_windows, self.ebatch, on_step,
             device=ms.device, source=source, max_device_memory=ms.max_device_memory,
@@ -509,7 +509,7 @@ class _Run:
         pruned = None
         if ev.enabled:
             t = time.perf_counter()
-            pruned = self._ppl(f"pruned_eval{i}", f"{tag}pruned", variant=label)
+            pruned = self._ppl(f"pruned_eval{i}", f"{tag}pruned", i, variant=label)
             own["pruned_eval_s"] = time.perf_counter() - t
         recovered = recovery_stage.run(self, i, resume_dir, pruned, own)  # None unless spec.recovery.enabled
         t = time.perf_counter()

@@ -51,7 +51,7 @@ def run(
 
     def evaluate() -> float:
         t = time.perf_counter()
-        ppl = float(job._ppl(f"recovered_eval{i}", f"{tag}recovered", variant=label)["ppl"])
+        ppl = float(job._ppl(f"recovered_eval{i}", f"{tag}recovered", i, variant=label)["ppl"])
         eval_s[0] = time.perf_counter() - t
         return ppl
 

@@ -35,7 +35,7 @@ def test_describe_matches_this_machine() -> None:
 
 def test_kernel_and_thread_knobs_are_recorded_and_take_effect() -> None:
     """ATEN_CPU_CAPABILITY=default really selects the baseline kernels, and it is written down."""
-    code = "import json; from core import hostinfo; print(json.dumps(hostinfo.describe()))"
+    code = "import json; from core.run import hostinfo; print(json.dumps(hostinfo.describe()))"
     env = {**os.environ, "PYTHONPATH": str(REPO), "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
