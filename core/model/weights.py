@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -26,12 +27,21 @@ from core.model.placement import Where
 __all__ = [
     "InMemory",
     "Onload",
+    "Restorer",
     "WeightSource",
     "compute_device",
     "outside_modules",
     "source_for",
     "weights_device",
 ]
+
+
+class Restorer(Protocol):
+    """What a weight source needs from the block checkpoints (:class:`core.run.resume.BlockCheckpoints`)."""
+
+    def restore_block(self, index: int, block: nn.Module) -> None: ...
+
+    def linked(self, index: int) -> Path | None: ...
 
 
 class WeightSource:
@@ -53,6 +63,16 @@ class WeightSource:
 
     def release(self, index: int, block: nn.Module) -> None:
         """``block`` was only read (evaluation): drop what :meth:`load` brought, write nothing."""
+
+    def written(self, index: int) -> Path | None:
+        """The file :meth:`done` writes block ``index`` to, when it holds that block alone (a resume
+        checkpoint then links it instead of saving a copy of the weights); None otherwise."""
+        return None
+
+    def restore(self, index: int, block: nn.Module, ckpt: Restorer) -> None:
+        """Bring block ``index`` back as an earlier, interrupted run pruned it (resume)."""
+        self.load(index, block)
+        ckpt.restore_block(index, block)
 
     def outside_context(self) -> Any:
         """Context in which the modules outside the blocks (embeddings, final norm, head) can run."""

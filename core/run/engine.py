@@ -238,8 +238,9 @@ class _BlockLoop:
         )
         self.result.owl = owl_info
 
-    def prune(self, i: int, block: nn.Module) -> None:
-        """Prune loaded block ``i``, record it, compute the next block's inputs, checkpoint it."""
+    def prune(self, i: int, block: nn.Module, source: WeightSource) -> None:
+        """Prune loaded block ``i``, record it, compute the next block's inputs, hand it back to
+        ``source`` (written back or released), checkpoint it."""
         cap, store, last = self.cap, self.store, i + 1 >= self.nblocks
         if i > 0:
             _check_block_memory(block, self.prefix, i, self.method, self.spec)
@@ -250,10 +251,13 @@ class _BlockLoop:
         _record_block(self.result, res, self.tokens, self.fallback)
         if store is not None and cap is not None and not last:
             _advance_hidden(store, cap, block, i)
+        written = source.written(i)
+        if self.ckpt is not None and written is None:
+            self.ckpt.save_weights(i, block)
+        source.done(i, block)
         if self.ckpt is not None:
-            self.ckpt.save_block(
-                i, block, store if not last else None, self.result, self.tokens, self.fallback
-            )
+            hidden = store if not last else None
+            self.ckpt.save_block(i, written, hidden, self.result, self.tokens, self.fallback)
 
 
 @torch.no_grad()
@@ -322,14 +326,13 @@ def run_blocks(
                 run.owl_pass(blocks, start, should_cancel, source)
             for i, block in enumerate(blocks):
                 check_cancel(should_cancel)
-                source.load(i, block)
                 if i < start:
                     assert ckpt is not None
-                    ckpt.restore_block(i, block)
+                    source.restore(i, block, ckpt)
                     source.done(i, block)
                     continue
-                run.prune(i, block)
-                source.done(i, block)
+                source.load(i, block)
+                run.prune(i, block, source)
                 report_block(on_progress, i + 1, nblocks, note)
     finally:
         model.train(was_training)

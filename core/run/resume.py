@@ -4,7 +4,9 @@ Layout of a resume directory (written only by :class:`BlockCheckpoints`):
 
 * ``state.json``: ``{"fingerprint", "done", "result", "tokens", "fallback"}``, replaced
   atomically after each block (``done`` = blocks finished);
-* ``block-<i>.pt``: block ``i``'s pruned tensors (``state_dict``, exact);
+* ``block-<i>.pt``: block ``i``'s pruned tensors (``state_dict``, exact); or
+  ``block-<i>.safetensors``: a hard link to the output shard a streaming run wrote for block ``i``
+  (:meth:`core.model.weights.WeightSource.written`; the weights are on disk once, not twice);
 * ``hidden-<i>.pt``: the hidden states (one tensor per batch) block ``i`` feeds block ``i + 1``;
   only the latest is kept;
 * ``dense.json``: the dense perplexity once measured (``core.run.pipeline``), with its own fingerprint.
@@ -28,7 +30,7 @@ from torch import nn
 from core.result import PruneResult
 from core.spec import PruneSpec
 
-__all__ = ["BlockCheckpoints", "clear", "fingerprint", "load_json", "save_json"]
+__all__ = ["BlockCheckpoints", "clear", "fingerprint", "link_file", "load_json", "save_json"]
 
 VERSION = 1
 
@@ -69,6 +71,17 @@ def _save_tensor_file(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def link_file(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content atomically: a hard link, or a copy across file systems."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 class BlockCheckpoints:
     """The block checkpoints of one prune in ``root`` (see the module docstring)."""
 
@@ -83,7 +96,7 @@ class BlockCheckpoints:
         root.mkdir(parents=True, exist_ok=True)
         state = load_json(root / "state.json")
         if not state or state.get("fingerprint") != fp:
-            for p in root.glob("*.pt"):
+            for p in [*root.glob("*.pt"), *root.glob("*.safetensors")]:
                 p.unlink(missing_ok=True)
             (root / "state.json").unlink(missing_ok=True)
             state = None
@@ -107,26 +120,39 @@ class BlockCheckpoints:
         """The inputs of block ``done`` (one tensor per batch)."""
         return torch.load(self.root / f"hidden-{self.done - 1:05d}.pt", weights_only=True)
 
+    def linked(self, index: int) -> Path | None:
+        """The weight source's own file of block ``index``, linked here by :meth:`save_block`."""
+        path = self.root / f"block-{index:05d}.safetensors"
+        return path if path.is_file() else None
+
     @torch.no_grad()
     def restore_block(self, index: int, block: nn.Module) -> None:
         """Put block ``index``'s pruned tensors back into ``block`` (in memory or on meta)."""
         sd = torch.load(self.root / f"block-{index:05d}.pt", weights_only=True)
         block.load_state_dict(sd, assign=any(t.device.type == "meta" for t in block.state_dict().values()))
 
+    def save_weights(self, index: int, block: nn.Module) -> None:
+        """Persist block ``index``'s pruned tensors (before the weight source releases them)."""
+        _save_tensor_file(
+            {k: v.detach().clone() for k, v in block.state_dict().items()},
+            self.root / f"block-{index:05d}.pt",
+        )
+
     def save_block(
         self,
         index: int,
-        block: nn.Module,
+        written: Path | None,
         hidden: Any,
         result: PruneResult,
         tokens: dict[str, int],
         fallback: list[str],
     ) -> None:
-        """Persist block ``index`` (pruned) and the next block's inputs, then advance ``done``."""
-        _save_tensor_file(
-            {k: v.detach().clone() for k, v in block.state_dict().items()},
-            self.root / f"block-{index:05d}.pt",
-        )
+        """Persist the next block's inputs and advance ``done`` past block ``index``, whose weights
+        :meth:`save_weights` saved, or which the weight source wrote to ``written``, a file holding
+        this block alone (a streaming run's output shard): that file is hard-linked here (copied
+        across file systems) instead of a second copy of the weights being saved."""
+        if written is not None:
+            link_file(written, self.root / f"block-{index:05d}.safetensors")
         if hidden is not None:
             _save_tensor_file([h for h in hidden], self.root / f"hidden-{index:05d}.pt")
         self.state = {

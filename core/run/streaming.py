@@ -38,9 +38,10 @@ from torch import nn
 from core.errors import InvalidInput, ModelLoadError
 from core.model import families
 from core.model.checkpoint import Checkpoint, weight_files
+from core.model.weights import Restorer
 from core.progress import CancelFn, Progress, ProgressFn, check_cancel
 from core.result import PruneResult
-from core.run import engine
+from core.run import engine, resume
 from core.spec import PruneSpec
 
 if TYPE_CHECKING:
@@ -381,12 +382,36 @@ def _plan_stream(model_dir: Path, dtype: torch.dtype, spec: PruneSpec) -> tuple[
 
 
 class _ShardSource(engine.WeightSource):
-    """Blocks from the input shards; each pruned block written to its own output shard."""
+    """Blocks from the input shards; each pruned block written to its own output shard, which a
+    resume checkpoint links instead of copying (:meth:`written`, :meth:`restore`)."""
 
     def __init__(self, run: _StreamRun, mdir: Path) -> None:
         self.run = run
         self.mdir = mdir
         self.t = time.perf_counter()
+        self.resumed: dict[int, Path] = {}
+        """Blocks restored from their linked shards: ``done`` links them back instead of writing."""
+        self._resume_reader: Checkpoint | None = None
+
+    def _path(self, index: int) -> Path:
+        return self.mdir / _shard_name(len(self.run.groups) + index + 1, self.run.nshards)
+
+    def written(self, index: int) -> Path | None:
+        return self._path(index)
+
+    def restore(self, index: int, block: nn.Module, ckpt: Restorer) -> None:
+        linked = ckpt.linked(index)
+        if linked is None:  # checkpoint written by a run that copied the weights
+            super().restore(index, block, ckpt)
+            return
+        run = self.run
+        if self._resume_reader is None:  # reading the links must not change what export reverts
+            conversions = getattr(run.model, "_weight_conversions", None)
+            self._resume_reader = Checkpoint(linked.parent, run.model)
+            run.model._weight_conversions = conversions
+        prefix = f"{run.family.blocks}.{index}."
+        _materialize(block, {k: prefix + k for k in block.state_dict()}, self._resume_reader, run.dtype)
+        self.resumed[index] = linked
 
     @contextmanager
     def capture_context(self) -> Iterator[None]:
@@ -413,12 +438,16 @@ class _ShardSource(engine.WeightSource):
         run = self.run
         prefix = f"{run.family.blocks}.{index}."
         run.measured.add(families.block_targets(block, prefix[:-1], routers=run.spec.prune_routers))
-        fname = _shard_name(len(run.groups) + index + 1, run.nshards)
+        path = self._path(index)
         sd = run.ckpt.to_saved({prefix + k: v for k, v in block.state_dict().items()})
         t = time.perf_counter()
-        run.size += _save_shard(sd, self.mdir / fname)
+        if index in self.resumed:  # the same bytes are on disk already
+            resume.link_file(self.resumed.pop(index), path)
+            run.size += sum(v.numel() * v.element_size() for v in sd.values())
+        else:
+            run.size += _save_shard(sd, path)
         run.timings["write_s"] += time.perf_counter() - t
-        run.weight_map.update(dict.fromkeys(sd, fname))
+        run.weight_map.update(dict.fromkeys(sd, path.name))
         del sd
         run.peak = max(run.peak, _rss_mb() or 0.0)
         _to_meta(block)
