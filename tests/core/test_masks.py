@@ -127,6 +127,37 @@ def test_small_group_ranking_equals_the_stable_sort(seed: int, m: int, levels: i
         assert torch.equal(_lowest_k_small(scores, k), expected)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    width=st.integers(9, 300),
+    levels=st.sampled_from([1, 2, 3, 1000, 0]),
+    specials=st.booleans(),
+    half=st.booleans(),
+)
+def test_selection_equals_the_stable_sort(
+    seed: int, width: int, levels: int, specials: bool, half: bool
+) -> None:
+    """The wide-row path (k-th value, then ties in index order) picks what the stable sort picks."""
+    from core.methods.masks import _lowest_k_select
+
+    g = torch.Generator().manual_seed(seed)
+    if levels:
+        scores = torch.randint(0, levels, (5, width), generator=g).float() - levels // 2
+    else:
+        scores = torch.randn(5, width, generator=g)
+    if specials:
+        scores[0, ::3] = -0.0
+        scores[1, :4] = float("inf")
+        scores[2, -4:] = float("-inf")
+    if half:
+        scores = scores.half()
+    for k in sorted({1, width // 3, width // 2, width - 1}):
+        order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
+        expected = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order, True)
+        assert torch.equal(_lowest_k_select(scores, k), expected)
+
+
 def test_tie_rule_prunes_lower_index_first() -> None:
     scores = torch.ones(2, 8)
     assert row_mask(scores, 0.5)[0].tolist() == [True] * 4 + [False] * 4
