@@ -64,9 +64,9 @@ def main() -> None:
         x = torch.randn(4096, in_f) * torch.rand(in_f) * 3
         h = 2 / 4096 * x.T @ x
         w = torch.randn(out_f, in_f)
-        sgpt = _best(lambda ww: sparsegpt_prune(ww, h, 0.5), w)
-        alps = _best(lambda ww: alps_prune(ww, h, spec), w)
-        first = _best(lambda ww: _first_alps(ww, h, spec), w)
+        sgpt = _best(lambda ww, h=h: sparsegpt_prune(ww, h, 0.5), w)
+        alps = _best(lambda ww, h=h: alps_prune(ww, h, spec), w)
+        first = _best(lambda ww, h=h: _first_alps(ww, h, spec), w)
         rows.append({
             "shape": [out_f, in_f], "sparsegpt_s": sgpt, "alps_s": alps, "alps_first_s": first,
             "alps_x_sparsegpt": round(alps / sgpt, 2), "alps_first_x_sparsegpt": round(first / sgpt, 2),
