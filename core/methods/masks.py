@@ -64,12 +64,11 @@ def _lowest_k_small(scores: Tensor, k: int) -> Tensor:
 
 def _lowest_k(scores: Tensor, k: int) -> Tensor:
     """Mask of the k lowest entries along the last dim (stable: lower index first on ties)."""
-    if 0 < k < scores.shape[-1] <= SMALL_GROUP and not bool(torch.isnan(scores).any()):
-        return _lowest_k_small(scores, k)
     if k <= 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k < scores.shape[-1] and not bool(torch.isnan(scores).any()):
-        return _lowest_k_select(scores, k)
+    n = scores.shape[-1]
+    if k < n and not bool(torch.isnan(scores).any()):
+        return _lowest_k_small(scores, k) if n <= SMALL_GROUP else _lowest_k_select(scores, k)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
     mask.scatter_(-1, order, True)

@@ -393,11 +393,8 @@ class _ShardSource(engine.WeightSource):
         """Blocks restored from their linked shards: ``done`` links them back instead of writing."""
         self._resume_reader: Checkpoint | None = None
 
-    def _path(self, index: int) -> Path:
+    def written(self, index: int) -> Path:
         return self.mdir / _shard_name(len(self.run.groups) + index + 1, self.run.nshards)
-
-    def written(self, index: int) -> Path | None:
-        return self._path(index)
 
     def restore(self, index: int, block: nn.Module, ckpt: Restorer) -> None:
         linked = ckpt.linked(index)
@@ -438,7 +435,7 @@ class _ShardSource(engine.WeightSource):
         run = self.run
         prefix = f"{run.family.blocks}.{index}."
         run.measured.add(families.block_targets(block, prefix[:-1], routers=run.spec.prune_routers))
-        path = self._path(index)
+        path = self.written(index)
         sd = run.ckpt.to_saved({prefix + k: v for k, v in block.state_dict().items()})
         t = time.perf_counter()
         if index in self.resumed:  # the same bytes are on disk already
