@@ -251,13 +251,12 @@ def alps_solve(
     changes = 0
     for it in range(iters):
         rho, inv = penalty.at(it, u)
-        v = (wg + rho * (d - u)) @ inv
-        vu = v + u
+        vu = ((wg + rho * (d - u)) @ inv).add_(u)
         new_mask = project(vu.abs())
         changes += int((new_mask != mask).sum()) // 2
         mask = new_mask
-        d = vu.masked_fill(mask, 0)
-        u = vu - d
+        d = vu * (~mask).to(w.dtype)  # a product, not masked_fill: several times faster on the CPU
+        u = vu.sub_(d)
     if guard:
         both, cg = pcg_refine(
             torch.cat([w, w]),

@@ -133,12 +133,13 @@ def test_small_group_ranking_equals_the_stable_sort(seed: int, m: int, levels: i
     width=st.integers(9, 300),
     levels=st.sampled_from([1, 2, 3, 1000, 0]),
     specials=st.booleans(),
-    half=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
 )
 def test_selection_equals_the_stable_sort(
-    seed: int, width: int, levels: int, specials: bool, half: bool
+    seed: int, width: int, levels: int, specials: bool, dtype: torch.dtype
 ) -> None:
-    """The wide-row path (k-th value, then ties in index order) picks what the stable sort picks."""
+    """The wide-row path (k-th value, then ties in index order) picks what the stable sort picks:
+    NumPy's selection (fp16/32/64) and ``torch.kthvalue`` (bf16) alike."""
     from core.methods.masks import _lowest_k_select
 
     g = torch.Generator().manual_seed(seed)
@@ -150,8 +151,7 @@ def test_selection_equals_the_stable_sort(
         scores[0, ::3] = -0.0
         scores[1, :4] = float("inf")
         scores[2, -4:] = float("-inf")
-    if half:
-        scores = scores.half()
+    scores = scores.to(dtype)
     for k in sorted({1, width // 3, width // 2, width - 1}):
         order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
         expected = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order, True)
