@@ -83,8 +83,8 @@ _NUMPY_SELECT = (torch.float16, torch.float32, torch.float64)
 
 def _kth_value(scores: Tensor, k: int) -> Tensor:
     """The k-th smallest value along the last dim (``keepdim``), no NaN, ``0 < k <= n``."""
-    if scores.device.type == "cpu" and scores.dtype in _NUMPY_SELECT and not scores.requires_grad:
-        part = np.partition(scores.numpy(), k - 1, axis=-1)[..., k - 1 : k]
+    if scores.device.type == "cpu" and scores.dtype in _NUMPY_SELECT:
+        part = np.partition(scores.detach().numpy(), k - 1, axis=-1)[..., k - 1 : k]
         return torch.from_numpy(np.ascontiguousarray(part))
     return torch.kthvalue(scores, k, dim=-1, keepdim=True).values
 

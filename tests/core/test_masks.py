@@ -278,3 +278,14 @@ def test_variant_rows_differ_and_zero_sparsity() -> None:
     assert abs(mask.float().mean().item() - 0.5) <= 0.001
     assert mask.sum(dim=1).unique().numel() > 1  # not the uniform per-row budget
     assert not variant_mask(scores, 0.0).any()
+
+
+def test_selection_takes_strided_and_grad_tensors() -> None:
+    """A transposed view and a tensor that requires grad give the stable sort's mask too."""
+    from core.methods.masks import _lowest_k_select
+
+    base = torch.randn(40, 30, generator=torch.Generator().manual_seed(3))
+    for scores in (base.T, base.clone().requires_grad_(True)):
+        order = torch.sort(scores.detach(), dim=-1, stable=True).indices[..., :11]
+        expected = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order, True)
+        assert torch.equal(_lowest_k_select(scores, 11), expected)
