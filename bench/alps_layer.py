@@ -11,7 +11,6 @@ a stable sort). Best of 3 per row; the JSON names the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import machine
+from bench.common import emit_json, machine
 from core.methods.alps import alps_prune
 from core.methods.reconstruct import alps_solve, normalise
 from core.methods.sparsegpt import sparsegpt_prune
@@ -72,11 +71,7 @@ def main() -> None:
             "alps_x_sparsegpt": round(alps / sgpt, 2), "alps_first_x_sparsegpt": round(first / sgpt, 2),
         })  # fmt: skip
     result = {"machine": machine(), "alps_iters": spec.alps_iters, "rows": rows}
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -81,3 +81,12 @@ def spec_flags(ap: Any, defaults: dict[str, Any], renamed: dict[str, Sequence[st
     (``args.nsamples``, ``args.eval_windows``). ``renamed``: old flags, kept with a warning."""
     add_spec_options(ap, RunSpec, list(defaults), defaults, dest=lambda p: flag_for(p)[2:].replace("-", "_"))
     add_deprecated(ap, renamed or {})
+
+
+def emit_json(result: dict, out: Path | None) -> None:
+    """Print ``result`` as indented JSON, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)

@@ -77,8 +77,8 @@ def _lowest_k(scores: Tensor, k: int) -> Tensor:
 
 
 _NUMPY_SELECT = (torch.float16, torch.float32, torch.float64)
-"""CPU dtypes whose k-th value comes from NumPy's introselect (several times faster than
-``torch.kthvalue``, which copies values and int64 indices; the value is the same)."""
+"""CPU dtypes whose k-th value comes from NumPy's introselect instead of ``torch.kthvalue`` (which
+copies values and int64 indices); the value is the same. Timings: ``bench/mask_select.py``."""
 
 
 def _kth_value(scores: Tensor, k: int) -> Tensor:
@@ -98,9 +98,9 @@ def _lowest_k_select(scores: Tensor, k: int) -> Tensor:
     upto = scores <= kth
     if bool((upto.sum(dim=-1) == k).all()):
         return upto
-    below = scores < kth
-    need = k - below.sum(dim=-1, keepdim=True)
     tied = scores == kth
+    below = upto & ~tied
+    need = k - below.sum(dim=-1, keepdim=True)
     return below | (tied & (tied.cumsum(dim=-1) <= need))
 
 
