@@ -46,7 +46,7 @@ DSNOT_ITERS, DSNOT_THRESHOLD, DSNOT_VAR_POWER = 50, 0.1, 1.0
 RIA_ALPHA = 0.5
 RECON_TOKENS = 256
 RECONSTRUCT_ITERS, RECONSTRUCT_TOL = 10, 1e-4
-ALPS_ITERS, ALPS_RHO, ALPS_RHO_MAX = 12, 0.1, 10.0
+ALPS_ITERS, ALPS_RHO, ALPS_RHO_MAX, ALPS_RHO_VALUES = 12, 0.1, 10.0, 6
 MAX_VARIANTS = 16
 """Most variants one sweep may ask for."""
 MAX_TASKS = 8
@@ -200,6 +200,13 @@ class PruneSpec(_Strict):
     alps_rho_max: float = Field(
         default=ALPS_RHO_MAX, gt=0, le=1e6, description="ALPS: final ADMM penalty (geometric schedule)."
     )
+    alps_rho_values: int = Field(
+        default=ALPS_RHO_VALUES,
+        ge=1,
+        le=1000,
+        description="ALPS: penalty values from alps_rho to alps_rho_max, each held for an equal share of "
+        "the iterations (one Cholesky factorisation each; at most alps_iters are used).",
+    )
     recon_tokens: int = Field(
         default=RECON_TOKENS,
         ge=1,
@@ -294,12 +301,9 @@ class PruneSpec(_Strict):
                 raise ValueError(
                     "reconstruct_iters / reconstruct_tol only apply with reconstruct or method 'alps'"
                 )
-        if self.method != "alps" and (self.alps_iters, self.alps_rho, self.alps_rho_max) != (
-            ALPS_ITERS,
-            ALPS_RHO,
-            ALPS_RHO_MAX,
-        ):
-            raise ValueError("alps_iters / alps_rho / alps_rho_max only apply to method 'alps'")
+        alps = (self.alps_iters, self.alps_rho, self.alps_rho_max, self.alps_rho_values)
+        if self.method != "alps" and alps != (ALPS_ITERS, ALPS_RHO, ALPS_RHO_MAX, ALPS_RHO_VALUES):
+            raise ValueError("alps_iters, alps_rho(_max), alps_rho_values only apply to method 'alps'")
         if self.alps_rho_max < self.alps_rho:
             raise ValueError(f"alps_rho_max ({self.alps_rho_max:g}) must be >= alps_rho ({self.alps_rho:g})")
 

@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# One stamp per option set: asking for Gemma after a plain install still installs it.
 stamp=.install-stamp
+[ "${PRUNE_INSTALL_GEMMA:-0}" = 1 ] && stamp=.install-stamp-gemma
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/install.sh ] \
   && [ "$stamp" -nt constraints.txt ]; then
   exit 0

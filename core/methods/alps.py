@@ -37,6 +37,7 @@ def alps_prune(
         iters=spec.alps_iters,
         rho0=spec.alps_rho,
         rho_max=spec.alps_rho_max,
+        values=spec.alps_rho_values,
         cg_iters=spec.reconstruct_iters,
         tol=spec.reconstruct_tol,
     )

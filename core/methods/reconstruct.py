@@ -54,15 +54,12 @@ class SolveInfo:
     cg_iters: int = 0
     support_changes: int = 0
     seconds: float = 0.0
-    rows_kept_start: int = 0
-    """ALPS's guard: rows where the starting support, refined, beat ADMM's."""
 
     def as_record(self) -> dict[str, float | int]:
         return {
             "admm_iters": self.admm_iters,
             "cg_iters": self.cg_iters,
             "support_changes": self.support_changes,
-            "rows_kept_start": self.rows_kept_start,
             "seconds": round(self.seconds, 4),
         }
 
@@ -107,19 +104,29 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def pcg_refine(
-    w: Tensor, gram: Tensor, keep: Tensor, start: Tensor | None = None, iters: int = 20, tol: float = 1e-4
+    w: Tensor,
+    gram: Tensor,
+    keep: Tensor,
+    start: Tensor | None = None,
+    iters: int = 20,
+    tol: float = 1e-4,
+    wg: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """Minimise ``tr((w - v) G (w - v)^T)`` over ``v`` supported on ``keep`` by batched CG.
 
     ``w``, ``gram`` in normalised coordinates (unit diagonal, so CG is Jacobi-preconditioned CG).
     Each row runs its own CG (own step sizes), all rows in one product per iteration; a row stops
-    when its residual is below ``tol`` times its right-hand side ``(w G)|keep``. Returns ``(v,
-    iterations)``; ``v`` is exactly zero off ``keep``.
+    when its residual is below ``tol`` times its right-hand side ``(w G)|keep``. ``wg``: ``w @ gram``
+    when the caller has it (saves one product). Returns ``(v, iterations)``; ``v`` is exactly zero
+    off ``keep``.
     """
     keepf = keep.to(w.dtype)
     v = (w if start is None else start) * keepf
-    b_norm = _rowdot(*(2 * [(w @ gram) * keepf])).sqrt()
-    r = ((w - v) @ gram) * keepf
+    if wg is None:
+        wg = w @ gram
+    b = wg * keepf
+    b_norm = _rowdot(b, b).sqrt()
+    r = b - (v @ gram) * keepf
     p = r.clone()
     rr = _rowdot(r, r)
     tiny = torch.finfo(w.dtype).tiny
@@ -142,37 +149,46 @@ def pcg_refine(
     return v, done
 
 
-def _shifted_inverse(gram: Tensor, rho: float) -> Tensor:
-    """``(G + rho I)^-1`` from one Cholesky factorisation (G is positive definite after damping)."""
-    a = gram.clone()
-    torch.diagonal(a).add_(rho)
-    chol = torch.linalg.cholesky(a)
-    return torch.cholesky_inverse(chol)
-
-
-def _rho_at(it: int, iters: int, rho0: float, rho_max: float, every: int) -> float:
-    """Geometric schedule from ``rho0`` to ``rho_max``, changed every ``every`` iterations."""
-    stages = max(1, (iters - 1) // every)
-    stage = min(it // every, stages)
-    return rho0 * (rho_max / rho0) ** (stage / stages)
+def _rho_at(it: int, iters: int, rho0: float, rho_max: float, values: int) -> float:
+    """Geometric schedule from ``rho0`` to ``rho_max`` in ``values`` steps of (nearly) equal length."""
+    values = max(1, min(values, iters))
+    stage = min(it * values // iters, values - 1)
+    return rho0 * (rho_max / rho0) ** (stage / max(1, values - 1))
 
 
 class _Penalty:
-    """The ADMM penalty schedule (:func:`_rho_at`) and ``(G + rho I)^-1``, factorised once per value."""
+    """The ADMM penalty schedule (:func:`_rho_at`) and products with ``(G + rho I)^-1``.
 
-    def __init__(self, gram: Tensor, iters: int, rho0: float, rho_max: float, every: int) -> None:
-        self.gram, self.iters, self.rho0, self.rho_max, self.every = gram, iters, rho0, rho_max, every
+    One Cholesky factorisation ``L L^T = G + rho I`` per value of ``rho``. A layer with fewer
+    outputs than inputs (``out < in``, e.g. an MLP down projection) applies it by two triangular
+    solves per product, which cost about one ``[out, in] x [in, in]`` product; a wider layer forms
+    the explicit inverse once per value (``in^3``, small next to ``out * in^2``) and multiplies.
+    """
+
+    def __init__(self, gram: Tensor, iters: int, rho0: float, rho_max: float, values: int, rows: int) -> None:
+        self.gram, self.iters, self.rho0, self.rho_max, self.values = gram, iters, rho0, rho_max, values
+        self.solve = rows < gram.shape[0]
         self.rho: float | None = None
-        self.inv: Tensor | None = None
+        self.factor: Tensor | None = None
 
-    def at(self, it: int, u: Tensor) -> tuple[float, Tensor]:
-        """``(rho, inverse)`` for iteration ``it``; rescales the scaled dual ``u`` when rho changes."""
-        new = _rho_at(it, self.iters, self.rho0, self.rho_max, self.every)
-        if new != self.rho or self.inv is None:
+    def at(self, it: int, u: Tensor) -> float:
+        """Move to iteration ``it``'s ``rho``; rescales the scaled dual ``u`` when rho changes."""
+        new = _rho_at(it, self.iters, self.rho0, self.rho_max, self.values)
+        if new != self.rho or self.factor is None:
             if self.rho is not None:
                 u.mul_(self.rho / new)
-            self.rho, self.inv = new, _shifted_inverse(self.gram, new)
-        return new, self.inv
+            a = self.gram.clone()
+            torch.diagonal(a).add_(new)
+            chol = torch.linalg.cholesky(a)  # positive definite after damping
+            self.rho, self.factor = new, chol if self.solve else torch.cholesky_inverse(chol)
+        return new
+
+    def apply(self, b: Tensor, add: Tensor) -> Tensor:
+        """``add + b (G + rho I)^-1`` (a new tensor)."""
+        if not self.solve:
+            return torch.addmm(add, b, self.factor)
+        y = torch.linalg.solve_triangular(self.factor.mT, b, upper=True, left=False)
+        return torch.linalg.solve_triangular(self.factor, y, upper=False, left=False).add_(add)
 
 
 def admm_fixed(
@@ -183,25 +199,26 @@ def admm_fixed(
     iters: int = 10,
     rho0: float = 0.1,
     rho_max: float = 10.0,
-    every: int = 3,
+    values: int = 4,
     cg_iters: int = 10,
     tol: float = 1e-4,
 ) -> tuple[Tensor, SolveInfo]:
     """Fixed-mask ADMM (Boža 2024): ``V = (w G + rho (Z - U)) (G + rho I)^-1``, ``Z = (V + U)|keep``,
-    ``U += V - Z``, one Cholesky factorisation per value of ``rho``; then :func:`pcg_refine` from
+    ``U += V - Z``, ``rho`` stepping geometrically through ``values`` values (one Cholesky
+    factorisation each); then :func:`pcg_refine` from
     ``Z``. Normalised coordinates; the result is exactly zero off ``keep``."""
     t0 = time.perf_counter()
     keepf = keep.to(w.dtype)
     wg = w @ gram
     z = (w if start is None else start) * keepf
     u = torch.zeros_like(w)
-    penalty = _Penalty(gram, iters, rho0, rho_max, every)
+    penalty = _Penalty(gram, iters, rho0, rho_max, values, w.shape[0])
     for it in range(iters):
-        rho, inv = penalty.at(it, u)
-        v = (wg + rho * (z - u)) @ inv
-        z = (v + u) * keepf
-        u.add_(v - z)
-    out, cg = pcg_refine(w, gram, keep, z, cg_iters, tol)
+        rho = penalty.at(it, u)
+        vu = penalty.apply(torch.add(wg, z - u, alpha=rho), u)
+        z = vu * keepf
+        u = vu.sub_(z)
+    out, cg = pcg_refine(w, gram, keep, z, cg_iters, tol, wg)
     return out, SolveInfo(admm_iters=iters, cg_iters=cg, seconds=time.perf_counter() - t0)
 
 
@@ -226,52 +243,34 @@ def alps_solve(
     iters: int = 12,
     rho0: float = 0.1,
     rho_max: float = 10.0,
-    every: int = 3,
+    values: int = 6,
     cg_iters: int = 10,
     tol: float = 1e-4,
-    guard: bool = True,
 ) -> tuple[Tensor, Tensor, SolveInfo]:
     """Joint mask and weights (ALPS class), normalised coordinates. Returns ``(v, mask, info)``.
 
     ``D`` starts at ``w`` projected on the pattern (by ``|w|``: Wanda's score). Each iteration:
     ``V = (w G + rho (D - U)) (G + rho I)^-1``; ``D = P(V + U)`` keeping the largest ``|V + U|`` of
     each pattern group (the support update); ``U += V - D``. ``rho`` grows geometrically from
-    ``rho0`` to ``rho_max`` (one Cholesky factorisation per value), which forces ``V`` onto the
-    support as the iterations go. Then :func:`pcg_refine` on ``D``'s support, from ``D``.
-    ``guard``: the refinement also runs on the starting (Wanda) support, in the same products, and
-    each row keeps the better of the two, so no row ends worse than Wanda's mask reconstructed with
-    the same CG budget (ADMM on this non-convex set is a heuristic).
+    ``rho0`` to ``rho_max`` through ``values`` values held for equal stretches of the iterations
+    (one Cholesky factorisation each), which forces ``V`` onto the support as the iterations go.
+    Then :func:`pcg_refine` on ``D``'s support, from ``D``.
     """
     t0 = time.perf_counter()
     wg = w @ gram
-    mask = start = project(w.abs())
+    mask = project(w.abs())
     d = w.masked_fill(mask, 0)
     u = torch.zeros_like(w)
-    penalty = _Penalty(gram, iters, rho0, rho_max, every)
+    penalty = _Penalty(gram, iters, rho0, rho_max, values, w.shape[0])
     changes = 0
     for it in range(iters):
-        rho, inv = penalty.at(it, u)
-        vu = ((wg + rho * (d - u)) @ inv).add_(u)
+        rho = penalty.at(it, u)
+        vu = penalty.apply(torch.add(wg, d - u, alpha=rho), u)
         new_mask = project(vu.abs())
         changes += int((new_mask != mask).sum()) // 2
         mask = new_mask
-        d = vu * (~mask).to(w.dtype)  # a product, not masked_fill (bench/mask_select.py)
+        d = vu * ~mask  # a product, not masked_fill (bench/mask_select.py)
         u = vu.sub_(d)
-    if guard:
-        both, cg = pcg_refine(
-            torch.cat([w, w]),
-            gram,
-            ~torch.cat([mask, start]),
-            torch.cat([d, w.masked_fill(start, 0)]),
-            cg_iters,
-            tol,
-        )
-        out, alt = both.chunk(2)
-        worse = objective(w, out, gram) > objective(w, alt, gram)
-        out = torch.where(worse.unsqueeze(1), alt, out)
-        mask = torch.where(worse.unsqueeze(1), start, mask)
-    else:
-        out, cg = pcg_refine(w, gram, ~mask, d, cg_iters, tol)
+    out, cg = pcg_refine(w, gram, ~mask, d, cg_iters, tol, wg)
     info = SolveInfo(admm_iters=iters, cg_iters=cg, support_changes=changes, seconds=time.perf_counter() - t0)
-    info.rows_kept_start = int(worse.sum()) if guard else 0
     return out, mask, info

@@ -14,6 +14,7 @@ import torch
 from core.methods import get_method
 from core.methods.masks import check_nm, nm_mask, row_mask
 from core.methods.reconstruct import (
+    _Penalty,
     admm_fixed,
     alps_solve,
     normalise,
@@ -106,7 +107,9 @@ def test_alps_pure_solver_valid_pattern_and_better_than_fixed_mask(pattern: str)
     wn = norm.to_norm(w)
     nm = (2, 4) if pattern == "2:4" else None
     project = support_projector(0.5, nm, None)
-    v, mask, info = alps_solve(wn, norm.gram, project, iters=30, cg_iters=100, tol=1e-12)
+    # one penalty value per iteration: the smooth schedule; 4 values over 30 iterations lose to the
+    # fixed mask on this small, badly scaled problem (docs/methods.md)
+    v, mask, info = alps_solve(wn, norm.gram, project, iters=30, values=30, cg_iters=100, tol=1e-12)
     assert torch.equal(v[mask], torch.zeros_like(v[mask]))
     if nm:
         assert check_nm(v, *nm)
@@ -116,6 +119,22 @@ def test_alps_pure_solver_valid_pattern_and_better_than_fixed_mask(pattern: str)
     fixed, _ = pcg_refine(wn, norm.gram, ~start, None, iters=200, tol=1e-14)
     assert objective(wn, v, norm.gram).sum() <= objective(wn, fixed, norm.gram).sum() * (1 + 1e-9)
     assert info.admm_iters == 30 and info.cg_iters > 0
+
+
+@pytest.mark.parametrize("rows", [6, 40])
+def test_penalty_products_by_solves_and_by_inverse_agree(rows: int) -> None:
+    """Fewer rows than inputs: two triangular solves; more: the explicit inverse. Both equal
+    ``add + b (G + rho I)^-1`` computed here with ``torch.linalg.inv``, and ``u`` is rescaled."""
+    w, x = layer_problem(6, out_f=rows, in_f=24, ntok=300)
+    gram = normalise(x.T @ x, DAMP, torch.float64).gram
+    penalty = _Penalty(gram, iters=4, rho0=0.5, rho_max=8.0, values=2, rows=rows)
+    assert penalty.solve == (rows < 24)
+    u = torch.ones_like(w)
+    for it, rho in ((0, 0.5), (1, 0.5), (2, 8.0)):
+        assert penalty.at(it, u) == rho
+        want = u + w @ torch.linalg.inv(gram + rho * torch.eye(24, dtype=gram.dtype))
+        torch.testing.assert_close(penalty.apply(w, u), want, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(u, torch.full_like(u, 0.5 / 8.0))
 
 
 def test_alps_exact_budget_spread_over_rows() -> None:
@@ -179,6 +198,8 @@ def test_spec_refuses_unused_options() -> None:
         PruneSpec(method="wanda", reconstruct_iters=5)
     with pytest.raises(ValueError, match="only apply to method 'alps'"):
         PruneSpec(method="wanda", alps_iters=5)
+    with pytest.raises(ValueError, match="only apply to method 'alps'"):
+        PruneSpec(method="wanda", alps_rho_values=2)
     PruneSpec(method="alps", reconstruct_iters=5, alps_iters=4)
     PruneSpec(method="wanda", reconstruct="admm", reconstruct_iters=5)
 
