@@ -1,11 +1,11 @@
-"""Per-layer solver time: SparseGPT against ALPS on SmolLM2-135M's linear shapes (synthetic inputs).
+"""Per-layer solver time: SparseGPT against ALPS on SmolLM2-135M's and Gemma 3 270M's linear shapes.
 
 Usage: OMP_NUM_THREADS=1 python bench/alps_layer.py [--out docs/bench/alps_layer.json]
 
 Each shape gets a random weight and the Hessian of 4096 random input tokens with uneven column
-scales (seed 0). Rows: SparseGPT 50%; ALPS with the current defaults (12 ADMM iterations, the
-projection by selection); ALPS as first measured in docs/results.md (16 iterations, projection by
-a stable sort). Best of 3 per row; the JSON names the machine.
+scales (seed 0; synthetic inputs). Rows: SparseGPT 50%; ALPS with the current defaults; ALPS with
+16 iterations and the projection by a stable sort (the first version's projection, run by today's
+loop). Best of 3 per row; the JSON names the machine.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from core.methods.reconstruct import alps_solve, normalise
 from core.methods.sparsegpt import sparsegpt_prune
 from core.spec import PruneSpec
 
-SHAPES = ((1536, 576), (576, 1536), (576, 576))
+SHAPES = ((1536, 576), (576, 1536), (576, 576), (2048, 640), (640, 2048), (1024, 640), (640, 1024))
+"""SmolLM2: gate/up, down, q/o; Gemma 3: gate/up, down, q, o."""
 
 
 def _sorted_projector(sparsity: float):
@@ -70,7 +71,12 @@ def main() -> None:
             "shape": [out_f, in_f], "sparsegpt_s": sgpt, "alps_s": alps, "alps_first_s": first,
             "alps_x_sparsegpt": round(alps / sgpt, 2), "alps_first_x_sparsegpt": round(first / sgpt, 2),
         })  # fmt: skip
-    result = {"machine": machine(), "alps_iters": spec.alps_iters, "rows": rows}
+    result = {
+        "machine": machine(),
+        "alps_iters": spec.alps_iters,
+        "alps_rho_values": spec.alps_rho_values,
+        "rows": rows,
+    }
     emit_json(result, args.out)
 
 
