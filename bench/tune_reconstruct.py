@@ -55,29 +55,29 @@ SOLVER_GRID = ((12, 4), (12, 6), (12, 12), (16, 8), (16, 16), (20, 10))
 
 
 def candidates(level, solvers: bool = False):
-    """``{name: fn(w, g) -> (v, info)}``; ``solvers`` selects the ALPS cost variants (``SOLVER_GRID``)."""
-    from core.methods.reconstruct import SolveInfo, admm_fixed, alps_solve, pcg_refine, support_projector
+    """``{name: fn(w, g) -> v}``; ``solvers`` selects the ALPS cost variants (``SOLVER_GRID``)."""
+    from core.methods.reconstruct import admm_fixed, alps_solve, pcg_refine, support_projector
 
     proj = support_projector(level["sparsity"], level["nm"], None)
     out = {}
 
     def alps(iters, values, cg=10, r0=0.1, rm=10.0):
-        return lambda w, g: alps_solve(w, g, proj, iters, r0, rm, values, cg, 1e-4)[::2]
+        return lambda w, g: alps_solve(w, g, proj, iters, r0, rm, values, cg, 1e-4)[0]
 
     if solvers:
-        out["wanda+pcg10"] = lambda w, g: (pcg_refine(w, g, ~proj(w.abs()), None, 10, 1e-4)[0], SolveInfo())
+        out["wanda+pcg10"] = lambda w, g: pcg_refine(w, g, ~proj(w.abs()), None, 10, 1e-4)[0]
         for iters, values in SOLVER_GRID:
             out[f"alps{iters} rho x{values}"] = alps(iters, values)
         return out
     for it in (0, 10, 20, 40):
-        out[f"wanda+pcg{it}"] = lambda w, g, it=it: (pcg_refine(w, g, ~proj(w.abs()), None, it, 1e-6)[0], 0)
-    out["wanda+admm9+pcg6"] = lambda w, g: admm_fixed(w, g, ~proj(w.abs()), None, 9, 0.1, 10, 3, 6, 1e-6)
+        out[f"wanda+pcg{it}"] = lambda w, g, it=it: pcg_refine(w, g, ~proj(w.abs()), None, it, 1e-6)[0]
+    out["wanda+admm9+pcg6"] = lambda w, g: admm_fixed(w, g, ~proj(w.abs()), None, 9, 0.1, 10, 3, 6, 1e-6)[0]
     for iters, cg in ((12, 20), (24, 20)):
         for r0, rm in ((0.03, 3.0), (0.1, 10.0), (0.3, 30.0)):
             key = f"alps{iters}+pcg{cg} rho {r0}->{rm}"
             out[key] = lambda w, g, a=iters, c=cg, r0=r0, rm=rm: alps_solve(
                 w, g, proj, a, r0, rm, (a - 1) // 3 + 1, c, 1e-6
-            )[::2]
+            )[0]
     return out
 
 
@@ -111,7 +111,7 @@ def score_level(level, names, weights, gc, gh, ntok, args) -> tuple[dict, dict]:
         wn = norm.to_norm(w)
         for key, fn in cands.items():
             t = time.perf_counter()
-            v, _ = fn(wn, norm.gram)
+            v = fn(wn, norm.gram)
             tt[key] = tt.get(key, 0.0) + time.perf_counter() - t
             sc.setdefault(key, []).append(err(norm.from_norm(v)))
         ws = w.clone()

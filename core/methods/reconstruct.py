@@ -40,7 +40,6 @@ __all__ = [
     "admm_fixed",
     "alps_solve",
     "normalise",
-    "objective",
     "pcg_refine",
     "support_projector",
 ]
@@ -91,12 +90,6 @@ def normalise(gram: Tensor, damp: float, dtype: torch.dtype = torch.float32) -> 
     d = diag.sqrt()
     g.div_(d.unsqueeze(0)).div_(d.unsqueeze(1))
     return Normalised(gram=g, d=d)
-
-
-def objective(w: Tensor, v: Tensor, gram: Tensor) -> Tensor:
-    """``tr((W - V) G (W - V)^T)`` per row, in the dtype of the inputs."""
-    delta = w - v
-    return ((delta @ gram) * delta).sum(dim=1)
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
